@@ -1,0 +1,165 @@
+"""Benchmark: plain generation vs this engine vs the official OMG schedule, side by side.
+
+    python benchmarks/bench_engine.py [--sizes 32 48] [--steps 20] [--runs 3]
+
+On the tiny ldm-shaped test UNet (CPU, random weights), 2 concepts with LoRAs on every
+Linear and Conv2d layer, blend start 0.32, Euler, CFG 7, one image. For each method it
+prints row evaluations, the median wall time over ``--runs`` runs, the peak resident
+memory of a fresh process running it, and the bytes held by the pass-1 record; then the
+ratios against plain and the two targets:
+
+- the official schedule takes at least 1.5x this engine's wall time;
+- this engine's wall-time ratio to plain is within 15 % of its row-evaluation ratio.
+
+The official schedule is emulated faithfully to its cost: pass 1 generates the image
+twice (a batch of two), pass 2 runs the global rows for every step (no replay) and, from
+the blend start, one separate UNet call per concept with that concept's LoRA switched
+in (unmerged, as PEFT adapters are), blended by the same masks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from omg_ext.lora import RowRoutedLoRA  # noqa: E402
+from omg_ext.pipeline import Concept  # noqa: E402
+from tests.support.loras import random_concept_deltas  # noqa: E402
+from tests.support.omg_run import SCHEDULE, run_omg, thresholds  # noqa: E402
+from tests.support.sampling import generate  # noqa: E402
+from tests.support.tiny_unet import TinyUNet, unet_fn  # noqa: E402
+
+METHODS = ("plain", "engine", "official")
+CONCEPTS, BLEND_START, CTX = 2, 0.32, 128
+
+
+def _ctx(seed: int, rows: int = 1) -> torch.Tensor:
+    return torch.randn(rows, 77, CTX, generator=torch.Generator().manual_seed(seed))
+
+
+def setup():
+    unet = TinyUNet(model_channels=64, channel_mult=(1, 2, 3, 4), context_dim=CTX, num_heads=8, seed=0)
+    concepts = [
+        Concept({"context": _ctx(10 + j)}, {"context": _ctx(20 + j)}, random_concept_deltas(unet, seed=j + 1, rank=8), tokens=[4 + j])
+        for j in range(CONCEPTS)
+    ]
+    return unet, concepts
+
+
+def half_masks(hw: tuple[int, int]) -> torch.Tensor:
+    masks = torch.zeros(1, CONCEPTS, *hw)
+    masks[0, 0, :, : hw[1] // 2] = 1
+    masks[0, 1, :, hw[1] // 2:] = 1
+    return masks
+
+
+def run_plain(unet, concepts, size: int, steps: int) -> dict:
+    raw = unet_fn(unet)
+    calls = []
+
+    def model_fn(x, t, c, rows):
+        calls.append(x.shape[0])
+        return raw(x, t, c)
+
+    generate(model_fn, SCHEDULE, "euler", {"context": _ctx(1)}, {"context": _ctx(2)}, seed=0, steps=steps, latent_shape=(1, 4, size, size))
+    return {"rows": sum(calls), "record_bytes": 0}
+
+
+def run_engine(unet, concepts, size: int, steps: int) -> dict:
+    r = run_omg(unet, concepts, {"context": _ctx(1)}, {"context": _ctx(2)}, steps=steps, latent_shape=(1, 4, size, size),
+                blend_start=BLEND_START, dilation=8, feather=8)
+    c = r.session.counters
+    return {"rows": c["pass1"].rows + c["pass2"].rows, "record_bytes": r.session.record.nbytes()}
+
+
+def run_official(unet, concepts, size: int, steps: int) -> dict:
+    """The reference code's schedule: duplicate image in pass 1, full pass 2, a call per concept."""
+    raw = unet_fn(unet)
+    router = RowRoutedLoRA(dict(unet.named_modules()), [c.deltas for c in concepts])
+    blend_from = thresholds(steps, BLEND_START)
+    masks = half_masks((size, size))[0]
+    rows = [0]
+    cond, uncond = {"context": _ctx(1, 2)}, {"context": _ctx(2, 2)}
+
+    def pass1_fn(x, t, c, roles):
+        rows[0] += x.shape[0]
+        return raw(x, t, c)
+
+    def pass2_fn(x, t, c, roles):
+        out = pass1_fn(x, t, c, roles)
+        if float(t.max()) > blend_from:
+            return out
+        pair = [i for i, r in enumerate(roles) if r.image == 0]  # image 0's cond and uncond rows
+        blended = out[pair] * (1 - masks.sum(0))
+        for j, concept in enumerate(concepts):
+            context = torch.cat([(concept.cond if roles[i].is_cond else concept.uncond)["context"] for i in pair])
+            with router.route_all(j):
+                blended = blended + masks[j] * pass1_fn(x[pair], t[pair], {"context": context}, None)
+        out[pair] = blended
+        return out
+
+    with router.installed():
+        for fn in (pass1_fn, pass2_fn):
+            generate(fn, SCHEDULE, "euler", cond, uncond, seed=0, steps=steps, latent_shape=(2, 4, size, size))
+    return {"rows": rows[0], "record_bytes": 0}
+
+
+def measure(method: str, size: int, steps: int, runs: int) -> dict:
+    """Run one method in this process: warm-up, then ``runs`` timed runs."""
+    torch.set_num_threads(torch.get_num_threads())
+    unet, concepts = setup()
+    fn = {"plain": run_plain, "engine": run_engine, "official": run_official}[method]
+    with torch.no_grad():
+        fn(unet, concepts, size, 2)  # warm-up: allocator, kernels
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            result = fn(unet, concepts, size, steps)
+            times.append(time.perf_counter() - start)
+    result.update(seconds=statistics.median(times), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 48], help="latent sizes (pixels / 8)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], int(args.child[1]), args.steps, args.runs)))
+        return
+    print(f"tiny ldm UNet on CPU ({torch.get_num_threads()} threads), {args.steps} steps Euler, {CONCEPTS} concepts, "
+          f"blend start {BLEND_START}, median of {args.runs} runs, each method in a fresh process")
+    for size in args.sizes:
+        results = {}
+        for method in METHODS:
+            out = subprocess.run([sys.executable, __file__, "--child", method, str(size), "--steps", str(args.steps),
+                                  "--runs", str(args.runs)], check=True, capture_output=True, text=True).stdout
+            results[method] = json.loads(out.strip().splitlines()[-1])
+        plain = results["plain"]
+        print(f"\nlatent {size}x{size} ({size * 8} px)")
+        print(f"  {'method':9} {'row evals':>9} {'wall s':>8} {'peak RSS MB':>11} {'record KB':>9} {'rows/plain':>10} {'wall/plain':>10}")
+        for method, r in results.items():
+            print(f"  {method:9} {r['rows']:9d} {r['seconds']:8.2f} {r['peak_rss_mb']:11.0f} {r['record_bytes'] / 1024:9.0f} "
+                  f"{r['rows'] / plain['rows']:10.2f} {r['seconds'] / plain['seconds']:10.2f}")
+        engine, official = results["engine"], results["official"]
+        row_ratio, wall_ratio = engine["rows"] / plain["rows"], engine["seconds"] / plain["seconds"]
+        print(f"  official / engine wall: {official['seconds'] / engine['seconds']:.2f}x (target >= 1.5)")
+        print(f"  engine wall ratio {wall_ratio:.2f} vs row ratio {row_ratio:.2f}: "
+              f"{100 * (wall_ratio / row_ratio - 1):+.1f}% (target within +-15%)")
+
+
+if __name__ == "__main__":
+    main()

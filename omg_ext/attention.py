@@ -1,0 +1,195 @@
+"""Cross-attention capture (pass 1) and layout replacement (pass 2).
+
+One ``OmgAttention`` object per attention module is swapped in as the module's
+instance ``forward`` and all are restored as a set. During a UNet call the pipeline
+sets an ``AttentionCall`` saying what to do; with none set, or nothing to do at a
+layer, the module's own forward runs (the host's optimised attention, untouched), so a
+pass-1 image is exactly the image the host would have made.
+
+- Capture: at cross-attention layers of 1/2 and 1/4 latent resolution, the
+  probabilities of each concept's class-word tokens, averaged over heads and summed
+  over the word's tokens, are added to per-image maps. The projections are recomputed
+  for the capture rows only (77 keys: cheap), the output is the module's own.
+- Replacement ("prompt-to-prompt replace"): a reference row (the pass-1 latent with the
+  global prompt) lends its probabilities to its target rows (the global cond rows of
+  the same image): ``out_target = softmax(q_ref k_refᵀ · scale) · v_target``. All
+  cross-attention layers; optionally also self-attention at 1/4 resolution.
+  Projections run on the whole batch so row-routed LoRA hooks see the batch they
+  expect; the other rows use scaled-dot-product attention.
+
+``attend_with_replacement`` works on projected q, k, v and is what a host whose
+attention API hands over projections (Forge's attn2 patches) calls directly.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CAPTURE_FACTORS = (2, 4)
+"""Downsampling factors of the layers whose cross-attention forms the concept maps."""
+
+SELF_REPLACE_FACTOR = 4
+"""Self-attention is replaced only at quarter resolution (structure, not detail)."""
+
+
+@dataclass
+class AttentionCall:
+    """What attention layers do during one UNet call; positions are rows of that call."""
+
+    latent_hw: tuple[int, int]
+    replace: Sequence[tuple[int, Sequence[int]]] = ()
+    """(reference row, its target rows): targets take the reference's probabilities."""
+    replace_self: bool = False
+    capture_rows: Sequence[tuple[int, int]] = ()
+    """(row, image) whose class-word probabilities are added to ``maps[image]``."""
+    capture_tokens: Sequence[Sequence[int]] = ()
+    """Per concept, the token positions of its class word in the capture rows' context."""
+    maps: torch.Tensor | None = None
+    """[images, concepts, h, w] accumulator at 1/2 latent resolution, added to in place."""
+
+
+def layer_factor(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+    """Downsampling factor and (h, w) of a layer with ``tokens`` spatial positions.
+
+    ldm's stride-2 convolutions round odd sizes up, so halve with ceil.
+    """
+    h, w = latent_hw
+    factor = 1
+    while h * w > tokens and h > 1:
+        h, w, factor = (h + 1) // 2, (w + 1) // 2, factor * 2
+    if h * w != tokens:
+        raise ValueError(f"attention over {tokens} positions does not match latent {latent_hw}")
+    return factor, (h, w)
+
+
+def capture_size(latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """Resolution of the captured maps: that of the finest capture layer."""
+    return layer_factor_size(latent_hw, min(CAPTURE_FACTORS))
+
+
+def layer_factor_size(latent_hw: tuple[int, int], factor: int) -> tuple[int, int]:
+    h, w = latent_hw
+    while factor > 1:
+        h, w, factor = (h + 1) // 2, (w + 1) // 2, factor // 2
+    return h, w
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def probabilities(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """softmax(q kᵀ · scale) per head, in float32: [rows, heads, n, m]."""
+    sim = _heads(q, heads).float() @ _heads(k, heads).float().transpose(-1, -2)
+    return (sim * scale).softmax(dim=-1)
+
+
+def attend_with_replacement(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
+    replace: Sequence[tuple[int, Sequence[int]]],
+) -> torch.Tensor:
+    """Attention of projected q, k, v ([rows, n, heads·d]) with borrowed probabilities.
+
+    Every row attends normally, except target rows, which use their reference row's
+    probabilities with their own values.
+    """
+    out = F.scaled_dot_product_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads), scale=scale)
+    for ref, targets in replace:
+        probs = probabilities(q[ref:ref + 1], k[ref:ref + 1], heads, scale)
+        idx = list(targets)
+        out[idx] = (probs @ _heads(v[idx], heads).float()).to(out.dtype)
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+class OmgAttention:
+    """The instance ``forward`` of one attention module (``attn1`` or ``attn2``)."""
+
+    def __init__(self, module: nn.Module, is_cross: bool, state: "AttentionState") -> None:
+        self.module, self.is_cross, self.state = module, is_cross, state
+        self.saved = module.__dict__.get("forward")
+
+    def original(self, *args, **kwargs) -> torch.Tensor:
+        if self.saved is not None:
+            return self.saved(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __call__(self, x: torch.Tensor, context: torch.Tensor | None = None, mask=None, **kwargs) -> torch.Tensor:
+        call = self.state.call
+        if call is None or mask is not None:
+            return self.original(x, context=context, mask=mask, **kwargs)
+        factor, hw = layer_factor(x.shape[1], call.latent_hw)
+        if call.replace and (self.is_cross or (call.replace_self and factor == SELF_REPLACE_FACTOR)):
+            return self._replaced(x, x if context is None else context, call)
+        out = self.original(x, context=context, mask=mask, **kwargs)
+        if self.is_cross and call.capture_rows and factor in CAPTURE_FACTORS:
+            self._capture(x, context, call, hw)
+        return out
+
+    def _replaced(self, x: torch.Tensor, context: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        m = self.module
+        out = attend_with_replacement(m.to_q(x), m.to_k(context), m.to_v(context), m.heads, m.scale, call.replace)
+        return m.to_out(out)
+
+    def _capture(self, x: torch.Tensor, context: torch.Tensor, call: AttentionCall, hw: tuple[int, int]) -> None:
+        m = self.module
+        rows = [r for r, _ in call.capture_rows]
+        probs = probabilities(m.to_q(x[rows]), m.to_k(context[rows]), m.heads, m.scale).mean(dim=1)
+        words = torch.stack([probs[:, :, list(tokens)].sum(-1) for tokens in call.capture_tokens], dim=1)
+        words = words.view(len(rows), len(call.capture_tokens), *hw)
+        words = F.interpolate(words, size=call.maps.shape[-2:], mode="bilinear", align_corners=False)
+        for i, (_, image) in enumerate(call.capture_rows):
+            call.maps[image] += words[i].to(call.maps.dtype)
+
+
+@dataclass
+class AttentionState:
+    """The current call's instructions, shared by all processors of one model."""
+
+    call: AttentionCall | None = None
+    processors: dict[str, OmgAttention] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def during(self, call: AttentionCall | None) -> Iterator[None]:
+        previous, self.call = self.call, call
+        try:
+            yield
+        finally:
+            self.call = previous
+
+
+def attention_modules(model: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
+    """ldm/sgm attention modules by name, with whether each is cross-attention (``attn2``)."""
+    found = {}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("attn1", "attn2") and all(hasattr(module, a) for a in ("to_q", "to_k", "to_v", "to_out", "heads")):
+            found[name] = (module, leaf == "attn2")
+    return found
+
+
+@contextlib.contextmanager
+def installed_attention(model: nn.Module) -> Iterator[AttentionState]:
+    """Swap an ``OmgAttention`` into every attention module; restore all on exit."""
+    state = AttentionState()
+    try:
+        for name, (module, is_cross) in attention_modules(model).items():
+            if not hasattr(module, "scale"):
+                raise ValueError(f"attention module {name} has no 'scale'")
+            processor = OmgAttention(module, is_cross, state)
+            state.processors[name] = processor
+            module.forward = processor
+        yield state
+    finally:
+        for processor in state.processors.values():
+            if processor.saved is not None:
+                processor.module.forward = processor.saved
+            else:
+                processor.module.__dict__.pop("forward", None)
+        state.processors.clear()

@@ -1,0 +1,122 @@
+"""The expanded batch of pass 2: which rows one host call becomes, how they are chunked, and the blend.
+
+For a host call with rows ``0..R-1`` the expanded batch holds
+- the host rows themselves (global prompt, the host's own LoRAs only);
+- per host cond row, a *reference* row: the pass-1 latent of this call with the same
+  conditioning; its output is discarded, its attention probabilities replace the
+  host row's (layout preservation);
+- per concept and host row, a *concept* row: the host row's latent with the concept's
+  cond (for cond rows) or uncond (for uncond rows) conditioning and the concept's LoRA.
+
+Rows run in as few UNet calls as possible: rows whose conditioning has different shapes
+(prompts of different token lengths) cannot share a call, a reference row must share
+its call with its host row, and an optional row limit bounds memory. Within a call the
+rows of each concept are contiguous, so LoRA routing is a slice per concept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Sequence
+
+import torch
+
+from .rows import RowRole
+
+GLOBAL = -1
+"""Concept index of rows that carry no concept LoRA."""
+
+
+@dataclass
+class ConceptCond:
+    """A concept's conditioning: dicts of tensors with a leading batch dimension of 1."""
+
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor]
+
+
+@dataclass
+class ExpandedRow:
+    x: torch.Tensor
+    t: torch.Tensor
+    cond: dict[str, torch.Tensor]
+    concept: int
+    host: int
+    is_reference: bool = False
+
+    def signature(self) -> tuple:
+        """Rows with equal signatures can be stacked into one call."""
+        return (tuple(self.x.shape), self.x.dtype) + tuple(
+            (key, tuple(value.shape), value.dtype) for key, value in sorted(self.cond.items())
+        )
+
+
+def expand(
+    x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], rows: Sequence[RowRole],
+    concepts: Sequence[ConceptCond], reference_x: torch.Tensor | None,
+) -> list[list[ExpandedRow]]:
+    """The expanded batch as units: lists of rows that must run in the same call."""
+    units = []
+    for i, role in enumerate(rows):
+        host_cond = {key: value[i] for key, value in cond.items()}
+        unit = [ExpandedRow(x[i], t[i], host_cond, GLOBAL, i)]
+        if reference_x is not None and role.is_cond:
+            unit.append(ExpandedRow(reference_x[i], t[i], host_cond, GLOBAL, i, is_reference=True))
+        units.append(unit)
+        for j, concept in enumerate(concepts):
+            own = concept.cond if role.is_cond else concept.uncond
+            units.append([ExpandedRow(x[i], t[i], {**host_cond, **{k: v[0] for k, v in own.items()}}, j, i)])
+    return units
+
+
+def chunk(units: list[list[ExpandedRow]], max_rows: int | None) -> list[list[ExpandedRow]]:
+    """Pack units into calls: one shape signature per call, at most ``max_rows`` rows, concepts contiguous."""
+    by_shape: dict[tuple, list[list[ExpandedRow]]] = {}
+    for unit in units:
+        by_shape.setdefault(unit[0].signature(), []).append(unit)
+    calls = []
+    for same_shape in by_shape.values():
+        current: list[ExpandedRow] = []
+        for unit in sorted(same_shape, key=lambda u: u[0].concept):
+            if max_rows is not None and current and len(current) + len(unit) > max_rows:
+                calls.append(current)
+                current = []
+            current.extend(unit)
+        calls.append(current)
+    return calls
+
+
+def stack(rows: list[ExpandedRow]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The tensors of one call."""
+    x = torch.stack([r.x for r in rows])
+    t = torch.stack([r.t for r in rows])
+    cond = {key: torch.stack([r.cond[key] for r in rows]) for key in rows[0].cond}
+    return x, t, cond
+
+
+def concept_spans(rows: list[ExpandedRow]) -> list[tuple[int, int, int]]:
+    """(concept, start, stop) for each run of concept rows: the LoRA routing of one call."""
+    spans, start = [], 0
+    for concept, run in groupby(rows, key=lambda r: r.concept):
+        stop = start + len(list(run))
+        if concept != GLOBAL:
+            spans.append((concept, start, stop))
+        start = stop
+    return spans
+
+
+def replace_pairs(rows: list[ExpandedRow]) -> list[tuple[int, list[int]]]:
+    """(reference row, [its host row]) positions within one call."""
+    host_pos = {r.host: p for p, r in enumerate(rows) if r.concept == GLOBAL and not r.is_reference}
+    return [(p, [host_pos[r.host]]) for p, r in enumerate(rows) if r.is_reference]
+
+
+def blend(host_out: torch.Tensor, concept_out: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``(1 - Σ M_j)·host + Σ M_j·concept_j`` per row.
+
+    host_out [R, C, H, W]; concept_out [k, R, C, H, W]; masks [R, k, H, W] (each row's
+    image's masks). Cond rows blend with concept cond rows and uncond with uncond,
+    because concept rows inherit their host row's role.
+    """
+    m = masks.to(host_out.dtype).unsqueeze(2)  # [R, k, 1, H, W]
+    return host_out * (1 - m.sum(dim=1)) + (m * concept_out.transpose(0, 1)).sum(dim=1)

@@ -1,0 +1,216 @@
+"""Row-routed multi-LoRA: each concept's LoRA acts on its own rows of one batched forward.
+
+OMG runs every concept's UNet rows in one expanded batch. Merging a LoRA into the
+weights would change every row, and switching merged LoRAs per concept per step costs
+a weight pass each time. Instead, every target layer (Linear or Conv2d, or a host class
+with the same attributes) gets a forward hook that adds, for each concept, that
+concept's delta computed on that concept's rows only:
+
+    y = layer(x);  y[a:b] += delta_j(x[a:b])     for every (concept j, rows a:b)
+
+Low-rank deltas cost two (or three) small matmuls; dense deltas (LoHa, LoKr, DoRA and
+anything else the host can only express as a weight difference) cost one full matmul.
+No weight is ever modified: the hooks are the only change, and they are removed as a
+set. Delta tensors are cast once per device and dtype, so they follow the host's
+memory management.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return hasattr(module, "stride") and hasattr(module, "padding")
+
+
+def _conv_args(module: nn.Module) -> dict:
+    return dict(stride=module.stride, padding=module.padding, dilation=getattr(module, "dilation", 1))
+
+
+class _CastCache:
+    """Copies of a delta's tensors per (device, dtype), made on first use."""
+
+    def __init__(self) -> None:
+        self._copies: dict[tuple, tuple] = {}
+
+    def get(self, like: torch.Tensor, make) -> tuple:
+        """``make()``'s tensors on ``like``'s device and dtype, computed once per pair."""
+        key = (like.device, like.dtype)
+        if key not in self._copies:
+            self._copies[key] = tuple(
+                None if t is None else t.to(device=like.device, dtype=like.dtype) for t in make()
+            )
+        return self._copies[key]
+
+
+@dataclass
+class LowRankDelta:
+    """``scale · up ∘ [mid ∘] down`` for a Linear ([out, r], [r, in]) or Conv2d layer.
+
+    For Conv2d, ``down`` is [r, in, kh, kw] (spatial or 1×1), ``mid`` an optional Tucker
+    core [r, r, kh, kw], ``up`` [out, r, 1, 1]. The first spatial factor takes the layer's
+    stride, padding and dilation, as the host's LoRA code does. 2-D factors given for a
+    1×1 conv are reshaped.
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor
+    mid: torch.Tensor | None = None
+    scale: float = 1.0
+    _cache: _CastCache = field(default_factory=_CastCache, repr=False, compare=False)
+
+    def check(self, module: nn.Module, name: str) -> "LowRankDelta":
+        """Validate shapes against the layer; return a delta in the layer's layout."""
+        up, down, mid = self.up, self.down, self.mid
+        if _is_conv(module):
+            if up.dim() == 2:
+                up = up[:, :, None, None]
+            if down.dim() == 2:
+                down = down[:, :, None, None]
+        elif up.dim() != 2 or down.dim() != 2 or mid is not None:
+            raise ValueError(f"LoRA for {name}: a Linear layer needs 2-D up/down factors and no mid")
+        if up.shape[1] != (mid.shape[0] if mid is not None else down.shape[0]):
+            raise ValueError(f"LoRA for {name}: rank of up {tuple(up.shape)} and down {tuple(down.shape)} differ")
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            if (up.shape[0], down.shape[1]) != tuple(weight.shape[:2]):
+                raise ValueError(
+                    f"LoRA for {name}: factors give {up.shape[0]}x{down.shape[1]}, "
+                    f"the layer is {tuple(weight.shape[:2])}"
+                )
+        return LowRankDelta(up, down, mid, self.scale)
+
+    def __call__(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        up, down, mid = self._cache.get(x, lambda: (self.up, self.down, self.mid))
+        if not _is_conv(module):
+            return F.linear(F.linear(x, down), up) * self.scale
+        spatial = _conv_args(module)
+        if mid is None:
+            h = F.conv2d(x, down, **(spatial if down.shape[-2:] != (1, 1) else {}))
+        else:
+            h = F.conv2d(F.conv2d(x, down), mid, **spatial)
+        return F.conv2d(h, up) * self.scale
+
+    def dense(self) -> torch.Tensor:
+        """The equivalent weight difference (for merging: tests and the official schedule)."""
+        if self.up.dim() == 2:
+            return self.up @ self.down * self.scale
+        up = self.up[:, :, 0, 0]
+        if self.mid is None:
+            return torch.einsum("or,rikl->oikl", up, self.down) * self.scale
+        return torch.einsum("or,rskl,si->oikl", up, self.mid, self.down[:, :, 0, 0]) * self.scale
+
+
+@dataclass
+class DenseDelta:
+    """``scale · (ΔW, Δb)`` for layers whose LoRA type only has a dense form (LoHa, LoKr, DoRA…)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    _cache: _CastCache = field(default_factory=_CastCache, repr=False, compare=False)
+
+    def check(self, module: nn.Module, name: str) -> "DenseDelta":
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            if self.weight.numel() != weight.numel():
+                raise ValueError(f"LoRA for {name}: delta {tuple(self.weight.shape)} does not fit {tuple(weight.shape)}")
+            return DenseDelta(self.weight.reshape(weight.shape), self.bias, self.scale)
+        return DenseDelta(self.weight, self.bias, self.scale)
+
+    def __call__(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        weight, bias = self._cache.get(x, self._scaled)
+        if _is_conv(module):
+            return F.conv2d(x, weight, bias, groups=getattr(module, "groups", 1), **_conv_args(module))
+        return F.linear(x, weight, bias)
+
+    def _scaled(self) -> tuple:
+        return self.weight * self.scale, None if self.bias is None else self.bias * self.scale
+
+    def dense(self) -> torch.Tensor:
+        return self.weight * self.scale
+
+
+Delta = Union[LowRankDelta, DenseDelta]
+
+
+class _RouteHook:
+    """The forward hook of one layer: adds each routed concept's delta to its rows."""
+
+    def __init__(self, router: "RowRoutedLoRA", name: str, deltas: list[Delta | None]) -> None:
+        self.router, self.name, self.deltas = router, name, deltas
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        spans, batch = self.router.spans, self.router.batch
+        if not spans:
+            return None
+        x = inputs[0]
+        if batch is not None and x.shape[0] != batch:
+            raise RuntimeError(
+                f"OMG LoRA routing: {self.name} got {x.shape[0]} rows, the routed call has {batch}; "
+                "the host split the batch inside the UNet, which row routing cannot follow"
+            )
+        for concept, start, stop in spans:
+            delta = self.deltas[concept]
+            if delta is not None:
+                output[start:stop] += delta(x[start:stop], module)
+        return output
+
+
+class RowRoutedLoRA:
+    """Per-concept deltas on named layers of one model, routed to rows per forward.
+
+    ``deltas[j]`` maps layer names (as in ``modules``) to concept j's delta. Use
+    ``installed()`` to add the hooks for a scope; ``route()`` / ``route_all()`` to say
+    which rows each concept owns in the next forward calls.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], deltas: Sequence[Mapping[str, Delta]]) -> None:
+        self.concepts = len(deltas)
+        per_layer: dict[str, list[Delta | None]] = {}
+        for j, concept in enumerate(deltas):
+            for name, delta in concept.items():
+                if name not in modules:
+                    raise ValueError(f"LoRA of concept {j + 1} targets {name!r}, which the model does not have")
+                per_layer.setdefault(name, [None] * self.concepts)[j] = delta.check(modules[name], name)
+        self._layers = {name: (modules[name], ds) for name, ds in per_layer.items()}
+        self._handles: list = []
+        self.spans: tuple[tuple[int, int, int | None], ...] = ()
+        self.batch: int | None = None
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["RowRoutedLoRA"]:
+        """Add the hooks; remove every one of them on exit, also on exceptions."""
+        try:
+            for name, (module, ds) in self._layers.items():
+                self._handles.append(module.register_forward_hook(_RouteHook(self, name, ds)))
+            yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self.spans, self.batch = (), None
+
+    @contextlib.contextmanager
+    def route(self, spans: Sequence[tuple[int, int, int]], batch: int) -> Iterator[None]:
+        """Within the scope, rows ``start:stop`` of every hooked layer get concept ``j``'s delta."""
+        previous = self.spans, self.batch
+        self.spans, self.batch = tuple(spans), batch
+        try:
+            yield
+        finally:
+            self.spans, self.batch = previous
+
+    def route_all(self, concept: int) -> contextlib.AbstractContextManager:
+        """Every row gets ``concept``'s delta: encoding a concept prompt with its text-encoder LoRA."""
+        return self.route([(concept, 0, None)], batch=None)

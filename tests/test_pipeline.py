@@ -1,0 +1,286 @@
+"""The DESIGN §1 invariants of the two passes, on the tiny ldm-shaped UNet."""
+import math
+
+import pytest
+import torch
+
+from omg_ext.attention import CAPTURE_FACTORS, layer_factor
+from omg_ext.pipeline import Concept, OmgSession
+from omg_ext.rows import RowRole, roles_cond_then_uncond
+from tests.support.loras import merged, random_concept_deltas
+from tests.support.omg_run import SCHEDULE, run_omg
+from tests.support.sampling import generate
+from tests.support.tiny_unet import TinyUNet, unet_fn
+
+CTX = 64
+SAMPLERS = ["euler", "euler_a", "dpmpp_2m", "heun"]
+
+
+def _ctx(seed, rows=1, tokens=77):
+    return torch.randn(rows, tokens, CTX, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return TinyUNet(context_dim=CTX, seed=0)
+
+
+@pytest.fixture(scope="module")
+def concepts(unet):
+    return [
+        Concept({"context": _ctx(10)}, {"context": _ctx(11)}, random_concept_deltas(unet, seed=1), tokens=[5]),
+        Concept({"context": _ctx(20)}, {"context": _ctx(21)}, random_concept_deltas(unet, seed=2, dense_every=4), tokens=[8, 9]),
+    ]
+
+
+def _global(images=1):
+    return {"context": _ctx(1, images)}, {"context": _ctx(2, images)}
+
+
+def _half_masks(images=1, hw=(16, 16)):
+    m = torch.zeros(images, 2, *hw)
+    m[:, 0, :, : hw[1] // 2] = 1
+    m[:, 1, :, hw[1] // 2:] = 0.75
+    return m
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_blend_start_one_reproduces_pass1_without_unet_calls(unet, concepts, sampler):
+    cond, uncond = _global()
+    r = run_omg(unet, concepts, cond, uncond, sampler=sampler, blend_start=1.0, masks=_half_masks())
+    assert torch.equal(r.final, r.layout)
+    assert r.session.counters["pass2"].calls == 0
+    assert r.session.counters["pass2"].replayed == r.session.counters["pass1"].calls > 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_call_before_blend_start_is_replayed(unet, concepts, sampler):
+    cond, uncond = _global()
+    r = run_omg(unet, concepts, cond, uncond, sampler=sampler, steps=8, blend_start=0.5, masks=_half_masks())
+    record = r.session.record.calls
+    before = sum(call.out is not None for call in record)
+    after = len(record) - before
+    assert before >= 4 and after >= 4  # 4 of 8 steps on each side, more for heun
+    p2 = r.session.counters["pass2"]
+    assert p2.replayed == before
+    # every blended call: 2 host rows + 1 reference + 2 concepts x 2 rows, one UNet call
+    assert (p2.calls, p2.rows) == (after, after * 7)
+    assert not torch.equal(r.final, r.layout)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
+def test_full_mask_from_step_zero_equals_plain_run_with_merged_lora(unet, concepts, sampler):
+    concept = concepts[1]  # low-rank and dense deltas, Linear and Conv2d
+    cond, uncond = _global()
+    r = run_omg(unet, [concept], cond, uncond, sampler=sampler, steps=6, blend_start=0.0, masks=torch.ones(1, 1, 16, 16))
+    plain_fn = unet_fn(merged(unet, concept.deltas))
+    reference = generate(lambda x, t, c, rows: plain_fn(x, t, c), SCHEDULE, sampler, concept.cond, concept.uncond,
+                         seed=0, steps=6, latent_shape=(1, 4, 16, 16))
+    assert not torch.allclose(reference, r.layout, atol=1e-2)
+    torch.testing.assert_close(r.final, reference, rtol=1e-3, atol=1e-3)  # merged vs unmerged rounding, 6 steps
+
+
+def _one_blended_call(unet, concepts, x, t, cond, rows, masks, max_rows=None, layout=True):
+    session = OmgSession(unet, concepts, images=masks.shape[0], blend_from_t=math.inf, layout=layout, max_rows=max_rows)
+    raw = unet_fn(unet)
+    with session.installed():
+        session.begin_pass1()
+        session(raw, x, t, cond, rows)
+        session.begin_pass2(masks)
+        return session(raw, x, t, cond, rows), session
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("which", [0, 1])
+def test_concept_row_in_shared_batch_equals_it_alone_with_lora_merged(unet, concepts, which):
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    t = torch.full((2,), 500.0)
+    cond = {"context": torch.cat([_ctx(1), _ctx(2)])}
+    masks = torch.zeros(1, 2, 16, 16)
+    masks[0, which] = 1  # the host rows come back as exactly this concept's rows
+    out, session = _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(1), masks)
+    assert session.counters["pass2"].rows == 7
+    c = concepts[which]
+    alone = unet_fn(merged(unet, c.deltas))(x, t, {"context": torch.cat([c.cond["context"], c.uncond["context"]])})
+    torch.testing.assert_close(out, alone, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("max_rows,calls", [(2, 7), (3, 5), (5, 3)])
+def test_chunked_equals_unchunked(unet, concepts, max_rows, calls):
+    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    t = torch.full((4,), 300.0)
+    cond = {"context": torch.cat([_ctx(1, 2), _ctx(2, 2)])}
+    masks = _half_masks(2)
+    masks[1] = masks[1].flip(-1)  # each image its own masks
+    whole, s1 = _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(2), masks)
+    chunked, s2 = _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(2), masks, max_rows=max_rows)
+    assert s1.counters["pass2"].calls == 1 and s2.counters["pass2"].calls == calls
+    assert s1.counters["pass2"].rows == s2.counters["pass2"].rows == 14
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_prompts_of_different_lengths_run_in_separate_calls(unet, concepts):
+    long = Concept({"context": _ctx(30, tokens=154)}, {"context": _ctx(31)}, concepts[0].deltas, tokens=[5])
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    t = torch.full((2,), 400.0)
+    masks = torch.zeros(1, 1, 16, 16)
+    masks[0, 0] = 1
+    out, session = _one_blended_call(unet, [long], x, t, {"context": torch.cat([_ctx(1), _ctx(2)])}, roles_cond_then_uncond(1), masks)
+    assert session.counters["pass2"].calls == 2
+    alone_cond = unet_fn(merged(unet, long.deltas))(x[:1], t[:1], long.cond)
+    torch.testing.assert_close(out[:1], alone_cond, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_split_cond_uncond_calls_give_the_same_image(unet, concepts):
+    cond, uncond = _global(2)
+    kw = dict(steps=5, blend_start=0.4, latent_shape=(2, 4, 16, 16), masks=_half_masks(2), sampler="euler_a")
+    together = run_omg(unet, concepts, cond, uncond, **kw)
+    split = run_omg(unet, concepts, cond, uncond, batch_cond_uncond=False, **kw)
+    assert split.session.counters["pass2"].replayed == 2 * together.session.counters["pass2"].replayed
+    torch.testing.assert_close(split.final, together.final, rtol=1e-3, atol=1e-3)  # batch-size rounding only
+
+
+class _AttentionProbe:
+    """Forward hooks that keep q, k, v and the pre-projection output of every attention layer."""
+
+    def __init__(self, unet):
+        self.seen, self.handles = {}, []
+        for name, module in unet.named_modules():
+            if name.endswith(("attn1", "attn2")):
+                for part in ("to_q", "to_k", "to_v"):
+                    self.handles.append(getattr(module, part).register_forward_hook(self._keep(name, part)))
+                self.handles.append(module.to_out[0].register_forward_pre_hook(self._keep_in(name)))
+
+    def _keep(self, name, part):
+        def hook(_, __, out):
+            self.seen.setdefault(name, {}).setdefault(part, []).append(out)
+        return hook
+
+    def _keep_in(self, name):
+        def hook(_, inputs):
+            self.seen.setdefault(name, {}).setdefault("out", []).append(inputs[0])
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _probs(q, k, heads, scale):
+    b, n, c = q.shape
+    qh = q.view(b, n, heads, -1).transpose(1, 2)
+    kh = k.view(b, k.shape[1], heads, -1).transpose(1, 2)
+    return (qh @ kh.transpose(-1, -2) * scale).softmax(-1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("self_too", [False, True])
+def test_layout_replacement_gives_host_cond_rows_the_reference_probabilities(unet, concepts, self_too):
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    t = torch.full((2,), 700.0)
+    cond = {"context": torch.cat([_ctx(1), _ctx(2)])}
+    session = OmgSession(unet, concepts, images=1, blend_from_t=math.inf, self_attention_until_t=-math.inf if self_too else math.inf)
+    raw = unet_fn(unet)
+    modules = dict(unet.named_modules())
+    with session.installed():
+        session.begin_pass1()
+        session(raw, x + 0.5, t, cond, roles_cond_then_uncond(1))  # the reference latent differs from x
+        session.begin_pass2(_half_masks())
+        probe = _AttentionProbe(unet)
+        try:
+            session(raw, x, t, cond, roles_cond_then_uncond(1))
+        finally:
+            probe.remove()
+    checked = {"attn1": 0, "attn2": 0}
+    for name, seen in probe.seen.items():
+        m = modules[name]
+        q, k, v, out = seen["to_q"][-1], seen["to_k"][-1], seen["to_v"][-1], seen["out"][-1]
+        assert q.shape[0] == 7  # host cond, reference, host uncond, 2 concepts x 2
+        factor, _ = layer_factor(q.shape[1], (16, 16))
+        replaced = name.endswith("attn2") or (self_too and factor == 4)
+        host, ref = 0, 1
+        p_ref = _probs(q[ref:ref + 1], k[ref:ref + 1], m.heads, m.scale)
+        p_own = _probs(q[host:host + 1], k[host:host + 1], m.heads, m.scale)
+        vh = v[host:host + 1].view(1, v.shape[1], m.heads, -1).transpose(1, 2)
+        expected = ((p_ref if replaced else p_own) @ vh).transpose(1, 2).reshape(1, q.shape[1], -1)
+        torch.testing.assert_close(out[host:host + 1], expected, rtol=1e-4, atol=1e-5)
+        if replaced:
+            assert not torch.allclose(p_ref, p_own, atol=1e-4)
+            checked[name.rsplit(".", 1)[-1]] += 1
+    assert checked["attn2"] == sum(1 for n in modules if n.endswith("attn2"))
+    quarter = sum(1 for n, s in probe.seen.items() if n.endswith("attn1") and layer_factor(s["to_q"][-1].shape[1], (16, 16))[0] == 4)
+    assert quarter >= 1 and checked["attn1"] == (quarter if self_too else 0)
+
+
+@torch.no_grad()
+def test_pass1_captures_class_word_attention_at_half_and_quarter_resolution(unet, concepts):
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    t = torch.full((2,), 600.0)
+    cond = {"context": torch.cat([_ctx(1), _ctx(2)])}
+    session = OmgSession(unet, concepts, images=1, blend_from_t=-math.inf)
+    modules = dict(unet.named_modules())
+    with session.installed():
+        session.begin_pass1()
+        probe = _AttentionProbe(unet)
+        try:
+            plain_out = session(unet_fn(unet), x, t, cond, roles_cond_then_uncond(1))
+        finally:
+            probe.remove()
+    torch.testing.assert_close(plain_out, unet_fn(unet)(x, t, cond), rtol=0, atol=0)  # pass 1 is the host's own image
+    expected = torch.zeros(2, 8, 8)
+    layers = 0
+    for name, seen in probe.seen.items():
+        if not name.endswith("attn2"):
+            continue
+        q, k = seen["to_q"][0], seen["to_k"][0]
+        factor, hw = layer_factor(q.shape[1], (16, 16))
+        if factor not in CAPTURE_FACTORS:
+            continue
+        layers += 1
+        p = _probs(q[:1], k[:1], modules[name].heads, modules[name].scale).mean(1)[0]
+        for j, c in enumerate(concepts):
+            word = p[:, list(c.tokens)].sum(-1).view(1, 1, *hw)
+            expected[j] += torch.nn.functional.interpolate(word, size=(8, 8), mode="bilinear", align_corners=False)[0, 0]
+    assert layers >= 4
+    torch.testing.assert_close(session.attention_maps()[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def _snapshot(unet):
+    return {k: v.clone() for k, v in unet.state_dict().items()}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fail_at", [None, "installed", "call2", "pass1", "masks", "call20", "pass2"])
+def test_no_patch_survives_a_run_and_weights_are_bitwise_unchanged(unet, concepts, fail_at):
+    before = _snapshot(unet)
+    cond, uncond = _global()
+    if fail_at is None:
+        run_omg(unet, concepts, cond, uncond, steps=12, blend_start=0.5)
+    else:
+        with pytest.raises(RuntimeError, match=f"injected failure at {fail_at}"):
+            run_omg(unet, concepts, cond, uncond, steps=12, blend_start=0.5, fail_at=fail_at)
+    for name, module in unet.named_modules():
+        assert "forward" not in module.__dict__, name
+        assert not module._forward_hooks and not module._forward_pre_hooks, name
+    after = unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_bad_session_input_is_named(unet, concepts):
+    with pytest.raises(ValueError, match="at least one concept"):
+        OmgSession(unet, [], images=1, blend_from_t=0)
+    with pytest.raises(ValueError, match="max_rows must be at least 2"):
+        OmgSession(unet, concepts, images=1, blend_from_t=0, max_rows=1)
+    session = OmgSession(unet, concepts, images=1, blend_from_t=0)
+    with pytest.raises(ValueError, match="masks must be"):
+        session.begin_pass2(torch.ones(1, 2, 16, 16))  # sums to 2
+    with pytest.raises(ValueError, match=r"\[images, concepts, H, W\]"):
+        session.begin_pass2(torch.ones(1, 3, 16, 16) / 3)
+    with pytest.raises(ValueError, match="2 row roles for a call of 1 rows"):
+        session(lambda *a: None, torch.zeros(1, 4, 8, 8), torch.zeros(1), {}, [RowRole(True, 0)] * 2)
