@@ -33,6 +33,21 @@ def _conv_args(module: nn.Module) -> dict:
     return dict(stride=module.stride, padding=module.padding, dilation=getattr(module, "dilation", 1))
 
 
+def _accumulate(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, channels_first: bool = False) -> None:
+    """``out += h · weightᵀ`` over the feature axis (last, or dim 1 for images), fused where possible.
+
+    A separate product and add would read and write the concept rows' whole output
+    twice more; ``addmm_`` / ``baddbmm_`` accumulate in place.
+    """
+    if not out.is_contiguous():
+        out += (torch.einsum("nrhw,or->nohw", h, weight) if channels_first else F.linear(h, weight))
+    elif channels_first:
+        n, c = out.shape[:2]
+        out.view(n, c, -1).baddbmm_(weight.expand(n, -1, -1), h.reshape(n, h.shape[1], -1))
+    else:
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), weight.t())
+
+
 class _CastCache:
     """Copies of a delta's tensors per (device, dtype), made on first use."""
 
@@ -86,16 +101,21 @@ class LowRankDelta:
                 )
         return LowRankDelta(up, down, mid, self.scale)
 
-    def __call__(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-        up, down, mid = self._cache.get(x, lambda: (self.up, self.down, self.mid))
+    def _scaled(self) -> tuple:
+        return self.up * self.scale, self.down, self.mid
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, module: nn.Module) -> None:
+        """``out += delta(x)``; the last product accumulates into ``out`` in one kernel."""
+        up, down, mid = self._cache.get(x, self._scaled)
         if not _is_conv(module):
-            return F.linear(F.linear(x, down), up) * self.scale
+            _accumulate(out, F.linear(x, down), up)
+            return
         spatial = _conv_args(module)
         if mid is None:
             h = F.conv2d(x, down, **(spatial if down.shape[-2:] != (1, 1) else {}))
         else:
             h = F.conv2d(F.conv2d(x, down), mid, **spatial)
-        return F.conv2d(h, up) * self.scale
+        _accumulate(out, h, up[:, :, 0, 0], channels_first=True)
 
     def dense(self) -> torch.Tensor:
         """The equivalent weight difference (for merging: tests and the official schedule)."""
@@ -124,11 +144,15 @@ class DenseDelta:
             return DenseDelta(self.weight.reshape(weight.shape), self.bias, self.scale)
         return DenseDelta(self.weight, self.bias, self.scale)
 
-    def __call__(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, module: nn.Module) -> None:
+        """``out += delta(x)``."""
         weight, bias = self._cache.get(x, self._scaled)
         if _is_conv(module):
-            return F.conv2d(x, weight, bias, groups=getattr(module, "groups", 1), **_conv_args(module))
-        return F.linear(x, weight, bias)
+            out += F.conv2d(x, weight, bias, groups=getattr(module, "groups", 1), **_conv_args(module))
+            return
+        _accumulate(out, x, weight)
+        if bias is not None:
+            out += bias
 
     def _scaled(self) -> tuple:
         return self.weight * self.scale, None if self.bias is None else self.bias * self.scale
@@ -159,7 +183,7 @@ class _RouteHook:
         for concept, start, stop in spans:
             delta = self.deltas[concept]
             if delta is not None:
-                output[start:stop] += delta(x[start:stop], module)
+                delta.add_to(output[start:stop], x[start:stop], module)
         return output
 
 

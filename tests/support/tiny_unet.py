@@ -66,8 +66,8 @@ class CrossAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         b, n, c = q.shape
         q, k, v = (t.reshape(b, -1, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
-        probs = (q @ k.transpose(-1, -2) * self.scale).softmax(dim=-1)
-        return self.to_out((probs @ v).transpose(1, 2).reshape(b, n, c))
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # as the hosts' SDP optimisation
+        return self.to_out(out.transpose(1, 2).reshape(b, n, c))
 
 
 class GEGLU(nn.Module):
