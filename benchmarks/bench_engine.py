@@ -50,7 +50,7 @@ def _ctx(seed: int, rows: int = 1) -> torch.Tensor:
 def setup():
     unet = TinyUNet(model_channels=64, channel_mult=(1, 2, 3, 4), context_dim=CTX, num_heads=8, seed=0)
     concepts = [
-        Concept({"context": _ctx(10 + j)}, {"context": _ctx(20 + j)}, random_concept_deltas(unet, seed=j + 1, rank=8), tokens=[4 + j])
+        Concept({"context": _ctx(10 + j)}, {"context": _ctx(20 + j)}, random_concept_deltas(unet, seed=j + 1, rank=4), tokens=[4 + j])
         for j in range(CONCEPTS)
     ]
     return unet, concepts

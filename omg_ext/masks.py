@@ -126,6 +126,15 @@ def split_instances(evidence: torch.Tensor, n: int, order: str = "left_to_right"
     return regions
 
 
+def _cap_sum(masks: torch.Tensor) -> torch.Tensor:
+    """Make Σ masks ≤ 1 exactly where rounding pushed it over (by a few ulps at most)."""
+    total = masks.sum(0, keepdim=True)
+    masks = torch.where(total > 1, masks / total, masks)
+    while (over := masks.sum(0, keepdim=True) > 1).any():
+        masks = torch.where(over, torch.nextafter(masks, torch.zeros_like(masks)), masks)
+    return masks
+
+
 def _check(maps: torch.Tensor, latent_size, groups, dilation, feather_px, order) -> list[list[int]]:
     if maps.dim() != 3:
         raise ValueError(f"maps must be [concepts, h, w], got shape {tuple(maps.shape)}")
@@ -165,8 +174,7 @@ def masks_from_attention(maps: torch.Tensor, latent_size: tuple[int, int], *, gr
     winner = strength.argmax(0)
     owned = torch.stack([(winner == j) & grown[j] for j in range(len(maps))]).float()
     soft = torch.stack([feather_mask(m, round(feather / LATENT_SCALE)) for m in owned])
-    total = soft.sum(0, keepdim=True)
-    soft = torch.where(total > 1, soft / total, soft)
+    soft = _cap_sum(soft)
     empty = [j for j in range(len(maps)) if not owned[j].any()]
     return MaskResult(soft, empty, labels)
 

@@ -1,0 +1,296 @@
+"""OMG settings: one typed, validated model and one field table for UI, infotext and API.
+
+Every setting is declared once, in ``FIELDS`` (global) or ``CONCEPT_FIELDS`` (per
+concept), with its attribute, infotext name, parser and label. The infotext, API
+dictionary and positional (UI / ``alwayson_scripts``) forms are all derived from those
+tables, so a new setting is one line. Dataclasses, not pydantic: the two WebUIs ship
+different pydantic major versions.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+MAX_CONCEPTS = 5
+MASK_SOURCES = ("attention",)
+WEIGHT_RANGE = (-5.0, 5.0)
+PIXELS_RANGE = (0, 256)
+
+
+class OmgConfigError(ValueError):
+    """A bad setting; ``field`` names it (``blend_start``, ``concepts[2].class_word``)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise OmgConfigError(name, f"{name} must be true or false, got {value!r}")
+
+
+def _float(value: Any, name: str) -> float:
+    if isinstance(value, bool):
+        raise OmgConfigError(name, f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise OmgConfigError(name, f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise OmgConfigError(name, f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _int(value: Any, name: str) -> int:
+    number = _float(value, name)
+    if number != int(number):
+        raise OmgConfigError(name, f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise OmgConfigError(name, f"{name} must be text, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Field:
+    """One setting: attribute, infotext name (``{n}`` = concept number), parser, UI label."""
+
+    attr: str
+    infotext: str
+    parse: Callable[[Any, str], Any]
+    label: str
+
+
+FIELDS = (
+    Field("enabled", "OMG", _bool, "OMG multi-concept"),
+    Field("blend_start", "OMG blend start", _float, "Blend start (fraction of steps)"),
+    Field("mask_source", "OMG mask source", _str, "Mask source"),
+    Field("layout_preservation", "OMG layout", _bool, "Preserve layout (cross-attention)"),
+    Field("self_attention_until", "OMG self attn until", _float, "Preserve self-attention until (fraction of steps)"),
+    Field("mask_dilation", "OMG mask dilation", _int, "Mask dilation (px)"),
+    Field("mask_feather", "OMG mask feather", _int, "Mask feather (px)"),
+    Field("show_masks", "OMG show masks", _bool, "Show layout image and masks"),
+    Field("hires_blend", "OMG hires blend", _bool, "Blend concepts during hires fix"),
+)
+
+CONCEPT_FIELDS = (
+    Field("lora", "OMG c{n} lora", _str, "LoRA"),
+    Field("lora_hash", "OMG c{n} lora hash", _str, "LoRA hash"),
+    Field("unet_weight", "OMG c{n} weight", _float, "UNet weight"),
+    Field("te_weight", "OMG c{n} te weight", _float, "Text encoder weight"),
+    Field("class_word", "OMG c{n} class", _str, "Class word in the prompt"),
+    Field("prompt", "OMG c{n} prompt", _str, "Concept prompt"),
+    Field("negative_prompt", "OMG c{n} negative", _str, "Concept negative prompt"),
+)
+
+OPTIONAL_TEXT = ("lora", "lora_hash", "negative_prompt")
+"""Left out of the infotext when empty, to keep the PNG info short."""
+
+
+@dataclass
+class ConceptSpec:
+    lora: str = ""
+    lora_hash: str = ""
+    unet_weight: float = 1.0
+    te_weight: float = 1.0
+    class_word: str = ""
+    prompt: str = ""
+    negative_prompt: str = ""
+
+    def is_unused(self) -> bool:
+        return not self.class_word.strip() and not self.prompt.strip()
+
+    def validate(self, n: int) -> None:
+        where = f"concepts[{n}]"
+        if not self.class_word.strip():
+            raise OmgConfigError(f"{where}.class_word", f"OMG concept {n}: the class word is empty")
+        if not self.prompt.strip():
+            raise OmgConfigError(f"{where}.prompt", f"OMG concept {n}: the concept prompt is empty")
+        for attr in ("unet_weight", "te_weight"):
+            value = getattr(self, attr)
+            if not (math.isfinite(value) and WEIGHT_RANGE[0] <= value <= WEIGHT_RANGE[1]):
+                raise OmgConfigError(f"{where}.{attr}", f"OMG concept {n}: {attr.replace('_', ' ')} must be within {WEIGHT_RANGE}, got {value}")
+
+
+@dataclass
+class OmgConfig:
+    enabled: bool = False
+    blend_start: float = 0.3
+    mask_source: str = "attention"
+    layout_preservation: bool = True
+    self_attention_until: float = 0.0
+    mask_dilation: int = 8
+    mask_feather: int = 8
+    show_masks: bool = True
+    hires_blend: bool = False
+    concepts: list[ConceptSpec] = field(default_factory=list)
+
+    def validate(self, prompt: str | None = None) -> "OmgConfig":
+        """Raise ``OmgConfigError`` naming the first bad setting; ``prompt`` checks the class words."""
+        for attr in ("blend_start", "self_attention_until"):
+            value = getattr(self, attr)
+            if not 0 <= value <= 1:
+                raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be between 0 and 1 (got {value})")
+        if self.mask_source not in MASK_SOURCES:
+            raise OmgConfigError("mask_source", f"OMG mask source must be one of {', '.join(MASK_SOURCES)} (got {self.mask_source!r})")
+        for attr in ("mask_dilation", "mask_feather"):
+            value = getattr(self, attr)
+            if not PIXELS_RANGE[0] <= value <= PIXELS_RANGE[1]:
+                raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be {PIXELS_RANGE[0]} to {PIXELS_RANGE[1]} pixels (got {value})")
+        if not self.enabled:
+            return self
+        if not self.concepts:
+            raise OmgConfigError("concepts", "OMG needs at least one concept")
+        if len(self.concepts) > MAX_CONCEPTS:
+            raise OmgConfigError("concepts", f"OMG supports at most {MAX_CONCEPTS} concepts (got {len(self.concepts)})")
+        for n, concept in enumerate(self.concepts, start=1):
+            concept.validate(n)
+            if prompt is not None and not class_word_occurrences(prompt, concept.class_word):
+                raise OmgConfigError(
+                    f"concepts[{n}].class_word",
+                    f"OMG concept {n}: class word {concept.class_word.strip()!r} does not appear in the prompt",
+                )
+        return self
+
+    def groups_by_class_word(self) -> list[list[int]]:
+        """Concepts sharing a class word ("a man and a man"): their masks are split into instances."""
+        by_word: dict[str, list[int]] = {}
+        for j, concept in enumerate(self.concepts):
+            by_word.setdefault(concept.class_word.strip().lower(), []).append(j)
+        return [group for group in by_word.values() if len(group) > 1]
+
+
+_LORA_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+
+
+def class_word_occurrences(prompt: str, word: str) -> list[tuple[int, int]]:
+    """Character spans of ``word`` in ``prompt`` as a whole word or phrase, case-insensitive.
+
+    ``<lora:…>`` tags are blanked first (same length, so spans stay valid); attention
+    syntax such as ``(man:1.2)`` does not hide the word, and "man" never matches "woman".
+    """
+    words = word.strip().split()
+    if not words:
+        return []
+    blanked = _LORA_TAG.sub(lambda m: " " * len(m.group()), prompt)
+    pattern = r"(?<![\w])" + r"\s+".join(re.escape(w) for w in words) + r"(?![\w])"
+    return [m.span() for m in re.finditer(pattern, blanked, re.IGNORECASE)]
+
+
+def _parse_into(target: dict, table: Sequence[Field], values: dict, key_of: Callable[[Field], str],
+                name_of: Callable[[Field], str] | None = None) -> None:
+    """Parse the table's fields found in ``values`` (under ``key_of(f)``) into ``target``; errors say ``name_of(f)``."""
+    for f in table:
+        key = key_of(f)
+        if key in values:
+            target[f.attr] = f.parse(values[key], (name_of or key_of)(f))
+
+
+def _config(values: dict, concepts: list[dict]) -> OmgConfig:
+    return OmgConfig(**values, concepts=[ConceptSpec(**c) for c in concepts])
+
+
+def to_infotext(cfg: OmgConfig) -> dict[str, Any]:
+    """PNG-info entries of an enabled config (empty when disabled)."""
+    if not cfg.enabled:
+        return {}
+    out = {f.infotext: getattr(cfg, f.attr) for f in FIELDS}
+    for n, concept in enumerate(cfg.concepts, start=1):
+        for f in CONCEPT_FIELDS:
+            value = getattr(concept, f.attr)
+            if not (f.attr in OPTIONAL_TEXT and value == ""):
+                out[f.infotext.format(n=n)] = value
+    return out
+
+
+def from_infotext(params: dict[str, Any]) -> OmgConfig | None:
+    """The config a PNG info describes (values as the WebUI parses them: strings), or None."""
+    if "OMG" not in params:
+        return None
+    values: dict = {}
+    _parse_into(values, FIELDS, params, lambda f: f.infotext)
+    concepts = []
+    for n in range(1, MAX_CONCEPTS + 1):
+        concept: dict = {}
+        _parse_into(concept, CONCEPT_FIELDS, params, lambda f: f.infotext.format(n=n))
+        if concept:
+            concepts.append(concept)
+    return _config(values, concepts)
+
+
+def to_dict(cfg: OmgConfig) -> dict[str, Any]:
+    """The API's named form: attribute names, ``concepts`` a list of dicts."""
+    return asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> OmgConfig:
+    """Parse the API's named form; unknown keys and wrong types are named in the error."""
+    if not isinstance(d, dict):
+        raise OmgConfigError("args", f"OMG settings must be a dictionary, got {type(d).__name__}")
+    known = [f.attr for f in FIELDS] + ["concepts"]
+    for key in d:
+        if key not in known:
+            raise OmgConfigError(key, f"unknown OMG setting {key!r}; valid settings: {', '.join(known)}")
+    values: dict = {}
+    _parse_into(values, FIELDS, d, lambda f: f.attr)
+    raw = d.get("concepts", [])
+    if not isinstance(raw, list):
+        raise OmgConfigError("concepts", "OMG concepts must be a list of dictionaries")
+    concept_keys = [f.attr for f in CONCEPT_FIELDS]
+    concepts = []
+    for n, item in enumerate(raw, start=1):
+        if not isinstance(item, dict):
+            raise OmgConfigError(f"concepts[{n}]", f"OMG concept {n} must be a dictionary, got {item!r}")
+        for key in item:
+            if key not in concept_keys:
+                raise OmgConfigError(f"concepts[{n}].{key}", f"unknown OMG concept {n} setting {key!r}; valid settings: {', '.join(concept_keys)}")
+        concept: dict = {}
+        _parse_into(concept, CONCEPT_FIELDS, item, lambda f: f.attr, lambda f: f"concepts[{n}].{f.attr}")
+        concepts.append(concept)
+    return _config(values, concepts)
+
+
+ARGS_COUNT = len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS)
+
+
+def to_args(cfg: OmgConfig) -> list:
+    """The flat positional form of the UI: globals in FIELDS order, then MAX_CONCEPTS concept blocks."""
+    slots = cfg.concepts + [ConceptSpec()] * (MAX_CONCEPTS - len(cfg.concepts))
+    return [getattr(cfg, f.attr) for f in FIELDS] + [getattr(c, f.attr) for c in slots for f in CONCEPT_FIELDS]
+
+
+def from_args(args: Sequence) -> OmgConfig:
+    """Parse the UI's positional values, or a single dict (API users)."""
+    if len(args) == 1 and isinstance(args[0], dict):
+        return from_dict(args[0])
+    if len(args) != ARGS_COUNT:
+        raise OmgConfigError("args", f"OMG expects {ARGS_COUNT} values ({len(FIELDS)} settings and {MAX_CONCEPTS} concepts of {len(CONCEPT_FIELDS)}), or one dictionary; got {len(args)}")
+    values: dict = {}
+    _parse_into(values, FIELDS, dict(zip((f.attr for f in FIELDS), args)), lambda f: f.attr)
+    concepts = []
+    rest = list(args[len(FIELDS):])
+    for n in range(MAX_CONCEPTS):
+        block = dict(zip((f.attr for f in CONCEPT_FIELDS), rest[n * len(CONCEPT_FIELDS):(n + 1) * len(CONCEPT_FIELDS)]))
+        concept: dict = {}
+        _parse_into(concept, CONCEPT_FIELDS, block, lambda f: f.attr, lambda f: f"concepts[{n + 1}].{f.attr}")
+        if not ConceptSpec(**concept).is_unused():
+            concepts.append(concept)
+    return _config(values, concepts)
+
+
+def compact(cfg: OmgConfig) -> str:
+    """One line for logs: ``OMG s=0.30 attention 2 concepts: man<loraA:0.8>, woman<loraB:1.0>``."""
+    parts = [f"{c.class_word}<{c.lora or 'no LoRA'}:{c.unet_weight:g}>" for c in cfg.concepts]
+    return f"OMG s={cfg.blend_start:.2f} {cfg.mask_source} {len(cfg.concepts)} concepts: {', '.join(parts)}"
+

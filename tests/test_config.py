@@ -1,0 +1,133 @@
+"""Settings: validation messages, and the infotext / API / positional forms round-tripping."""
+from dataclasses import fields
+
+import pytest
+
+from omg_ext.config import (ARGS_COUNT, CONCEPT_FIELDS, FIELDS, MAX_CONCEPTS, ConceptSpec, OmgConfig, OmgConfigError,
+                            class_word_occurrences, compact, from_args, from_dict, from_infotext, to_args, to_dict,
+                            to_infotext)
+
+PROMPT = "a man and a woman hugging on a beach, <lora:beach:0.5>"
+
+
+def _cfg(**kw):
+    concepts = [ConceptSpec(lora="hero", lora_hash="abc123", unet_weight=0.8, class_word="man",
+                            prompt='a man, "hero", red cape: detailed'),
+                ConceptSpec(lora="heroine", te_weight=0.5, class_word="woman", prompt="a woman, blue dress",
+                            negative_prompt="blurry, lowres")]
+    return OmgConfig(enabled=True, blend_start=0.32, concepts=concepts, **kw)
+
+
+def test_the_tables_declare_every_setting_in_order():
+    assert [f.name for f in fields(OmgConfig) if f.name != "concepts"] == [f.attr for f in FIELDS]
+    assert [f.name for f in fields(ConceptSpec)] == [f.attr for f in CONCEPT_FIELDS]
+    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 9 + 5 * 7
+
+
+def test_defaults():
+    cfg = OmgConfig()
+    assert (cfg.enabled, cfg.blend_start, cfg.mask_source, cfg.layout_preservation) == (False, 0.3, "attention", True)
+    assert cfg.validate() is cfg  # disabled: concepts not required
+
+
+@pytest.mark.parametrize("change,field,message", [
+    (dict(blend_start=1.5), "blend_start", r"OMG blend start must be between 0 and 1 \(got 1.5\)"),
+    (dict(self_attention_until=-0.1), "self_attention_until", "self attention until must be between 0 and 1"),
+    (dict(mask_source="sam"), "mask_source", "mask source must be one of attention"),
+    (dict(mask_dilation=300), "mask_dilation", "mask dilation must be 0 to 256 pixels"),
+    (dict(concepts=[]), "concepts", "OMG needs at least one concept"),
+    (dict(concepts=[ConceptSpec(class_word="man", prompt="x")] * 6), "concepts", "at most 5 concepts"),
+])
+def test_bad_settings_are_named(change, field, message):
+    cfg = _cfg()
+    for k, v in change.items():
+        setattr(cfg, k, v)
+    with pytest.raises(OmgConfigError, match=message) as e:
+        cfg.validate(PROMPT)
+    assert e.value.field == field
+
+
+def test_five_concepts_are_supported():
+    OmgConfig(enabled=True, concepts=[ConceptSpec(class_word="man", prompt="x")] * 5).validate("a man")
+
+
+def test_bad_concepts_are_named_with_their_number():
+    cfg = _cfg()
+    cfg.concepts[1].class_word = "dog"
+    with pytest.raises(OmgConfigError, match="OMG concept 2: class word 'dog' does not appear in the prompt") as e:
+        cfg.validate(PROMPT)
+    assert e.value.field == "concepts[2].class_word"
+    cfg.concepts[1] = ConceptSpec(class_word="woman", prompt=" ")
+    with pytest.raises(OmgConfigError, match="OMG concept 2: the concept prompt is empty"):
+        cfg.validate(PROMPT)
+    cfg.concepts[1] = ConceptSpec(class_word="woman", prompt="p", unet_weight=9)
+    with pytest.raises(OmgConfigError, match="OMG concept 2: unet weight must be within"):
+        cfg.validate(PROMPT)
+
+
+@pytest.mark.parametrize("prompt,word,found", [
+    ("a woman on a beach", "man", False),
+    ("mankind", "man", False),
+    ("a (man:1.2) and a cat", "man", True),
+    ("[Man] in a hat", "man", True),
+    ("a teddy  bear and a girl", "teddy bear", True),
+    ("a teddy and a bear", "teddy bear", False),
+    ("a cat <lora:man_style:1>", "man", False),
+])
+def test_class_word_matching(prompt, word, found):
+    assert bool(class_word_occurrences(prompt, word)) is found
+
+
+def test_class_word_spans_point_at_the_word():
+    prompt = "<lora:x:1> a man and a man"
+    spans = class_word_occurrences(prompt, "man")
+    assert [prompt[a:b] for a, b in spans] == ["man", "man"] and spans[0][0] == 13
+
+
+def test_groups_by_class_word():
+    cfg = OmgConfig(concepts=[ConceptSpec(class_word=w, prompt="p") for w in ("man", "woman", "Man ")])
+    assert cfg.groups_by_class_word() == [[0, 2]]
+
+
+def test_infotext_round_trip_through_strings():
+    cfg = _cfg(mask_feather=12, hires_blend=True)
+    text = to_infotext(cfg)
+    assert text["OMG"] is True and text["OMG c1 lora hash"] == "abc123" and "OMG c2 lora hash" not in text
+    assert "OMG c1 negative" not in text and text["OMG c2 negative"] == "blurry, lowres"
+    assert from_infotext({k: str(v) for k, v in text.items()}) == cfg
+    assert to_infotext(OmgConfig()) == {}
+
+
+def test_infotext_absent_or_malformed():
+    assert from_infotext({"Steps": "20"}) is None
+    with pytest.raises(OmgConfigError, match="OMG blend start must be a number, got 'fast'") as e:
+        from_infotext({"OMG": "True", "OMG blend start": "fast"})
+    assert e.value.field == "OMG blend start"
+    partial = from_infotext({"OMG": "True", "OMG c1 class": "man", "OMG c1 prompt": "a man"})
+    assert partial.blend_start == 0.3 and partial.concepts == [ConceptSpec(class_word="man", prompt="a man")]
+
+
+def test_dict_round_trip_and_errors():
+    cfg = _cfg()
+    assert from_dict(to_dict(cfg)) == cfg
+    with pytest.raises(OmgConfigError, match="unknown OMG setting 'blend'; valid settings: enabled, blend_start"):
+        from_dict({"blend": 0.3})
+    with pytest.raises(OmgConfigError, match="unknown OMG concept 1 setting 'weight'"):
+        from_dict({"concepts": [{"weight": 1}]})
+    with pytest.raises(OmgConfigError, match="blend_start must be a number, got 'abc'"):
+        from_dict({"blend_start": "abc"})
+    assert from_dict({"enabled": "true", "show_masks": 0}).enabled is True
+
+
+def test_args_round_trip_with_unused_slots():
+    cfg = _cfg()
+    args = to_args(cfg)
+    assert len(args) == ARGS_COUNT and args[0] is True
+    assert from_args(args) == cfg
+    assert from_args([to_dict(cfg)]) == cfg
+    with pytest.raises(OmgConfigError, match=f"OMG expects {ARGS_COUNT} values .* got 3"):
+        from_args([True, 0.3, "attention"])
+
+
+def test_compact_summary():
+    assert compact(_cfg()) == "OMG s=0.32 attention 2 concepts: man<hero:0.8>, woman<heroine:1>"
