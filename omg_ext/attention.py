@@ -69,11 +69,8 @@ def layer_factor(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, tuple[in
 
 def capture_size(latent_hw: tuple[int, int]) -> tuple[int, int]:
     """Resolution of the captured maps: that of the finest capture layer."""
-    return layer_factor_size(latent_hw, min(CAPTURE_FACTORS))
-
-
-def layer_factor_size(latent_hw: tuple[int, int], factor: int) -> tuple[int, int]:
     h, w = latent_hw
+    factor = min(CAPTURE_FACTORS)
     while factor > 1:
         h, w, factor = (h + 1) // 2, (w + 1) // 2, factor // 2
     return h, w

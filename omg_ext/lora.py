@@ -208,10 +208,6 @@ class RowRoutedLoRA:
         self.spans: tuple[tuple[int, int, int | None], ...] = ()
         self.batch: int | None = None
 
-    @property
-    def layer_names(self) -> list[str]:
-        return list(self._layers)
-
     @contextlib.contextmanager
     def installed(self) -> Iterator["RowRoutedLoRA"]:
         """Add the hooks; remove every one of them on exit, also on exceptions."""

@@ -170,7 +170,7 @@ class OmgSession:
         if recorded is not None and not recorded.same_time(x, t):
             recorded = None  # the call sequence diverged from pass 1: no replay, no reference
         if not self._blending(t):
-            if recorded is not None and recorded.out is not None and torch.equal(x, recorded.x):
+            if recorded is not None and recorded.out is not None and recorded.matches(x, t):
                 self.counters["pass2"].replayed += 1
                 return recorded.out.clone()
             return self._run(unet_fn, x, t, cond, None)

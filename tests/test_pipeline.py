@@ -284,3 +284,20 @@ def test_bad_session_input_is_named(unet, concepts):
         session.begin_pass2(torch.ones(1, 3, 16, 16) / 3)
     with pytest.raises(ValueError, match="2 row roles for a call of 1 rows"):
         session(lambda *a: None, torch.zeros(1, 4, 8, 8), torch.zeros(1), {}, [RowRole(True, 0)] * 2)
+
+
+@torch.no_grad()
+def test_a_call_that_differs_from_the_record_runs_for_real(unet, concepts):
+    cond, uncond = _global()
+    session = OmgSession(unet, concepts, images=1, blend_from_t=-math.inf)
+    raw = unet_fn(unet)
+    model_fn = lambda x, t, c, rows: session(raw, x, t, c, rows)  # noqa: E731
+    kw = dict(steps=4, latent_shape=(1, 4, 16, 16))
+    with session.installed():
+        session.begin_pass1()
+        generate(model_fn, SCHEDULE, "euler", cond, uncond, seed=0, **kw)
+        session.begin_pass2(_half_masks())
+        other_seed = generate(model_fn, SCHEDULE, "euler", cond, uncond, seed=1, **kw)
+    assert session.counters["pass2"].replayed == 0 and session.counters["pass2"].calls == 4
+    plain = generate(lambda x, t, c, rows: raw(x, t, c), SCHEDULE, "euler", cond, uncond, seed=1, **kw)
+    assert torch.equal(other_seed, plain)
