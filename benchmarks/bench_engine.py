@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from omg_ext.lora import RowRoutedLoRA  # noqa: E402
 from omg_ext.pipeline import Concept  # noqa: E402
 from tests.support.loras import random_concept_deltas  # noqa: E402
-from tests.support.omg_run import SCHEDULE, run_omg, thresholds  # noqa: E402
+from tests.support.omg_run import SCHEDULE, run_omg  # noqa: E402
 from tests.support.sampling import generate  # noqa: E402
 from tests.support.tiny_unet import TinyUNet, unet_fn  # noqa: E402
 
@@ -86,25 +86,28 @@ def run_official(unet, concepts, size: int, steps: int) -> dict:
     """The reference code's schedule: duplicate image in pass 1, full pass 2, a call per concept."""
     raw = unet_fn(unet)
     router = RowRoutedLoRA(dict(unet.named_modules()), [c.deltas for c in concepts])
-    blend_from = thresholds(steps, BLEND_START)
     masks = half_masks((size, size))[0]
-    rows = [0]
+    rows, timesteps = [0], []
     cond, uncond = {"context": _ctx(1, 2)}, {"context": _ctx(2, 2)}
 
-    def pass1_fn(x, t, c, roles):
+    def unet_call(x, t, c):
         rows[0] += x.shape[0]
         return raw(x, t, c)
 
+    def pass1_fn(x, t, c, roles):
+        timesteps.append(float(t.max()))
+        return unet_call(x, t, c)
+
     def pass2_fn(x, t, c, roles):
-        out = pass1_fn(x, t, c, roles)
-        if float(t.max()) > blend_from:
+        out = unet_call(x, t, c)
+        if float(t.max()) > timesteps[round(BLEND_START * len(timesteps))]:
             return out
         pair = [i for i, r in enumerate(roles) if r.image == 0]  # image 0's cond and uncond rows
         blended = out[pair] * (1 - masks.sum(0))
         for j, concept in enumerate(concepts):
             context = torch.cat([(concept.cond if roles[i].is_cond else concept.uncond)["context"] for i in pair])
             with router.route_all(j):
-                blended = blended + masks[j] * pass1_fn(x[pair], t[pair], {"context": context}, None)
+                blended = blended + masks[j] * unet_call(x[pair], t[pair], {"context": context})
         out[pair] = blended
         return out
 

@@ -7,15 +7,15 @@ of both passes through it::
         session.begin_pass1()
         latent = host_sampling(...)                # each UNet call: session(unet_fn, x, t, cond, rows)
         masks = session.attention_masks(...)       # or masks from another source
-        session.begin_pass2(torch.stack([m.masks for m in masks]))
+        session.begin_pass2(torch.stack([m.masks for m in masks]), blend_start=0.3)
         latent = host_sampling(...)                # same seed and noise
     # every patch is gone here, also after an exception
 
 ``unet_fn(x, t, cond) -> out`` is the host's raw UNet call (cond: a dict of tensors with
 a leading row dimension), ``rows`` says per row whether it is cond or uncond and which
-image it belongs to. Time is the UNet's timestep ``t`` (it falls as sampling proceeds):
-the host converts the blend start, a fraction of its steps, to the timestep of that step
-(``blend_threshold``), which works for samplers that evaluate several times per step.
+image it belongs to. Time is the UNet's timestep ``t`` (it falls as sampling proceeds);
+the blend start, a fraction of the steps, is turned into a timestep from pass 1's calls
+(``PassRecord.threshold``), so the engine needs nothing from the host's sampler.
 """
 from __future__ import annotations
 
@@ -36,23 +36,6 @@ from .record import PassRecord, RecordedCall
 from .rows import RowRole
 
 UnetFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
-
-NEVER = -math.inf
-"""A threshold no timestep reaches: no blending."""
-
-
-def blend_threshold(step_timesteps: Sequence[float], fraction: float) -> float:
-    """The timestep from which on a call belongs to the last ``1 - fraction`` of the steps.
-
-    ``step_timesteps[i]`` is the timestep of the first UNet call of step i. Fraction 0
-    blends every call, 1 none.
-    """
-    steps = len(step_timesteps)
-    start = math.floor(fraction * steps + 0.5)
-    if start >= steps:
-        return NEVER
-    return math.inf if start <= 0 else float(step_timesteps[start])
-
 
 @dataclass
 class Concept:
@@ -82,16 +65,16 @@ class OmgSession:
     """One OMG generation on one UNet module."""
 
     def __init__(
-        self, unet: nn.Module, concepts: Sequence[Concept], *, images: int, blend_from_t: float,
-        layout: bool = True, self_attention_until_t: float = math.inf, max_rows: int | None = None,
+        self, unet: nn.Module, concepts: Sequence[Concept], *, images: int,
+        layout: bool = True, max_rows: int | None = None,
     ) -> None:
         if not concepts:
             raise ValueError("OMG needs at least one concept")
         if max_rows is not None and max_rows < 2:
             raise ValueError(f"max_rows must be at least 2 (a reference row runs beside its host row), got {max_rows}")
         self.unet, self.concepts, self.images = unet, list(concepts), images
-        self.blend_from_t, self.layout, self.max_rows = blend_from_t, layout, max_rows
-        self.self_attention_until_t = self_attention_until_t
+        self.layout, self.max_rows = layout, max_rows
+        self.blend_from_t = self.self_attention_until_t = math.inf
         self.router = RowRoutedLoRA(dict(unet.named_modules()), [c.deltas for c in concepts])
         self.conds = [ConceptCond(c.cond, c.uncond) for c in concepts]
         self.record = PassRecord()
@@ -117,13 +100,24 @@ class OmgSession:
     def begin_pass1(self) -> None:
         self.mode, self._index = "pass1", 0
 
-    def begin_pass2(self, masks: torch.Tensor) -> None:
-        """Start pass 2 with masks [images, concepts, H, W], exclusive (Σ ≤ 1 per pixel)."""
+    def begin_pass2(self, masks: torch.Tensor, *, blend_start: float, self_attention_until: float = 0.0) -> None:
+        """Start pass 2 with masks [images, concepts, H, W], exclusive (Σ ≤ 1 per pixel).
+
+        ``blend_start``: fraction of the steps before which pass 2 replays pass 1;
+        ``self_attention_until``: fraction of the steps before which self-attention at
+        1/4 resolution is also taken from the reference (0: never).
+        """
         expected = (self.images, len(self.concepts))
         if masks.dim() != 4 or tuple(masks.shape[:2]) != expected:
             raise ValueError(f"masks must be [images, concepts, H, W] with {expected} leading, got {tuple(masks.shape)}")
         if masks.min() < 0 or masks.sum(dim=1).max() > 1 + 1e-5:
             raise ValueError("masks must be non-negative and sum to at most 1 at every pixel")
+        for name, value in (("blend_start", blend_start), ("self_attention_until", self_attention_until)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a fraction of the steps in [0, 1], got {value}")
+        self.blend_from_t = self.record.threshold(blend_start)
+        self.self_attention_until_t = self.record.threshold(self_attention_until)
+        self.record.drop_outputs_from(self.blend_from_t)
         self._masks, self._masks_resized = masks, {}
         self.mode, self._index = "pass2", 0
 
@@ -161,7 +155,7 @@ class OmgSession:
             for _, image in capture:
                 self._map_calls[image] += 1
         out = self._run(unet_fn, x, t, cond, call)
-        self.record.add(x, t, None if self._blending(t) else out)
+        self.record.add(x, t, out)
         return out
 
     def _pass2(self, unet_fn: UnetFn, x, t, cond, rows: Sequence[RowRole]) -> torch.Tensor:

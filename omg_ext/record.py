@@ -4,9 +4,16 @@ Pass 2 runs the same sampler with the same seed and noise, so its k-th UNet call
 corresponds to pass 1's k-th call. Before the blend start, a pass-2 call whose input
 equals the recorded input gets the recorded output back without running the UNet. From
 the blend start on, the recorded input of the same call is the reference row's latent.
-Outputs are kept only for the calls pass 2 can replay (before the blend start).
+
+The blend start, a fraction of the steps, becomes a timestep here: the timestep of the
+call at that fraction of pass 1's calls. That needs no knowledge of the sampler: every
+sampler evaluates the same number of times per step, however many that is, so a
+fraction of the calls is the same fraction of the steps. Outputs of the calls from the
+blend start on are dropped when pass 2 starts: pass 2 never replays them.
 """
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass, field
 
@@ -33,6 +40,22 @@ class PassRecord:
 
     def add(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None) -> None:
         self.calls.append(RecordedCall(x.clone(), t.clone(), None if out is None else out.clone()))
+
+    def threshold(self, fraction: float) -> float:
+        """The timestep from which on calls belong to the last ``1 - fraction`` of the calls.
+
+        Fraction 0 gives +inf (every call is at or below it), 1 gives -inf (none is).
+        """
+        start = math.floor(fraction * len(self.calls) + 0.5)
+        if start >= len(self.calls):
+            return -math.inf
+        return math.inf if start <= 0 else float(self.calls[start].t.max())
+
+    def drop_outputs_from(self, threshold: float) -> None:
+        """Free the outputs pass 2 will compute anyway (calls at or below the blend start)."""
+        for call in self.calls:
+            if float(call.t.max()) <= threshold:
+                call.out = None
 
     def get(self, index: int) -> RecordedCall | None:
         return self.calls[index] if index < len(self.calls) else None

@@ -84,12 +84,12 @@ def test_full_mask_from_step_zero_equals_plain_run_with_merged_lora(unet, concep
 
 
 def _one_blended_call(unet, concepts, x, t, cond, rows, masks, max_rows=None, layout=True):
-    session = OmgSession(unet, concepts, images=masks.shape[0], blend_from_t=math.inf, layout=layout, max_rows=max_rows)
+    session = OmgSession(unet, concepts, images=masks.shape[0], layout=layout, max_rows=max_rows)
     raw = unet_fn(unet)
     with session.installed():
         session.begin_pass1()
         session(raw, x, t, cond, rows)
-        session.begin_pass2(masks)
+        session.begin_pass2(masks, blend_start=0.0)
         return session(raw, x, t, cond, rows), session
 
 
@@ -185,13 +185,13 @@ def test_layout_replacement_gives_host_cond_rows_the_reference_probabilities(une
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(6))
     t = torch.full((2,), 700.0)
     cond = {"context": torch.cat([_ctx(1), _ctx(2)])}
-    session = OmgSession(unet, concepts, images=1, blend_from_t=math.inf, self_attention_until_t=-math.inf if self_too else math.inf)
+    session = OmgSession(unet, concepts, images=1)
     raw = unet_fn(unet)
     modules = dict(unet.named_modules())
     with session.installed():
         session.begin_pass1()
         session(raw, x + 0.5, t, cond, roles_cond_then_uncond(1))  # the reference latent differs from x
-        session.begin_pass2(_half_masks())
+        session.begin_pass2(_half_masks(), blend_start=0.0, self_attention_until=1.0 if self_too else 0.0)
         probe = _AttentionProbe(unet)
         try:
             session(raw, x, t, cond, roles_cond_then_uncond(1))
@@ -223,7 +223,7 @@ def test_pass1_captures_class_word_attention_at_half_and_quarter_resolution(unet
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7))
     t = torch.full((2,), 600.0)
     cond = {"context": torch.cat([_ctx(1), _ctx(2)])}
-    session = OmgSession(unet, concepts, images=1, blend_from_t=-math.inf)
+    session = OmgSession(unet, concepts, images=1)
     modules = dict(unet.named_modules())
     with session.installed():
         session.begin_pass1()
@@ -274,14 +274,16 @@ def test_no_patch_survives_a_run_and_weights_are_bitwise_unchanged(unet, concept
 
 def test_bad_session_input_is_named(unet, concepts):
     with pytest.raises(ValueError, match="at least one concept"):
-        OmgSession(unet, [], images=1, blend_from_t=0)
+        OmgSession(unet, [], images=1)
     with pytest.raises(ValueError, match="max_rows must be at least 2"):
-        OmgSession(unet, concepts, images=1, blend_from_t=0, max_rows=1)
-    session = OmgSession(unet, concepts, images=1, blend_from_t=0)
+        OmgSession(unet, concepts, images=1, max_rows=1)
+    session = OmgSession(unet, concepts, images=1)
     with pytest.raises(ValueError, match="masks must be"):
-        session.begin_pass2(torch.ones(1, 2, 16, 16))  # sums to 2
+        session.begin_pass2(torch.ones(1, 2, 16, 16), blend_start=0.3)  # sums to 2
     with pytest.raises(ValueError, match=r"\[images, concepts, H, W\]"):
-        session.begin_pass2(torch.ones(1, 3, 16, 16) / 3)
+        session.begin_pass2(torch.ones(1, 3, 16, 16) / 3, blend_start=0.3)
+    with pytest.raises(ValueError, match=r"blend_start must be a fraction of the steps in \[0, 1\], got 1.2"):
+        session.begin_pass2(_half_masks(), blend_start=1.2)
     with pytest.raises(ValueError, match="2 row roles for a call of 1 rows"):
         session(lambda *a: None, torch.zeros(1, 4, 8, 8), torch.zeros(1), {}, [RowRole(True, 0)] * 2)
 
@@ -289,14 +291,14 @@ def test_bad_session_input_is_named(unet, concepts):
 @torch.no_grad()
 def test_a_call_that_differs_from_the_record_runs_for_real(unet, concepts):
     cond, uncond = _global()
-    session = OmgSession(unet, concepts, images=1, blend_from_t=-math.inf)
+    session = OmgSession(unet, concepts, images=1)
     raw = unet_fn(unet)
     model_fn = lambda x, t, c, rows: session(raw, x, t, c, rows)  # noqa: E731
     kw = dict(steps=4, latent_shape=(1, 4, 16, 16))
     with session.installed():
         session.begin_pass1()
         generate(model_fn, SCHEDULE, "euler", cond, uncond, seed=0, **kw)
-        session.begin_pass2(_half_masks())
+        session.begin_pass2(_half_masks(), blend_start=1.0)
         other_seed = generate(model_fn, SCHEDULE, "euler", cond, uncond, seed=1, **kw)
     assert session.counters["pass2"].replayed == 0 and session.counters["pass2"].calls == 4
     plain = generate(lambda x, t, c, rows: raw(x, t, c), SCHEDULE, "euler", cond, uncond, seed=1, **kw)

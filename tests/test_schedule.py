@@ -1,35 +1,45 @@
-"""The blend start as a timestep: the threshold must select exactly the last (1 - s) of the steps."""
+"""The blend start as a timestep: a fraction of pass 1's calls is the same fraction of its steps."""
 import math
 
 import pytest
 import torch
 
-from omg_ext.pipeline import NEVER, blend_threshold
+from omg_ext.record import PassRecord
 from tests.support.omg_run import SCHEDULE
-from tests.support.sampling import generate, step_timesteps
+from tests.support.sampling import generate
 
 
-def test_blend_threshold_edges():
-    ts = [900.0, 700.0, 500.0, 300.0, 100.0]
-    assert blend_threshold(ts, 0.0) == math.inf
-    assert blend_threshold(ts, 1.0) == NEVER == -math.inf
-    assert blend_threshold(ts, 0.9) == NEVER  # rounds to 5 of 5 steps: nothing left to blend
-    assert blend_threshold(ts, 0.32) == 500.0  # 0.32 * 5 = 1.6 -> the first 2 steps are not blended
-    assert blend_threshold(ts, 0.5) == 300.0  # 2.5 rounds half up -> 3
+def _record(timesteps):
+    record = PassRecord()
+    for t in timesteps:
+        record.add(torch.zeros(1), torch.tensor([t]), torch.zeros(1))
+    return record
 
 
-@pytest.mark.parametrize("karras", [False, True])
-def test_step_timesteps_are_the_timesteps_the_sampler_calls_with(karras):
+def test_threshold_edges():
+    record = _record([900.0, 700.0, 500.0, 300.0, 100.0])
+    assert record.threshold(0.0) == math.inf
+    assert record.threshold(1.0) == record.threshold(0.9) == -math.inf  # 4.5 rounds to 5 of 5: nothing to blend
+    assert record.threshold(0.32) == 500.0  # 1.6 rounds to 2: the first 2 steps are replayed
+    assert record.threshold(0.5) == 300.0  # 2.5 rounds half up
+
+
+@pytest.mark.parametrize("sampler,steps,calls_per_step", [("euler", 7, 1), ("dpmpp_2m", 10, 1), ("heun", 8, 2)])
+@pytest.mark.parametrize("split", [False, True])
+def test_threshold_selects_the_last_steps_for_any_sampler(sampler, steps, calls_per_step, split):
     seen = []
 
     def model_fn(x, t, c, rows):
-        seen.append(float(t[0]))
+        seen.append(float(t.max()))
         return torch.zeros_like(x)
 
-    steps = 7
-    generate(model_fn, SCHEDULE, "euler", {"context": torch.zeros(1, 1, 1)}, {"context": torch.zeros(1, 1, 1)},
-             seed=0, steps=steps, latent_shape=(1, 4, 8, 8), karras=karras)
-    sigmas = SCHEDULE.get_sigmas_karras(steps) if karras else SCHEDULE.get_sigmas(steps)
-    assert seen == step_timesteps(SCHEDULE, sigmas)
-    threshold = blend_threshold(seen, 0.32)
-    assert sum(t <= threshold for t in seen) == steps - 2  # round(0.32 * 7) = 2 steps before the blend
+    generate(model_fn, SCHEDULE, sampler, {"context": torch.zeros(1, 1, 1)}, {"context": torch.zeros(1, 1, 1)},
+             seed=0, steps=steps, latent_shape=(1, 4, 8, 8), batch_cond_uncond=not split)
+    threshold = _record(seen).threshold(0.32)
+    first_blended_step = math.floor(0.32 * steps + 0.5)
+    sigmas = SCHEDULE.get_sigmas(steps)
+    assert threshold == pytest.approx(float(SCHEDULE.sigma_to_t(sigmas[first_blended_step:first_blended_step + 1])[0]), abs=1e-3)
+    blended_calls = sum(t <= threshold for t in seen)
+    per_eval = 2 if split else 1
+    # heun: its last step evaluates once, but the corrector of the step before the start runs at the start's sigma
+    assert blended_calls == per_eval * (steps - first_blended_step) * calls_per_step

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from omg_ext.pipeline import OmgSession, blend_threshold
-from tests.support.sampling import DiscreteSchedule, generate, step_timesteps
+from omg_ext.pipeline import OmgSession
+from tests.support.sampling import DiscreteSchedule, generate
 from tests.support.tiny_unet import unet_fn
 
 SCHEDULE = DiscreteSchedule()
@@ -20,20 +20,12 @@ class OmgResult:
     session: OmgSession
 
 
-def thresholds(steps: int, fraction: float, karras: bool = False) -> float:
-    sigmas = SCHEDULE.get_sigmas_karras(steps) if karras else SCHEDULE.get_sigmas(steps)
-    return blend_threshold(step_timesteps(SCHEDULE, sigmas), fraction)
-
-
 def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, latent_shape=(1, 4, 16, 16),
             blend_start=0.3, layout=True, self_attention_until=0.0, max_rows=None, masks=None,
             dilation=0, feather=0, groups=None, batch_cond_uncond=True, cfg_scale=7.0,
             fail_at=None) -> OmgResult:
     """Pass 1, masks (from attention unless given), pass 2. ``fail_at`` injects an exception at a stage."""
-    session = OmgSession(
-        unet, concepts, images=latent_shape[0], blend_from_t=thresholds(steps, blend_start), layout=layout,
-        self_attention_until_t=thresholds(steps, self_attention_until), max_rows=max_rows,
-    )
+    session = OmgSession(unet, concepts, images=latent_shape[0], layout=layout, max_rows=max_rows)
     raw = unet_fn(unet)
     kwargs = dict(seed=seed, steps=steps, latent_shape=latent_shape, cfg_scale=cfg_scale, batch_cond_uncond=batch_cond_uncond)
 
@@ -57,7 +49,7 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
         if masks is None:
             masks = torch.stack([m.masks for m in session.attention_masks(dilation=dilation, feather=feather, groups=groups)])
         stage("masks")
-        session.begin_pass2(masks)
+        session.begin_pass2(masks, blend_start=blend_start, self_attention_until=self_attention_until)
         final = generate(model_fn, SCHEDULE, sampler, cond, uncond, **kwargs)
         stage("pass2")
     return OmgResult(layout_latent, final, masks, session)
