@@ -34,12 +34,21 @@ class RecordedCall:
         return x.shape == self.x.shape and torch.equal(t, self.t)
 
 
+def _nbytes(call: RecordedCall) -> int:
+    return sum(t.numel() * t.element_size() for t in (call.x, call.t, call.out) if t is not None)
+
+
 @dataclass
 class PassRecord:
     calls: list[RecordedCall] = field(default_factory=list)
 
+    peak_nbytes: int = 0
+    """The most the record held (at the end of pass 1), for the benchmark and the log."""
+
     def add(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None) -> None:
-        self.calls.append(RecordedCall(x.clone(), t.clone(), None if out is None else out.clone()))
+        call = RecordedCall(x.clone(), t.clone(), None if out is None else out.clone())
+        self.calls.append(call)
+        self.peak_nbytes += _nbytes(call)  # the record only grows until pass 2 drops outputs
 
     def threshold(self, fraction: float) -> float:
         """The timestep from which on calls belong to the last ``1 - fraction`` of the calls.
@@ -61,13 +70,8 @@ class PassRecord:
         return self.calls[index] if index < len(self.calls) else None
 
     def nbytes(self) -> int:
-        """Memory held by the record, for the benchmark and the log."""
-        return sum(
-            t.numel() * t.element_size()
-            for call in self.calls
-            for t in (call.x, call.t, call.out)
-            if t is not None
-        )
+        """Memory held by the record now."""
+        return sum(_nbytes(call) for call in self.calls)
 
     def latent_hw(self) -> tuple[int, int]:
         if not self.calls:
