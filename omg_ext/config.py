@@ -271,8 +271,8 @@ def to_args(cfg: OmgConfig) -> list:
 
 
 def from_args(args: Sequence) -> OmgConfig:
-    """Parse the UI's positional values, or a single dict (API users)."""
-    if len(args) == 1 and isinstance(args[0], dict):
+    """Parse the UI's positional values, or a dict first (API users; the WebUI pads the rest)."""
+    if args and isinstance(args[0], dict):
         return from_dict(args[0])
     if len(args) != ARGS_COUNT:
         raise OmgConfigError("args", f"OMG expects {ARGS_COUNT} values ({len(FIELDS)} settings and {MAX_CONCEPTS} concepts of {len(CONCEPT_FIELDS)}), or one dictionary; got {len(args)}")

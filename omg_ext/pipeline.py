@@ -78,7 +78,7 @@ class OmgSession:
         self.router = RowRoutedLoRA(dict(unet.named_modules()), [c.deltas for c in concepts])
         self.conds = [ConceptCond(c.cond, c.uncond) for c in concepts]
         self.record = PassRecord()
-        self.counters = {"pass1": PassCounters(), "pass2": PassCounters()}
+        self.counters = {"pass1": PassCounters(), "pass2": PassCounters(), "hires_blend": PassCounters()}
         self.mode: str | None = None
         self._attention: AttentionState | None = None
         self._maps: torch.Tensor | None = None
@@ -121,6 +121,10 @@ class OmgSession:
         self._masks, self._masks_resized = masks, {}
         self.mode, self._index = "pass2", 0
 
+    def begin_hires(self, blend: bool) -> None:
+        """A hires pass after pass 2: no record to replay; blend with resized masks, or run plain."""
+        self.mode = "hires_blend" if blend else None
+
     def __call__(self, unet_fn: UnetFn, x: torch.Tensor, t: torch.Tensor, cond: dict, rows: Sequence[RowRole]) -> torch.Tensor:
         if len(rows) != x.shape[0]:
             raise ValueError(f"{len(rows)} row roles for a call of {x.shape[0]} rows")
@@ -128,6 +132,8 @@ class OmgSession:
             return self._pass1(unet_fn, x, t, cond, rows)
         if self.mode == "pass2":
             return self._pass2(unet_fn, x, t, cond, rows)
+        if self.mode == "hires_blend":
+            return self._expanded(unet_fn, x, t, cond, rows, None)
         return unet_fn(x, t, cond)
 
     def _blending(self, t: torch.Tensor) -> bool:

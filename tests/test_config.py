@@ -125,6 +125,7 @@ def test_args_round_trip_with_unused_slots():
     assert len(args) == ARGS_COUNT and args[0] is True
     assert from_args(args) == cfg
     assert from_args([to_dict(cfg)]) == cfg
+    assert from_args([to_dict(cfg)] + to_args(OmgConfig())[1:]) == cfg  # the API pads the rest with UI defaults
     with pytest.raises(OmgConfigError, match=f"OMG expects {ARGS_COUNT} values .* got 3"):
         from_args([True, 0.3, "attention"])
 

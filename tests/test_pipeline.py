@@ -303,3 +303,27 @@ def test_a_call_that_differs_from_the_record_runs_for_real(unet, concepts):
     assert session.counters["pass2"].replayed == 0 and session.counters["pass2"].calls == 4
     plain = generate(lambda x, t, c, rows: raw(x, t, c), SCHEDULE, "euler", cond, uncond, seed=1, **kw)
     assert torch.equal(other_seed, plain)
+
+
+@torch.no_grad()
+def test_hires_pass_blends_with_resized_masks_or_runs_plain(unet, concepts):
+    x = torch.randn(2, 4, 24, 24, generator=torch.Generator().manual_seed(8))
+    t = torch.full((2,), 400.0)
+    cond = {"context": torch.cat([_ctx(1), _ctx(2)])}
+    raw = unet_fn(unet)
+    masks = torch.zeros(1, 2, 16, 16)
+    masks[0, 0] = 1  # everything to concept 0: the hires call must equal concept 0 alone at 24x24
+    session = OmgSession(unet, concepts, images=1)
+    with session.installed():
+        session.begin_pass1()
+        session(raw, x[:, :, :16, :16], t, cond, roles_cond_then_uncond(1))
+        session.begin_pass2(masks, blend_start=0.0)
+        session.begin_hires(blend=True)
+        blended = session(raw, x, t, cond, roles_cond_then_uncond(1))
+        session.begin_hires(blend=False)
+        plain = session(raw, x, t, cond, roles_cond_then_uncond(1))
+    assert session.counters["hires_blend"].rows == 6  # no reference row without a record
+    torch.testing.assert_close(plain, raw(x, t, cond), rtol=0, atol=0)
+    c = concepts[0]
+    alone = unet_fn(merged(unet, c.deltas))(x, t, {"context": torch.cat([c.cond["context"], c.uncond["context"]])})
+    torch.testing.assert_close(blended, alone, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,297 @@
+"""The Automatic1111 v1.10 adapter: the only code that touches A1111's ``modules.*``.
+
+One ``A1111Generation`` per txt2img job. It replaces ``p.sample`` (and
+``p.sample_hr_pass``) on the processing object for the job; inside the replaced
+``sample`` it runs pass 1, builds the masks and runs pass 2, with the model patched only
+for that call and restored in ``finally`` (errors, Interrupt, Skip):
+
+- an instance ``forward`` on ``p.sd_model.model.diffusion_model`` routes every UNet call
+  through the engine's ``OmgSession``;
+- the engine's attention processors and LoRA hooks (``OmgSession.installed``);
+- an ``on_cfg_denoiser`` callback that tells which rows are cond and uncond.
+
+Concept LoRAs are parsed by the host's own ``networks.load_network`` (every format the
+WebUI reads) and never activated the host's way: low-rank modules become
+``LowRankDelta``s, every other type the dense ``calc_updown`` delta.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy
+import torch
+
+from ..config import OmgConfig, to_infotext
+from ..lora import DenseDelta, LowRankDelta, RowRoutedLoRA
+from ..masks import overlay
+from ..pipeline import Concept, OmgSession
+from ..rows import RowRole
+
+
+def _networks():
+    """The built-in Lora extension's module (imported by the WebUI at start-up)."""
+    return importlib.import_module("networks")
+
+
+class OmgUserError(ValueError):
+    """Bad input the user can fix; shown as is."""
+
+
+def fail_job(p, message: str) -> None:
+    """Make the job fail with ``message`` when it starts sampling (UI and API show it)."""
+    def sample(*args, **kwargs):
+        raise OmgUserError(message)
+    p.sample = sample
+
+
+def lora_names() -> list[str]:
+    """The WebUI's own LoRA list, for the concept dropdowns."""
+    return sorted(_networks().available_networks)
+
+
+# ---------------------------------------------------------------- LoRA files -> deltas
+
+def load_concept_lora(name: str, unet_weight: float, te_weight: float, unet_names: dict, te_names: dict):
+    """Parse one LoRA with the host's code; return (unet deltas, text-encoder deltas) by layer name."""
+    networks = _networks()
+    if name not in networks.available_networks:
+        networks.list_available_networks()
+    on_disk = networks.available_networks.get(name)
+    if on_disk is None:
+        raise OmgUserError(f"OMG: LoRA {name!r} is not in the WebUI's LoRA list")
+    net = networks.load_network(name, on_disk)
+    net.te_multiplier, net.unet_multiplier = te_weight, unet_weight
+    unet, te = {}, {}
+    for module in net.modules.values():
+        target = module.sd_module
+        if id(target) in unet_names:
+            unet[unet_names[id(target)]] = module_delta(module, unet_weight)
+        elif id(target) in te_names:
+            te[te_names[id(target)]] = module_delta(module, te_weight)
+    if not unet:
+        raise OmgUserError(f"OMG: LoRA {name!r} has no layer of this checkpoint's UNet (made for another architecture?)")
+    return unet, te
+
+
+def module_delta(module, multiplier: float):
+    """A host network module as an engine delta: low-rank when it is plain LoRA, dense otherwise."""
+    plain_lora = (
+        hasattr(module, "up_model") and hasattr(module, "down_model")
+        and getattr(module, "bias", None) is None and getattr(module, "dora_scale", None) is None
+        and getattr(module.network, "dyn_dim", None) is None
+    )
+    if plain_lora:
+        mid = module.mid_model.weight if module.mid_model is not None else None
+        return LowRankDelta(module.up_model.weight.detach(), module.down_model.weight.detach(), mid,
+                            scale=module.calc_scale() * multiplier)
+    weight = module.sd_module.weight
+    updown, ex_bias = module.calc_updown(weight.detach().float())
+    return DenseDelta(updown.to(weight.dtype), None if ex_bias is None else ex_bias.to(weight.dtype))
+
+
+# ---------------------------------------------------------------- rows of UNet calls
+
+class RowTracker:
+    """Which rows of each UNet call are cond and uncond, from the CFG denoiser's callback.
+
+    The CFG denoiser builds ``x_in`` as cond rows then uncond rows and sends them to the
+    UNet in order (one call, or slices); the tracker hands out roles in that order and
+    checks each row's context against the cond / uncond the callback exposed.
+    """
+
+    def __init__(self, images: int) -> None:
+        self.images = images
+        self.roles: list[RowRole] = []
+        self.conds: list[torch.Tensor] = []
+        self.offset = 0
+
+    def on_denoiser(self, params) -> None:
+        cond, uncond = _crossattn(params.text_cond), _crossattn(params.text_uncond)
+        if cond.shape[0] != self.images:
+            raise OmgUserError("OMG does not support AND in the prompt yet")
+        self.roles = [RowRole(True, b) for b in range(self.images)] + [RowRole(False, b) for b in range(uncond.shape[0])]
+        self.conds = list(cond) + list(uncond)
+        self.offset = 0
+
+    def take(self, context: torch.Tensor) -> list[RowRole]:
+        rows = self.roles[self.offset:self.offset + context.shape[0]]
+        if len(rows) != context.shape[0]:
+            raise RuntimeError("OMG lost track of the UNet rows (a call outside the CFG denoiser)")
+        for i, (row, expected) in enumerate(zip(context, self.conds[self.offset:])):
+            n = min(row.shape[0], expected.shape[0])
+            if not torch.equal(row[:n], expected[:n].to(row)):
+                raise RuntimeError("OMG lost track of the UNet rows (conditioning does not match)")
+        self.offset += context.shape[0]
+        return rows
+
+
+def _crossattn(cond):
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+# ---------------------------------------------------------------- one generation
+
+@dataclass
+class Prepared:
+    concepts: list[Concept]
+    labels: list[str]
+
+
+class A1111Generation:
+    """OMG for one txt2img job ``p``."""
+
+    def __init__(self, p, cfg: OmgConfig) -> None:
+        self.p, self.cfg = p, cfg
+        self.unet = p.sd_model.model.diffusion_model
+        self.prepared: Prepared | None = None
+        self.layout_images: list = []
+        self.warnings: list[str] = []
+
+    # -- wiring on p (per job; p is discarded after the job)
+    def attach(self) -> None:
+        p = self.p
+        original_sample, original_hr = p.sample, p.sample_hr_pass
+
+        def sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+            return self.sample(original_sample, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts)
+
+        def sample_hr_pass(*args, **kwargs):
+            if self.session is not None:
+                self.session.begin_hires(self.cfg.hires_blend)
+            return original_hr(*args, **kwargs)
+
+        p.sample, p.sample_hr_pass = sample, sample_hr_pass
+        self.session: OmgSession | None = None
+        p.extra_generation_params.update(to_infotext(self.cfg))
+
+    def sample(self, original, c, uc, seeds, subseeds, subseed_strength, prompts):
+        from modules import rng, shared
+
+        p = self.p
+        if self.prepared is None:
+            self.prepared = self.prepare(prompts[0])
+        images = len(prompts)
+        self.session = session = OmgSession(self.unet, self.prepared.concepts, images=images)
+        tracker = RowTracker(images)
+        enable_hr = getattr(p, "enable_hr", False)
+        rng_state = (p.rng.shape, p.seeds, p.subseeds, p.subseed_strength, p.seed_resize_from_h, p.seed_resize_from_w)
+        try:
+            with self.patched(session, tracker):
+                session.begin_pass1()
+                p.enable_hr = False
+                layout = original(c, uc, seeds, subseeds, subseed_strength, prompts)
+                p.enable_hr = enable_hr
+                if shared.state.interrupted or shared.state.skipped:
+                    return layout
+                results = session.attention_masks(dilation=self.cfg.mask_dilation, feather=self.cfg.mask_feather,
+                                                  groups=self.cfg.groups_by_class_word(), labels=self.prepared.labels)
+                for r in results:
+                    self.warnings += r.warnings()
+                masks = torch.stack([r.masks for r in results])
+                session.begin_pass2(masks, blend_start=self.cfg.blend_start, self_attention_until=self.cfg.self_attention_until)
+                shape, seeds_, subseeds_, strength, h, w = rng_state
+                p.rng = rng.ImageRNG(shape, seeds_, subseeds=subseeds_, subseed_strength=strength,
+                                     seed_resize_from_h=h, seed_resize_from_w=w)
+                final = original(c, uc, seeds, subseeds, subseed_strength, prompts)
+        finally:
+            p.enable_hr = enable_hr
+            self.session = None
+        if self.cfg.show_masks:
+            self.keep_layout(layout, masks)
+        if self.warnings:
+            p.extra_generation_params["OMG warnings"] = "; ".join(dict.fromkeys(self.warnings))
+        return final
+
+    @contextlib.contextmanager
+    def patched(self, session: OmgSession, tracker: RowTracker) -> Iterator[None]:
+        """The UNet forward, the engine's processors and hooks, the denoiser callback; all undone on exit."""
+        from modules import script_callbacks
+
+        unet = self.unet
+        saved = unet.__dict__.get("forward")
+        raw = saved or (lambda *a, **k: type(unet).forward(unet, *a, **k))
+
+        def forward(x, timesteps=None, context=None, y=None, **kwargs):
+            def unet_fn(x_, t_, cond):
+                return raw(x_, t_, context=cond["context"], y=cond.get("y"), **kwargs)
+            cond = {"context": context} if y is None else {"context": context, "y": y}
+            return session(unet_fn, x, timesteps, cond, tracker.take(context))
+
+        script_callbacks.on_cfg_denoiser(tracker.on_denoiser, name="omg")
+        try:
+            with session.installed():
+                unet.forward = forward
+                yield
+        finally:
+            if saved is not None:
+                unet.forward = saved
+            else:
+                unet.__dict__.pop("forward", None)
+            script_callbacks.remove_callbacks_for_function(tracker.on_denoiser)
+
+    # -- concepts: LoRA deltas, conditioning, class-word tokens
+    def prepare(self, prompt: str) -> Prepared:
+        from modules import prompt_parser
+
+        p, model = self.p, self.p.sd_model
+        self.cfg.validate(prompt)
+        unet_names = {id(m): n for n, m in self.unet.named_modules()}
+        te_root = model.cond_stage_model
+        te_names = {id(m): n for n, m in te_root.named_modules()}
+        concepts, labels = [], []
+        for n, spec in enumerate(self.cfg.concepts, start=1):
+            unet_deltas, te_deltas = ({}, {}) if not spec.lora else load_concept_lora(
+                spec.lora, spec.unet_weight, spec.te_weight, unet_names, te_names)
+            router = RowRoutedLoRA(dict(te_root.named_modules()), [te_deltas])
+            negative = spec.negative_prompt or p.negative_prompts[0]
+            with torch.no_grad(), router.installed(), router.route_all(0):
+                cond = model.get_learned_conditioning(prompt_parser.SdConditioning([spec.prompt], width=p.width, height=p.height))
+                uncond = model.get_learned_conditioning(prompt_parser.SdConditioning([negative], width=p.width, height=p.height, is_negative_prompt=True))
+            tokens = class_word_tokens(model, prompt, spec.class_word)
+            if not tokens:
+                raise OmgUserError(f"OMG concept {n}: class word {spec.class_word!r} was not found among the prompt's tokens")
+            concepts.append(Concept(_as_cond(cond), _as_cond(uncond), unet_deltas, tokens))
+            labels.append(spec.class_word)
+        return Prepared(concepts, labels)
+
+    # -- results
+    def keep_layout(self, layout: torch.Tensor, masks: torch.Tensor) -> None:
+        from modules import sd_samplers_common
+
+        for i in range(layout.shape[0]):
+            image = sd_samplers_common.sample_to_image(layout, i, approximation=0)
+            pixels = torch.from_numpy(numpy.array(image)).permute(2, 0, 1).float() / 255
+            shown = torch.nn.functional.interpolate(masks[i:i + 1].float().cpu(), size=pixels.shape[-2:], mode="nearest")[0]
+            pic = overlay(shown, pixels)
+            self.layout_images.append((image, _to_pil(pic.clamp(0, 1))))
+
+
+def _as_cond(cond) -> dict:
+    if isinstance(cond, dict):
+        return {"context": cond["crossattn"], "y": cond["vector"]}
+    return {"context": cond}
+
+
+def _to_pil(chw: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray((chw.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+
+
+def class_word_tokens(model, prompt: str, word: str) -> list[int]:
+    """Positions of ``word``'s tokens in the conditioning of ``prompt`` (all chunks, 77 per chunk)."""
+    clip = next((e for e in getattr(model.cond_stage_model, "embedders", [model.cond_stage_model]) if hasattr(e, "tokenize_line")), None)
+    if clip is None:
+        return []
+    word_ids = clip.tokenize([word.strip()])[0]
+    chunks, _ = clip.tokenize_line(prompt)
+    positions = []
+    for c, chunk in enumerate(chunks):
+        tokens = list(chunk.tokens)
+        for start in range(len(tokens) - len(word_ids) + 1):
+            if tokens[start:start + len(word_ids)] == word_ids:
+                positions += [c * len(tokens) + start + k for k in range(len(word_ids))]
+    return positions

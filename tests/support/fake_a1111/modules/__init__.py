@@ -1,0 +1,1 @@
+from . import prompt_parser, rng, script_callbacks, sd_samplers_common, shared  # noqa: F401

@@ -1,0 +1,27 @@
+"""``on_cfg_denoiser`` / ``remove_callbacks_for_function`` / ``CFGDenoiserParams`` as in A1111 1.10.1."""
+from collections import namedtuple
+
+ScriptCallback = namedtuple("ScriptCallback", ["script", "callback", "name"])
+callback_map = {"callbacks_cfg_denoiser": []}
+
+
+class CFGDenoiserParams:
+    def __init__(self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser=None):
+        self.x, self.image_cond, self.sigma = x, image_cond, sigma
+        self.sampling_step, self.total_sampling_steps = sampling_step, total_sampling_steps
+        self.text_cond, self.text_uncond, self.denoiser = text_cond, text_uncond, denoiser
+
+
+def on_cfg_denoiser(callback, *, name=None):
+    callback_map["callbacks_cfg_denoiser"].append(ScriptCallback("test", callback, name))
+
+
+def cfg_denoiser_callback(params):
+    for c in callback_map["callbacks_cfg_denoiser"]:
+        c.callback(params)
+
+
+def remove_callbacks_for_function(callback_func):
+    for callback_list in callback_map.values():
+        for callback_to_remove in [cb for cb in callback_list if cb.callback == callback_func]:
+            callback_list.remove(callback_to_remove)

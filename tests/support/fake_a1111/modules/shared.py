@@ -1,0 +1,6 @@
+class State:
+    interrupted = False
+    skipped = False
+
+
+state = State()

@@ -1,0 +1,223 @@
+"""The A1111 adapter against a stand-in of the ``modules.*`` surface it touches (tests/support/fake_a1111)."""
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from omg_ext.config import ConceptSpec, OmgConfig
+from omg_ext.hosts import a1111
+from omg_ext.lora import DenseDelta, LowRankDelta
+from omg_ext.rows import RowRole
+from tests.support import fake_a1111
+from tests.support.loras import merged
+from tests.support.sampling import DiscreteSchedule, SAMPLERS
+from tests.support.tiny_unet import TinyUNet
+
+CTX = 64
+
+
+class Params:
+    """What ``on_cfg_denoiser`` hands the callback: ``text_cond`` / ``text_uncond``."""
+
+    def __init__(self, cond, uncond):
+        self.text_cond, self.text_uncond = cond, uncond
+
+
+def test_row_tracker_follows_the_denoisers_calls_and_checks_them():
+    cond, uncond = torch.randn(2, 77, 8), torch.randn(2, 154, 8)
+    tracker = a1111.RowTracker(images=2)
+    tracker.on_denoiser(Params(cond, uncond))
+    assert tracker.take(cond) == [RowRole(True, 0), RowRole(True, 1)]  # batch_cond_uncond off: cond call first
+    assert tracker.take(uncond[:1]) == [RowRole(False, 0)]
+    assert tracker.take(uncond[1:]) == [RowRole(False, 1)]
+    tracker.on_denoiser(Params({"crossattn": cond, "vector": torch.zeros(2, 4)}, {"crossattn": uncond, "vector": torch.zeros(2, 4)}))
+    padded = torch.cat([cond, torch.zeros(2, 77, 8)], dim=1)  # pad_cond_uncond: cond padded to uncond's length
+    assert tracker.take(torch.cat([padded, uncond])) == [RowRole(True, 0), RowRole(True, 1), RowRole(False, 0), RowRole(False, 1)]
+    tracker.on_denoiser(Params(cond, uncond))
+    with pytest.raises(RuntimeError, match="conditioning does not match"):
+        tracker.take(uncond[:, :77])
+    with pytest.raises(a1111.OmgUserError, match="AND"):
+        tracker.on_denoiser(Params(torch.randn(3, 77, 8), uncond))
+
+
+class _Net:
+    dyn_dim = None
+
+
+class _LoraModule:
+    """The attributes of A1111's ``NetworkModuleLora`` the adapter reads."""
+
+    def __init__(self, sd_module, rank=2, alpha=1.0):
+        self.sd_module, self.network = sd_module, _Net()
+        self.up_model = nn.Linear(rank, sd_module.weight.shape[0], bias=False)
+        self.down_model = nn.Linear(sd_module.weight.shape[1], rank, bias=False)
+        self.mid_model, self.bias, self.dora_scale = None, None, None
+        self.alpha, self.dim = alpha, rank
+
+    def calc_scale(self):
+        return self.alpha / self.dim
+
+
+class _HadaModule:
+    """A type with only ``calc_updown`` (LoHa, LoKr…): returns (updown, ex_bias) with its multiplier applied."""
+
+    def __init__(self, sd_module, multiplier):
+        self.sd_module, self.network = sd_module, _Net()
+        self.updown = torch.randn_like(sd_module.weight) * 0.1
+        self.multiplier = multiplier
+
+    def calc_updown(self, orig_weight):
+        return self.updown * self.multiplier, None
+
+
+def test_host_modules_become_low_rank_or_dense_deltas():
+    layer = nn.Linear(8, 6)
+    lora = _LoraModule(layer, rank=2, alpha=1.0)
+    delta = a1111.module_delta(lora, multiplier=0.8)
+    assert isinstance(delta, LowRankDelta) and delta.scale == pytest.approx(0.4)
+    torch.testing.assert_close(delta.dense(), lora.up_model.weight @ lora.down_model.weight * 0.4)
+    lora.dora_scale = torch.ones(6, 1)  # DoRA needs the weight: dense
+    hada = _HadaModule(layer, 0.5)
+    for module in (lora, hada):
+        if module is lora:
+            module.calc_updown = lambda w: (torch.ones_like(w), None)
+        assert isinstance(a1111.module_delta(module, 0.5), DenseDelta)
+
+
+class _Clip(nn.Module):
+    """A text encoder with A1111's ``tokenize`` / ``tokenize_line`` and a Linear layer a LoRA can target."""
+
+    def __init__(self):
+        super().__init__()
+        self.vocab = {}
+        self.embed = nn.Embedding(100, CTX)
+        self.proj = nn.Linear(CTX, CTX)
+
+    def ids(self, text):
+        return [self.vocab.setdefault(w, len(self.vocab) + 2) for w in text.replace(",", " ").split()]
+
+    def tokenize(self, texts):
+        return [self.ids(t) for t in texts]
+
+    def tokenize_line(self, line):
+        ids = self.ids(line)
+        return [types.SimpleNamespace(tokens=[0] + ids + [1] * (76 - len(ids)))], len(ids)
+
+    def encode(self, prompt):
+        (chunk,), _ = self.tokenize_line(prompt)
+        return self.proj(self.embed(torch.tensor([chunk.tokens])))
+
+
+def test_class_word_tokens_are_positions_in_the_conditioning():
+    model = types.SimpleNamespace(cond_stage_model=_Clip())
+    assert a1111.class_word_tokens(model, "a man and a woman, a man", "man") == [2, 7]
+    assert a1111.class_word_tokens(model, "a man and a woman", "dog") == []
+
+
+def test_a_bad_job_fails_with_its_message():
+    p = types.SimpleNamespace(sample=None)
+    a1111.fail_job(p, "OMG concept 2: class word 'dog' does not appear in the prompt")
+    with pytest.raises(a1111.OmgUserError, match="class word 'dog'"):
+        p.sample(None, None, [1], [1], 0, ["x"])
+
+
+# ---------------------------------------------------------------- a whole job through the stand-in
+
+SCHEDULE = DiscreteSchedule()
+
+
+class _Model:
+    def __init__(self):
+        self.model = types.SimpleNamespace(diffusion_model=TinyUNet(context_dim=CTX, seed=0))
+        self.cond_stage_model = _Clip()
+        torch.manual_seed(0)
+        for p in self.cond_stage_model.parameters():
+            nn.init.normal_(p, std=0.2)
+
+    def get_learned_conditioning(self, prompts):
+        return torch.cat([self.cond_stage_model.encode(p) for p in prompts])
+
+
+class _Job:
+    """Enough of ``StableDiffusionProcessingTxt2Img`` for the adapter, with an A1111-style CFG denoiser."""
+
+    def __init__(self, modules, model, prompt, negative, steps=6, sampler="euler"):
+        self.modules, self.sd_model = modules, model
+        self.prompts, self.negative_prompts = [prompt], [negative]
+        self.width = self.height = 128
+        self.seeds, self.subseeds, self.subseed_strength = [7], [7], 0.0
+        self.seed_resize_from_h = self.seed_resize_from_w = 0
+        self.rng = modules.rng.ImageRNG((4, 16, 16), self.seeds)
+        self.enable_hr, self.extra_generation_params = False, {}
+        self.steps, self.sampler_name, self.calls = steps, sampler, 0
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        unet = self.sd_model.model.diffusion_model
+        cond, uncond = conditioning, unconditional_conditioning
+
+        def denoiser(x, sigma):
+            x_in, sigma_in = torch.cat([x, x]), sigma.repeat(2)
+            self.modules.script_callbacks.cfg_denoiser_callback(self.modules.script_callbacks.CFGDenoiserParams(
+                x_in, None, sigma_in, 0, self.steps, cond, uncond))
+            c_in = 1 / (sigma_in ** 2 + 1) ** 0.5
+            eps = unet(x_in * c_in[:, None, None, None], SCHEDULE.sigma_to_t(sigma_in), context=torch.cat([cond, uncond]))
+            self.calls += 1
+            d = x_in - eps * sigma_in[:, None, None, None]
+            return d[1:] + (d[:1] - d[1:]) * 7.0
+
+        sigmas = SCHEDULE.get_sigmas(self.steps)
+        return SAMPLERS[self.sampler_name](denoiser, self.rng.next() * sigmas[0], sigmas)
+
+    def sample_hr_pass(self, *args, **kwargs):
+        raise AssertionError("no hires in this job")
+
+
+def _networks(model):
+    """The built-in Lora extension's ``networks`` module, with one LoRA on a UNet and a text-encoder layer."""
+    unet = model.model.diffusion_model
+    target = unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k
+    net = types.SimpleNamespace(modules={"unet": _LoraModule(target), "te": _LoraModule(model.cond_stage_model.proj)})
+    for m in net.modules.values():
+        m.network = net
+        nn.init.normal_(m.up_model.weight, std=0.5)
+    net.dyn_dim = None
+    mod = types.ModuleType("networks")
+    mod.available_networks = {"hero": object()}
+    mod.list_available_networks = lambda: None
+    mod.load_network = lambda name, on_disk: net
+    return mod, net
+
+
+@torch.no_grad()
+def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch):
+    model = _Model()
+    unet = model.model.diffusion_model
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    networks, net = _networks(model)
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    cfg = OmgConfig(enabled=True, blend_start=0.5, mask_dilation=0, mask_feather=0, concepts=[
+        ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape"),
+        ConceptSpec(class_word="woman", prompt="a woman, blue dress"),
+    ])
+    with fake_a1111.installed() as modules:
+        job = _Job(modules, model, "a man and a woman", "blurry")
+        plain = job.sample(model.get_learned_conditioning(["a man and a woman"]), model.get_learned_conditioning(["blurry"]), [7], [7], 0, job.prompts)
+        job.rng = modules.rng.ImageRNG((4, 16, 16), job.seeds)
+        generation = a1111.A1111Generation(job, cfg)
+        generation.attach()
+        c, uc = model.get_learned_conditioning(["a man and a woman"]), model.get_learned_conditioning(["blurry"])
+        final = job.sample(c, uc, [7], [7], 0, job.prompts)
+        assert not modules.script_callbacks.callback_map["callbacks_cfg_denoiser"]
+    assert job.calls == 6 + 6 + 6  # the plain run, pass 1, pass 2 (the denoiser runs; replays cost no UNet)
+    assert len(generation.layout_images) == 1 and job.extra_generation_params["OMG c1 lora"] == "hero"
+    assert not torch.equal(final, plain)
+    assert "forward" not in unet.__dict__ and not any(m._forward_hooks for m in unet.modules())
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())
+    # the concept's text-encoder LoRA reached its conditioning
+    concept = generation.prepared.concepts[0]
+    te_lora = a1111.module_delta(net.modules["te"], 1.0)
+    lora_clip = merged(model.cond_stage_model, {"proj": te_lora})
+    torch.testing.assert_close(concept.cond["context"], lora_clip.encode("a man, red cape"), rtol=1e-5, atol=1e-5)
+    assert list(concept.deltas) == ["input_blocks.1.1.transformer_blocks.0.attn2.to_k"]
