@@ -1,0 +1,62 @@
+"""Against a running WebUI (``--api``): set OMG_WEBUI_URL (e.g. http://127.0.0.1:7860) to run.
+
+The WebUI needs the extension installed and two LoRAs for its checkpoint, named by
+OMG_LORAS (default "char1,char2"). Skipped when OMG_WEBUI_URL is not set.
+"""
+import base64
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+
+URL = os.environ.get("OMG_WEBUI_URL")
+LORAS = os.environ.get("OMG_LORAS", "char1,char2").split(",")
+pytestmark = pytest.mark.skipif(not URL, reason="OMG_WEBUI_URL not set")
+
+BASE = {"prompt": "a man and a woman hugging", "negative_prompt": "", "steps": 4, "width": 64, "height": 64,
+        "sampler_name": "Euler", "cfg_scale": 7, "seed": 11}
+
+
+def _omg(**changes):
+    cfg = {"enabled": True, "blend_start": 0.32, "concepts": [
+        {"lora": LORAS[0], "class_word": "man", "prompt": "a man, red jacket"},
+        {"lora": LORAS[1], "class_word": "woman", "prompt": "a woman, blue dress"}]}
+    cfg.update(changes)
+    return {"alwayson_scripts": {"OMG multi-concept": {"args": [cfg]}}}
+
+
+def _post(path, payload):
+    req = urllib.request.Request(URL.rstrip("/") + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return 200, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode() or "{}")
+
+
+def test_disabled_changes_nothing():
+    _, plain = _post("/sdapi/v1/txt2img", BASE)
+    _, off = _post("/sdapi/v1/txt2img", {**BASE, **_omg(enabled=False)})
+    assert base64.b64decode(plain["images"][0]) == base64.b64decode(off["images"][0])
+
+
+def test_two_concepts_give_image_layout_and_masks_with_infotext():
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg()})
+    assert status == 200, result
+    assert len(result["images"]) == 3  # final, layout, mask overlay
+    info = json.loads(result["info"])["infotexts"][0]
+    assert f"OMG c1 lora: {LORAS[0]}" in info and "OMG blend start: 0.32" in info
+    _, params = _post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + result["images"][0]})
+    assert params["parameters"]["OMG c2 class"] == "woman"
+
+
+def test_a_bad_lora_name_is_an_error_naming_it():
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(concepts=[{"lora": "no_such_lora", "class_word": "man", "prompt": "a man"}])})
+    assert status != 200 and "no_such_lora" in json.dumps(result)
+
+
+def test_a_class_word_missing_from_the_prompt_is_an_error():
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(concepts=[{"lora": LORAS[0], "class_word": "dog", "prompt": "a dog"}])})
+    assert status != 200 and "class word 'dog' does not appear in the prompt" in json.dumps(result)
