@@ -289,6 +289,27 @@ def from_args(args: Sequence) -> OmgConfig:
     return _config(values, concepts)
 
 
+XYZ_AXES = (
+    ("[OMG] Blend start", float, "blend_start"),
+    ("[OMG] Mask source", str, "mask_source"),
+    *((f"[OMG] Concept {n} LoRA weight", float, f"concepts[{n - 1}].unet_weight") for n in range(1, MAX_CONCEPTS + 1)),
+)
+"""(label, type, setting path) of the X/Y/Z plot axes."""
+
+
+def with_overrides(cfg: OmgConfig, overrides: dict[str, Any]) -> OmgConfig:
+    """``cfg`` with X/Y/Z values applied (paths as in ``XYZ_AXES``); a concept the config lacks is named."""
+    for path, value in overrides.items():
+        if path.startswith("concepts["):
+            index, attr = int(path[len("concepts["):path.index("]")]), path.split(".", 1)[1]
+            if index >= len(cfg.concepts):
+                raise OmgConfigError(path, f"OMG X/Y/Z: concept {index + 1} is not set up")
+            setattr(cfg.concepts[index], attr, value)
+        else:
+            setattr(cfg, path, value)
+    return cfg
+
+
 def compact(cfg: OmgConfig) -> str:
     """One line for logs: ``OMG s=0.30 attention 2 concepts: man<loraA:0.8>, woman<loraB:1.0>``."""
     parts = [f"{c.class_word}<{c.lora or 'no LoRA'}:{c.unet_weight:g}>" for c in cfg.concepts]

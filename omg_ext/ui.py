@@ -33,8 +33,12 @@ def _component(field, value, lora_choices: list[str]):
     return gr.Textbox(value=value, label=field.label, lines=2 if "prompt" in field.attr else 1)
 
 
-def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]]) -> tuple[list, list]:
-    """The accordion's components (``to_args`` order) and (component, infotext name) pairs."""
+def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
+          refresh_button: Callable[[object, int], None]) -> tuple[list, list]:
+    """The accordion's components (``to_args`` order) and (component, infotext name) pairs.
+
+    ``refresh_button(dropdown, n)`` adds the host's refresh button beside concept n's LoRA list.
+    """
     components, infotext = [], []
     enabled = enable_accordion(FIELDS[0].label)
     components.append(enabled)
@@ -52,6 +56,8 @@ def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]]) -> 
                 with gr.Row():
                     for field in CONCEPT_FIELDS:
                         comp = _component(field, getattr(ConceptSpec(), field.attr), choices)
+                        if field.attr == "lora":
+                            refresh_button(comp, n)
                         components.append(comp)
                         infotext.append((comp, field.infotext.format(n=n)))
     return components, infotext

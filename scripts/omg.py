@@ -1,11 +1,11 @@
 """The WebUI Script: the OMG accordion in txt2img, wired to the engine through the host adapter."""
-from modules import scripts
+from modules import script_callbacks, scripts, ui_common
 from modules.processing import StableDiffusionProcessingTxt2Img
 from modules.ui_components import InputAccordion
 
 from omg_ext import ui
-from omg_ext.config import OmgConfigError, from_args
-from omg_ext.hosts.a1111 import A1111Generation, OmgUserError, fail_job, lora_names
+from omg_ext.config import OmgConfigError, from_args, with_overrides
+from omg_ext.hosts.a1111 import A1111Generation, OmgUserError, add_xyz_axes, fail_job, lora_names, refresh_loras
 
 
 class OmgScript(scripts.Script):
@@ -19,7 +19,10 @@ class OmgScript(scripts.Script):
         return scripts.AlwaysVisible if not is_img2img else False
 
     def ui(self, is_img2img):
-        components, self.infotext_fields = ui.build(lambda label: InputAccordion(False, label=label, elem_id="omg"), lora_names)
+        def refresh_button(dropdown, n):
+            ui_common.create_refresh_button(dropdown, refresh_loras, lambda: {"choices": ["", *lora_names()]}, f"omg_lora_refresh_{n}")
+
+        components, self.infotext_fields = ui.build(lambda label: InputAccordion(False, label=label, elem_id="omg"), lora_names, refresh_button)
         self.paste_field_names = [name for _, name in self.infotext_fields]
         return components
 
@@ -27,7 +30,7 @@ class OmgScript(scripts.Script):
         """Parse and check the settings; a bad one fails the job with its message (A1111 would
         only log an exception raised here and generate anyway)."""
         try:
-            cfg = from_args(args)
+            cfg = with_overrides(from_args(args), getattr(p, "omg_xyz", {}))
             if not cfg.enabled:
                 return
             if not isinstance(p, StableDiffusionProcessingTxt2Img):
@@ -47,3 +50,5 @@ class OmgScript(scripts.Script):
             processed.images += [layout, masks]
             processed.infotexts += [processed.infotexts[0]] * 2
 
+
+script_callbacks.on_before_ui(add_xyz_axes)

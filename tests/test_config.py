@@ -3,9 +3,9 @@ from dataclasses import fields
 
 import pytest
 
-from omg_ext.config import (ARGS_COUNT, CONCEPT_FIELDS, FIELDS, MAX_CONCEPTS, ConceptSpec, OmgConfig, OmgConfigError,
-                            class_word_occurrences, compact, from_args, from_dict, from_infotext, to_args, to_dict,
-                            to_infotext)
+from omg_ext.config import (ARGS_COUNT, CONCEPT_FIELDS, FIELDS, MAX_CONCEPTS, XYZ_AXES, ConceptSpec, OmgConfig,
+                            OmgConfigError, class_word_occurrences, compact, from_args, from_dict, from_infotext, to_args,
+                            to_dict, to_infotext, with_overrides)
 
 PROMPT = "a man and a woman hugging on a beach, <lora:beach:0.5>"
 
@@ -132,3 +132,11 @@ def test_args_round_trip_with_unused_slots():
 
 def test_compact_summary():
     assert compact(_cfg()) == "OMG s=0.32 attention 2 concepts: man<hero:0.8>, woman<heroine:1>"
+
+
+def test_xyz_overrides_reach_the_config_and_missing_concepts_are_named():
+    assert [label for label, _, _ in XYZ_AXES][:3] == ["[OMG] Blend start", "[OMG] Mask source", "[OMG] Concept 1 LoRA weight"]
+    cfg = with_overrides(_cfg(), {"blend_start": 0.6, "concepts[1].unet_weight": 0.25})
+    assert cfg.blend_start == 0.6 and cfg.concepts[1].unet_weight == 0.25 and cfg.concepts[0].unet_weight == 0.8
+    with pytest.raises(OmgConfigError, match="OMG X/Y/Z: concept 4 is not set up"):
+        with_overrides(_cfg(), {"concepts[3].unet_weight": 1.0})

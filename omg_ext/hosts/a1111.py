@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy
 import torch
 
-from ..config import OmgConfig, to_infotext
+from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, to_infotext
 from ..lora import DenseDelta, LowRankDelta, RowRoutedLoRA
 from ..masks import overlay
 from ..pipeline import Concept, OmgSession
@@ -45,6 +45,31 @@ def fail_job(p, message: str) -> None:
     def sample(*args, **kwargs):
         raise OmgUserError(message)
     p.sample = sample
+
+
+def add_xyz_axes() -> None:
+    """Add the OMG axes to the built-in X/Y/Z plot; each stores its value on ``p.omg_xyz``."""
+    from modules import scripts
+
+    found = [x for x in scripts.scripts_data if x.script_class.__module__ == "xyz_grid.py"]
+    if not found:
+        return
+    xyz = found[0].module
+
+    def setter(path):
+        def apply(p, x, xs):
+            p.__dict__.setdefault("omg_xyz", {})[path] = x
+        return apply
+
+    xyz.axis_options.extend(
+        xyz.AxisOption(label, kind, setter(path), choices=(lambda: list(MASK_SOURCES)) if path == "mask_source" else None)
+        for label, kind, path in XYZ_AXES
+    )
+
+
+def refresh_loras() -> None:
+    """Re-read the LoRA folder (the refresh button beside each concept's LoRA list)."""
+    _networks().list_available_networks()
 
 
 def lora_names() -> list[str]:
