@@ -310,6 +310,21 @@ def with_overrides(cfg: OmgConfig, overrides: dict[str, Any]) -> OmgConfig:
     return cfg
 
 
+def top_tags(tag_frequency: Any, count: int = 3) -> str:
+    """The most frequent training tags of a kohya LoRA (``ss_tag_frequency``: dataset -> tag -> count)."""
+    totals: dict[str, int] = {}
+    for tags in (tag_frequency or {}).values() if isinstance(tag_frequency, dict) else ():
+        for tag, n in tags.items():
+            totals[tag.strip()] = totals.get(tag.strip(), 0) + int(n)
+    return ", ".join(sorted(totals, key=lambda t: (-totals[t], t))[:count])
+
+
+def prefill_prompt(global_prompt: str, trigger_words: str) -> str:
+    """A concept prompt to start from: the global prompt without LoRA tags, plus the LoRA's trigger words."""
+    base = re.sub(r"\s+", " ", _LORA_TAG.sub("", global_prompt)).strip(" ,")
+    return ", ".join(part for part in (base, trigger_words.strip()) if part)
+
+
 def compact(cfg: OmgConfig) -> str:
     """One line for logs: ``OMG s=0.30 attention 2 concepts: man<loraA:0.8>, woman<loraB:1.0>``."""
     parts = [f"{c.class_word}<{c.lora or 'no LoRA'}:{c.unet_weight:g}>" for c in cfg.concepts]

@@ -10,7 +10,7 @@ from typing import Callable
 
 import gradio as gr
 
-from .config import CONCEPT_FIELDS, FIELDS, MASK_SOURCES, MAX_CONCEPTS, ConceptSpec, OmgConfig
+from .config import CONCEPT_FIELDS, FIELDS, MASK_SOURCES, MAX_CONCEPTS, ConceptSpec, OmgConfig, prefill_prompt
 
 DEFAULTS = OmgConfig()
 
@@ -34,10 +34,13 @@ def _component(field, value, lora_choices: list[str]):
 
 
 def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
-          refresh_button: Callable[[object, int], None]) -> tuple[list, list]:
+          refresh_button: Callable[[object, int], None], prompt_box=None,
+          trigger_words: Callable[[str], str] = lambda name: "") -> tuple[list, list]:
     """The accordion's components (``to_args`` order) and (component, infotext name) pairs.
 
-    ``refresh_button(dropdown, n)`` adds the host's refresh button beside concept n's LoRA list.
+    ``refresh_button(dropdown, n)`` adds the host's refresh button beside concept n's LoRA
+    list; picking a LoRA fills an empty concept prompt from ``prompt_box`` (the global
+    prompt) and the LoRA's ``trigger_words``.
     """
     components, infotext = [], []
     enabled = enable_accordion(FIELDS[0].label)
@@ -54,10 +57,15 @@ def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
         for n in range(1, MAX_CONCEPTS + 1):
             with gr.Accordion(f"Concept {n}", open=n <= 2):
                 with gr.Row():
+                    row = {}
                     for field in CONCEPT_FIELDS:
-                        comp = _component(field, getattr(ConceptSpec(), field.attr), choices)
+                        row[field.attr] = comp = _component(field, getattr(ConceptSpec(), field.attr), choices)
                         if field.attr == "lora":
                             refresh_button(comp, n)
                         components.append(comp)
                         infotext.append((comp, field.infotext.format(n=n)))
+                if prompt_box is not None:
+                    row["lora"].change(
+                        fn=lambda name, prompt, current: current or prefill_prompt(prompt, trigger_words(name) if name else ""),
+                        inputs=[row["lora"], prompt_box, row["prompt"]], outputs=[row["prompt"]])
     return components, infotext

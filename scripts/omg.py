@@ -5,7 +5,7 @@ from modules.ui_components import InputAccordion
 
 from omg_ext import ui
 from omg_ext.config import OmgConfigError, from_args, with_overrides
-from omg_ext.hosts.a1111 import A1111Generation, OmgUserError, add_xyz_axes, fail_job, lora_names, refresh_loras
+from omg_ext.hosts.a1111 import A1111Generation, OmgUserError, add_xyz_axes, fail_job, lora_names, lora_trigger_words, refresh_loras
 
 
 class OmgScript(scripts.Script):
@@ -18,11 +18,18 @@ class OmgScript(scripts.Script):
     def show(self, is_img2img):
         return scripts.AlwaysVisible if not is_img2img else False
 
+    def after_component(self, component, **kwargs):
+        """Keep the txt2img prompt box: picking a concept's LoRA prefills its prompt from it."""
+        if kwargs.get("elem_id") == "txt2img_prompt":
+            self.prompt_box = component
+
     def ui(self, is_img2img):
         def refresh_button(dropdown, n):
             ui_common.create_refresh_button(dropdown, refresh_loras, lambda: {"choices": ["", *lora_names()]}, f"omg_lora_refresh_{n}")
 
-        components, self.infotext_fields = ui.build(lambda label: InputAccordion(False, label=label, elem_id="omg"), lora_names, refresh_button)
+        components, self.infotext_fields = ui.build(
+            lambda label: InputAccordion(False, label=label, elem_id="omg"), lora_names, refresh_button,
+            prompt_box=getattr(self, "prompt_box", None), trigger_words=lora_trigger_words)
         self.paste_field_names = [name for _, name in self.infotext_fields]
         return components
 

@@ -208,8 +208,11 @@ def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch)
         generation = a1111.A1111Generation(job, cfg)
         generation.attach()
         c, uc = model.get_learned_conditioning(["a man and a woman"]), model.get_learned_conditioning(["blurry"])
+        jobs_before = (modules.shared.state.job_count, modules.shared.state.job_no)
         final = job.sample(c, uc, [7], [7], 0, job.prompts)
         assert not modules.script_callbacks.callback_map["callbacks_cfg_denoiser"]
+        # the progress bar counts pass 1 as a job of its own
+        assert (modules.shared.state.job_count, modules.shared.state.job_no) == (jobs_before[0] + 1, jobs_before[1] + 1)
     assert job.calls == 6 + 6 + 6  # the plain run, pass 1, pass 2 (the denoiser runs; replays cost no UNet)
     assert len(generation.layout_images) == 1 and job.extra_generation_params["OMG c1 lora"] == "hero"
     assert not torch.equal(final, plain)

@@ -5,7 +5,7 @@ import pytest
 
 from omg_ext.config import (ARGS_COUNT, CONCEPT_FIELDS, FIELDS, MAX_CONCEPTS, XYZ_AXES, ConceptSpec, OmgConfig,
                             OmgConfigError, class_word_occurrences, compact, from_args, from_dict, from_infotext, to_args,
-                            to_dict, to_infotext, with_overrides)
+                            to_dict, to_infotext, top_tags, prefill_prompt, with_overrides)
 
 PROMPT = "a man and a woman hugging on a beach, <lora:beach:0.5>"
 
@@ -140,3 +140,11 @@ def test_xyz_overrides_reach_the_config_and_missing_concepts_are_named():
     assert cfg.blend_start == 0.6 and cfg.concepts[1].unet_weight == 0.25 and cfg.concepts[0].unet_weight == 0.8
     with pytest.raises(OmgConfigError, match="OMG X/Y/Z: concept 4 is not set up"):
         with_overrides(_cfg(), {"concepts[3].unet_weight": 1.0})
+
+
+def test_trigger_words_and_prompt_prefill():
+    freq = {"10_hero": {"hero": 30, " red cape": 12, "smile": 12, "1boy": 3}, "5_extra": {"smile": 1}}
+    assert top_tags(freq) == "hero, smile, red cape"
+    assert top_tags(None) == "" and top_tags("{}") == ""
+    assert prefill_prompt("a man and a woman, <lora:style:0.5> beach", "hero, red cape") == "a man and a woman, beach, hero, red cape"
+    assert prefill_prompt("a man", "") == "a man"

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy
 import torch
 
-from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, to_infotext
+from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, to_infotext, top_tags
 from ..lora import DenseDelta, LowRankDelta, RowRoutedLoRA
 from ..masks import overlay
 from ..pipeline import Concept, OmgSession
@@ -70,6 +70,17 @@ def add_xyz_axes() -> None:
 def refresh_loras() -> None:
     """Re-read the LoRA folder (the refresh button beside each concept's LoRA list)."""
     _networks().list_available_networks()
+
+
+def lora_trigger_words(name: str) -> str:
+    """The LoRA's activation text from the WebUI's user metadata, else its most frequent training tags."""
+    from modules import extra_networks
+
+    on_disk = _networks().available_networks.get(name)
+    if on_disk is None:
+        return ""
+    activation = extra_networks.get_user_metadata(on_disk.filename).get("activation text", "")
+    return activation or top_tags(on_disk.metadata.get("ss_tag_frequency"))
 
 
 def lora_names() -> list[str]:
@@ -207,10 +218,12 @@ class A1111Generation:
             with self.patched(session, tracker):
                 session.begin_pass1()
                 p.enable_hr = False
+                shared.state.job_count += 1  # the progress bar covers pass 1 as a job of its own
                 layout = original(c, uc, seeds, subseeds, subseed_strength, prompts)
                 p.enable_hr = enable_hr
                 if shared.state.interrupted or shared.state.skipped:
                     return layout
+                shared.state.nextjob()
                 results = session.attention_masks(dilation=self.cfg.mask_dilation, feather=self.cfg.mask_feather,
                                                   groups=self.cfg.groups_by_class_word(), labels=self.prepared.labels)
                 for r in results:
