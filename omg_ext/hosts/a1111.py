@@ -156,7 +156,7 @@ class RowTracker:
         rows = self.roles[self.offset:self.offset + context.shape[0]]
         if len(rows) != context.shape[0]:
             raise RuntimeError("OMG lost track of the UNet rows (a call outside the CFG denoiser)")
-        for i, (row, expected) in enumerate(zip(context, self.conds[self.offset:])):
+        for row, expected in zip(context, self.conds[self.offset:]):
             n = min(row.shape[0], expected.shape[0])
             if not torch.equal(row[:n], expected[:n].to(row)):
                 raise RuntimeError("OMG lost track of the UNet rows (conditioning does not match)")
