@@ -1,7 +1,8 @@
 """Against a running WebUI (``--api``): set OMG_WEBUI_URL (e.g. http://127.0.0.1:7860) to run.
 
 The WebUI needs the extension installed and two LoRAs for its checkpoint, named by
-OMG_LORAS (default "char1,char2"). Skipped when OMG_WEBUI_URL is not set.
+OMG_LORAS (default "char1,char2"); OMG_FOREIGN_LORA names a LoRA made for another architecture.
+Skipped when OMG_WEBUI_URL is not set.
 """
 import base64
 import json
@@ -60,3 +61,25 @@ def test_a_bad_lora_name_is_an_error_naming_it():
 def test_a_class_word_missing_from_the_prompt_is_an_error():
     status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(concepts=[{"lora": LORAS[0], "class_word": "dog", "prompt": "a dog"}])})
     assert status != 200 and "class word 'dog' does not appear in the prompt" in json.dumps(result)
+
+
+def test_interrupt_in_either_pass_leaves_the_model_as_it_was():
+    import threading
+    import time
+
+    _, before = _post("/sdapi/v1/txt2img", BASE)
+    for delay in (2.0, 14.0):  # with 12 steps at this size: during pass 1, then during pass 2
+        job = threading.Thread(target=_post, args=("/sdapi/v1/txt2img", {**BASE, "steps": 12, **_omg()}))
+        job.start()
+        time.sleep(delay)
+        _post("/sdapi/v1/interrupt", {})
+        job.join()
+    _, after = _post("/sdapi/v1/txt2img", BASE)
+    assert base64.b64decode(before["images"][0]) == base64.b64decode(after["images"][0])
+
+
+@pytest.mark.skipif(not os.environ.get("OMG_FOREIGN_LORA"), reason="OMG_FOREIGN_LORA (a LoRA for another architecture) not set")
+def test_a_lora_for_another_architecture_is_an_error():
+    name = os.environ["OMG_FOREIGN_LORA"]
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(concepts=[{"lora": name, "class_word": "man", "prompt": "a man"}])})
+    assert status != 200 and "another architecture" in json.dumps(result)
