@@ -224,3 +224,23 @@ def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch)
     lora_clip = merged(model.cond_stage_model, {"proj": te_lora})
     torch.testing.assert_close(concept.cond["context"], lora_clip.encode("a man, red cape"), rtol=1e-5, atol=1e-5)
     assert list(concept.deltas) == ["input_blocks.1.1.transformer_blocks.0.attn2.to_k"]
+
+
+def test_lora_for_another_architecture_and_unsupported_layers_are_named(monkeypatch):
+    unet_layer, te_attention = nn.Linear(8, 6), nn.MultiheadAttention(8, 2)
+    wrong = _LoraModule(unet_layer)
+    wrong.down_model = nn.Linear(5, 2, bias=False)  # an SD1.5 LoRA's 768-wide factor on an SDXL 2048-wide layer
+    unsupported = types.SimpleNamespace(sd_module=te_attention)
+    net = types.SimpleNamespace(modules={"a": wrong, "b": unsupported})
+    networks = types.ModuleType("networks")
+    networks.available_networks, networks.load_network = {"hero": object()}, lambda name, on_disk: net
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    unet_modules, te_modules = {id(unet_layer): ("layer", unet_layer)}, {id(te_attention): ("attn", te_attention)}
+    with pytest.raises(a1111.OmgUserError, match="LoRA 'hero' does not fit this checkpoint .*factors give 6x5, the layer is \\(6, 8\\)"):
+        a1111.load_concept_lora("hero", 1.0, 1.0, unet_modules, te_modules)
+    net.modules["a"] = _LoraModule(unet_layer)
+    unet, te, skipped = a1111.load_concept_lora("hero", 1.0, 1.0, unet_modules, te_modules)
+    assert list(unet) == ["layer"] and te == {} and skipped == 1
+    with pytest.raises(a1111.OmgUserError, match="LoRA 'nope' is not in the WebUI's LoRA list"):
+        networks.list_available_networks = lambda: None
+        a1111.load_concept_lora("nope", 1.0, 1.0, unet_modules, te_modules)

@@ -90,8 +90,12 @@ def lora_names() -> list[str]:
 
 # ---------------------------------------------------------------- LoRA files -> deltas
 
-def load_concept_lora(name: str, unet_weight: float, te_weight: float, unet_names: dict, te_names: dict):
-    """Parse one LoRA with the host's code; return (unet deltas, text-encoder deltas) by layer name."""
+def load_concept_lora(name: str, unet_weight: float, te_weight: float, unet_modules: dict, te_modules: dict):
+    """Parse one LoRA with the host's code; return (unet deltas, text-encoder deltas, skipped layer count).
+
+    ``*_modules`` map ``id(module)`` to (layer name, module). Layers the row routing cannot
+    serve (not Linear or Conv2d, e.g. OpenCLIP's MultiheadAttention) are counted, not hidden.
+    """
     networks = _networks()
     if name not in networks.available_networks:
         networks.list_available_networks()
@@ -100,16 +104,22 @@ def load_concept_lora(name: str, unet_weight: float, te_weight: float, unet_name
         raise OmgUserError(f"OMG: LoRA {name!r} is not in the WebUI's LoRA list")
     net = networks.load_network(name, on_disk)
     net.te_multiplier, net.unet_multiplier = te_weight, unet_weight
-    unet, te = {}, {}
+    unet, te, skipped = {}, {}, 0
     for module in net.modules.values():
-        target = module.sd_module
-        if id(target) in unet_names:
-            unet[unet_names[id(target)]] = module_delta(module, unet_weight)
-        elif id(target) in te_names:
-            te[te_names[id(target)]] = module_delta(module, te_weight)
+        for table, weight, out in ((unet_modules, unet_weight, unet), (te_modules, te_weight, te)):
+            if id(module.sd_module) not in table:
+                continue
+            layer, target = table[id(module.sd_module)]
+            if getattr(getattr(target, "weight", None), "dim", lambda: 0)() not in (2, 4):
+                skipped += 1
+                continue
+            try:
+                out[layer] = module_delta(module, weight).check(target, layer)
+            except ValueError as e:
+                raise OmgUserError(f"OMG: LoRA {name!r} does not fit this checkpoint (made for another architecture?): {e}") from e
     if not unet:
         raise OmgUserError(f"OMG: LoRA {name!r} has no layer of this checkpoint's UNet (made for another architecture?)")
-    return unet, te
+    return unet, te, skipped
 
 
 def module_delta(module, multiplier: float):
@@ -276,13 +286,15 @@ class A1111Generation:
 
         p, model = self.p, self.p.sd_model
         self.cfg.validate(prompt)
-        unet_names = {id(m): n for n, m in self.unet.named_modules()}
+        unet_modules = {id(m): (n, m) for n, m in self.unet.named_modules()}
         te_root = model.cond_stage_model
-        te_names = {id(m): n for n, m in te_root.named_modules()}
+        te_modules = {id(m): (n, m) for n, m in te_root.named_modules()}
         concepts, labels = [], []
         for n, spec in enumerate(self.cfg.concepts, start=1):
-            unet_deltas, te_deltas = ({}, {}) if not spec.lora else load_concept_lora(
-                spec.lora, spec.unet_weight, spec.te_weight, unet_names, te_names)
+            unet_deltas, te_deltas, skipped = ({}, {}, 0) if not spec.lora else load_concept_lora(
+                spec.lora, spec.unet_weight, spec.te_weight, unet_modules, te_modules)
+            if skipped:
+                self.warnings.append(f"concept {n}: {skipped} layers of LoRA {spec.lora!r} not applied (not Linear/Conv2d)")
             router = RowRoutedLoRA(dict(te_root.named_modules()), [te_deltas])
             negative = spec.negative_prompt or p.negative_prompts[0]
             with torch.no_grad(), router.installed(), router.route_all(0):
