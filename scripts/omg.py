@@ -5,7 +5,7 @@ from modules.ui_components import InputAccordion
 
 from omg_ext import ui
 from omg_ext.config import OmgConfigError, from_args, with_overrides
-from omg_ext.hosts.a1111 import A1111Generation, OmgUserError, add_xyz_axes, fail_job, lora_names, lora_trigger_words, refresh_loras
+from omg_ext.hosts.a1111 import A1111Generation, OmgUserError, add_settings, add_xyz_axes, fail_job, lora_names, lora_trigger_words, refresh_loras, save_layout_images
 
 
 class OmgScript(scripts.Script):
@@ -53,9 +53,11 @@ class OmgScript(scripts.Script):
         generation = getattr(p, "_omg", None)
         if generation is None:
             return
+        save_layout_images(p, generation, processed.infotexts[0])
         for layout, masks in generation.layout_images:
             processed.images += [layout, masks]
             processed.infotexts += [processed.infotexts[0]] * 2
 
 
 script_callbacks.on_before_ui(add_xyz_axes)
+script_callbacks.on_ui_settings(add_settings)

@@ -83,6 +83,29 @@ def lora_trigger_words(name: str) -> str:
     return activation or top_tags(on_disk.metadata.get("ss_tag_frequency"))
 
 
+SAVE_OPTION = "omg_save_layout"
+
+
+def add_settings() -> None:
+    """The WebUI setting that decides whether layout images and mask overlays are saved (off by default)."""
+    from modules import shared
+
+    shared.opts.add_option(SAVE_OPTION, shared.OptionInfo(
+        False, "Save the OMG layout image and mask overlay beside each image", section=("omg", "OMG multi-concept")))
+
+
+def save_layout_images(p, generation: "A1111Generation", infotext: str) -> None:
+    """Save the layout image and mask overlay when the WebUI's OMG setting asks for it."""
+    from modules import images, shared
+
+    if not shared.opts.data.get(SAVE_OPTION, False):
+        return
+    for i, (layout, masks) in enumerate(generation.layout_images):
+        for image, suffix in ((layout, "-omg-layout"), (masks, "-omg-masks")):
+            images.save_image(image, p.outpath_samples, "", p.all_seeds[min(i, len(p.all_seeds) - 1)], p.all_prompts[0],
+                              shared.opts.samples_format, info=infotext, p=p, suffix=suffix)
+
+
 def lora_names() -> list[str]:
     """The WebUI's own LoRA list, for the concept dropdowns."""
     return sorted(_networks().available_networks)
