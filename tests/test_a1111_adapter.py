@@ -59,6 +59,11 @@ class _LoraModule:
     def calc_scale(self):
         return self.alpha / self.dim
 
+    def calc_updown(self, orig_weight):
+        """Dense, scaled and multiplied, as the host's ``finalize_updown`` returns it."""
+        multiplier = self.network.te_multiplier if getattr(self, "te", False) else self.network.unet_multiplier
+        return (self.up_model.weight @ self.down_model.weight).reshape(orig_weight.shape) * self.calc_scale() * multiplier, None
+
 
 class _HadaModule:
     """A type with only ``calc_updown`` (LoHa, LoKr…): returns (updown, ex_bias) with its multiplier applied."""
@@ -179,6 +184,7 @@ def _networks(model):
     unet = model.model.diffusion_model
     target = unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k
     net = types.SimpleNamespace(modules={"unet": _LoraModule(target), "te": _LoraModule(model.cond_stage_model.proj)})
+    net.modules["te"].te = True
     for m in net.modules.values():
         m.network = net
         nn.init.normal_(m.up_model.weight, std=0.5)
@@ -226,21 +232,34 @@ def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch)
     assert list(concept.deltas) == ["input_blocks.1.1.transformer_blocks.0.attn2.to_k"]
 
 
-def test_lora_for_another_architecture_and_unsupported_layers_are_named(monkeypatch):
-    unet_layer, te_attention = nn.Linear(8, 6), nn.MultiheadAttention(8, 2)
+def test_lora_for_another_architecture_is_named_and_text_encoder_deltas_reach_attention(monkeypatch):
+    unet_layer, attention = nn.Linear(8, 6), nn.MultiheadAttention(8, 2)
     wrong = _LoraModule(unet_layer)
     wrong.down_model = nn.Linear(5, 2, bias=False)  # an SD1.5 LoRA's 768-wide factor on an SDXL 2048-wide layer
-    unsupported = types.SimpleNamespace(sd_module=te_attention)
-    net = types.SimpleNamespace(modules={"a": wrong, "b": unsupported})
+    net = types.SimpleNamespace(modules={"unet_layer": wrong}, te_multiplier=0.5, unet_multiplier=1.0, dyn_dim=None)
+    wrong.network = net
     networks = types.ModuleType("networks")
     networks.available_networks, networks.load_network = {"hero": object()}, lambda name, on_disk: net
+    networks.list_available_networks = lambda: None
     monkeypatch.setitem(sys.modules, "networks", networks)
-    unet_modules, te_modules = {id(unet_layer): ("layer", unet_layer)}, {id(te_attention): ("attn", te_attention)}
+    unet_modules, te_modules = {id(unet_layer): ("layer", unet_layer)}, {id(attention): ("attn", attention)}
     with pytest.raises(a1111.OmgUserError, match="LoRA 'hero' does not fit this checkpoint .*factors give 6x5, the layer is \\(6, 8\\)"):
-        a1111.load_concept_lora("hero", 1.0, 1.0, unet_modules, te_modules)
-    net.modules["a"] = _LoraModule(unet_layer)
-    unet, te, skipped = a1111.load_concept_lora("hero", 1.0, 1.0, unet_modules, te_modules)
-    assert list(unet) == ["layer"] and te == {} and skipped == 1
+        a1111.load_concept_lora("hero", 1.0, 0.5, unet_modules, te_modules)
+    # SDXL's OpenCLIP-G: a k_proj LoRA on a MultiheadAttention lands in the k rows of in_proj_weight
+    k_lora = _LoraModule(nn.Linear(8, 8))
+    k_lora.sd_module, k_lora.te, k_lora.network = attention, True, net
+    net.modules = {"unet_layer": _LoraModule(unet_layer), "te_attn_k_proj": k_lora}
+    net.modules["unet_layer"].network = net
+    unet, te = a1111.load_concept_lora("hero", 1.0, 0.5, unet_modules, te_modules)
+    assert list(unet) == ["layer"] and len(te) == 1 and te[0][0] is attention.in_proj_weight
+    before = attention.in_proj_weight.detach().clone()
+    expected = k_lora.up_model.weight @ k_lora.down_model.weight * k_lora.calc_scale() * 0.5
+    with pytest.raises(RuntimeError, match="boom"):
+        with a1111.merged(te):
+            changed = attention.in_proj_weight.detach() - before
+            torch.testing.assert_close(changed[8:16], expected)
+            assert changed[:8].abs().max() == 0 and changed[16:].abs().max() == 0
+            raise RuntimeError("boom")
+    assert torch.equal(attention.in_proj_weight, before)  # restored exactly, also after an error
     with pytest.raises(a1111.OmgUserError, match="LoRA 'nope' is not in the WebUI's LoRA list"):
-        networks.list_available_networks = lambda: None
         a1111.load_concept_lora("nope", 1.0, 1.0, unet_modules, te_modules)

@@ -25,7 +25,7 @@ import numpy
 import torch
 
 from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, to_infotext, top_tags
-from ..lora import DenseDelta, LowRankDelta, RowRoutedLoRA
+from ..lora import DenseDelta, LowRankDelta
 from ..masks import overlay
 from ..pipeline import Concept, OmgSession
 from ..rows import RowRole
@@ -114,10 +114,13 @@ def lora_names() -> list[str]:
 # ---------------------------------------------------------------- LoRA files -> deltas
 
 def load_concept_lora(name: str, unet_weight: float, te_weight: float, unet_modules: dict, te_modules: dict):
-    """Parse one LoRA with the host's code; return (unet deltas, text-encoder deltas, skipped layer count).
+    """Parse one LoRA with the host's code: (UNet deltas by layer name, text-encoder weight deltas).
 
-    ``*_modules`` map ``id(module)`` to (layer name, module). Layers the row routing cannot
-    serve (not Linear or Conv2d, e.g. OpenCLIP's MultiheadAttention) are counted, not hidden.
+    ``*_modules`` map ``id(module)`` to (layer name, module). The UNet part becomes
+    row-routed deltas; the text-encoder part becomes (parameter, dense delta) pairs, added
+    only while the concept's prompts are encoded (``merged``): every row of that encode
+    belongs to the concept, and a weight delta also reaches layers a forward hook cannot,
+    such as OpenCLIP's ``MultiheadAttention`` in SDXL.
     """
     networks = _networks()
     if name not in networks.available_networks:
@@ -127,22 +130,56 @@ def load_concept_lora(name: str, unet_weight: float, te_weight: float, unet_modu
         raise OmgUserError(f"OMG: LoRA {name!r} is not in the WebUI's LoRA list")
     net = networks.load_network(name, on_disk)
     net.te_multiplier, net.unet_multiplier = te_weight, unet_weight
-    unet, te, skipped = {}, {}, 0
-    for module in net.modules.values():
-        for table, weight, out in ((unet_modules, unet_weight, unet), (te_modules, te_weight, te)):
-            if id(module.sd_module) not in table:
-                continue
-            layer, target = table[id(module.sd_module)]
-            if getattr(getattr(target, "weight", None), "dim", lambda: 0)() not in (2, 4):
-                skipped += 1
-                continue
-            try:
-                out[layer] = module_delta(module, weight).check(target, layer)
-            except ValueError as e:
-                raise OmgUserError(f"OMG: LoRA {name!r} does not fit this checkpoint (made for another architecture?): {e}") from e
+    unet, te = {}, []
+    try:
+        for key, module in net.modules.items():
+            if id(module.sd_module) in unet_modules:
+                layer, target = unet_modules[id(module.sd_module)]
+                unet[layer] = module_delta(module, unet_weight).check(target, layer)
+            elif id(module.sd_module) in te_modules:
+                te += text_encoder_deltas(key, module)
+    except (ValueError, RuntimeError) as e:
+        raise OmgUserError(f"OMG: LoRA {name!r} does not fit this checkpoint (made for another architecture?): {e}") from e
     if not unet:
         raise OmgUserError(f"OMG: LoRA {name!r} has no layer of this checkpoint's UNet (made for another architecture?)")
-    return unet, te, skipped
+    return unet, te
+
+
+def text_encoder_deltas(key: str, module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, delta) pairs of one host network module on the text encoder, multipliers applied.
+
+    A ``MultiheadAttention`` gets its q, k or v LoRA as rows of ``in_proj_weight``, as the
+    host's own ``network_apply_weights`` does.
+    """
+    target = module.sd_module
+    in_proj = getattr(target, "in_proj_weight", None)
+    if in_proj is not None:
+        part = ("q_proj", "k_proj", "v_proj").index(key.rsplit("_", 2)[-2] + "_" + key.rsplit("_", 2)[-1])
+        chunk = in_proj.chunk(3, 0)[part]
+        updown, _ = module.calc_updown(chunk.detach())
+        full = torch.zeros_like(in_proj)
+        full[part * chunk.shape[0]:(part + 1) * chunk.shape[0]] = updown.reshape(chunk.shape)
+        return [(in_proj, full)]
+    updown, ex_bias = module.calc_updown(target.weight.detach())
+    pairs = [(target.weight, updown.reshape(target.weight.shape))]
+    if ex_bias is not None and getattr(target, "bias", None) is not None:
+        pairs.append((target.bias, ex_bias.reshape(target.bias.shape)))
+    return pairs
+
+
+@contextlib.contextmanager
+def merged(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """The deltas added to their parameters for the scope; the exact previous values restored on exit."""
+    saved = [(param, param.detach().clone()) for param, _ in pairs]
+    try:
+        with torch.no_grad():
+            for param, delta in pairs:
+                param += delta.to(param)
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in saved:
+                param.copy_(value)
 
 
 def module_delta(module, multiplier: float):
@@ -314,13 +351,10 @@ class A1111Generation:
         te_modules = {id(m): (n, m) for n, m in te_root.named_modules()}
         concepts, labels = [], []
         for n, spec in enumerate(self.cfg.concepts, start=1):
-            unet_deltas, te_deltas, skipped = ({}, {}, 0) if not spec.lora else load_concept_lora(
+            unet_deltas, te_deltas = ({}, []) if not spec.lora else load_concept_lora(
                 spec.lora, spec.unet_weight, spec.te_weight, unet_modules, te_modules)
-            if skipped:
-                self.warnings.append(f"concept {n}: {skipped} layers of LoRA {spec.lora!r} not applied (not Linear/Conv2d)")
-            router = RowRoutedLoRA(dict(te_root.named_modules()), [te_deltas])
             negative = spec.negative_prompt or p.negative_prompts[0]
-            with torch.no_grad(), router.installed(), router.route_all(0):
+            with torch.no_grad(), merged(te_deltas):
                 cond = model.get_learned_conditioning(prompt_parser.SdConditioning([spec.prompt], width=p.width, height=p.height))
                 uncond = model.get_learned_conditioning(prompt_parser.SdConditioning([negative], width=p.width, height=p.height, is_negative_prompt=True))
             tokens = class_word_tokens(model, prompt, spec.class_word)
