@@ -190,7 +190,7 @@ def _networks(model):
         nn.init.normal_(m.up_model.weight, std=0.5)
     net.dyn_dim = None
     mod = types.ModuleType("networks")
-    mod.available_networks = {"hero": object()}
+    mod.available_networks = {"hero": types.SimpleNamespace(shorthash="0123456789ab", read_hash=lambda: None)}
     mod.list_available_networks = lambda: None
     mod.load_network = lambda name, on_disk: net
     return mod, net
@@ -221,6 +221,7 @@ def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch)
         assert (modules.shared.state.job_count, modules.shared.state.job_no) == (jobs_before[0] + 1, jobs_before[1] + 1)
     assert job.calls == 6 + 6 + 6  # the plain run, pass 1, pass 2 (the denoiser runs; replays cost no UNet)
     assert len(generation.layout_images) == 1 and job.extra_generation_params["OMG c1 lora"] == "hero"
+    assert job.extra_generation_params["OMG c1 lora hash"] == "0123456789ab" and "OMG c2 lora hash" not in job.extra_generation_params
     assert not torch.equal(final, plain)
     assert "forward" not in unet.__dict__ and not any(m._forward_hooks for m in unet.modules())
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())

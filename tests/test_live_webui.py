@@ -48,7 +48,7 @@ def test_two_concepts_give_image_layout_and_masks_with_infotext():
     assert status == 200, result
     assert len(result["images"]) == 3  # final, layout, mask overlay
     info = json.loads(result["info"])["infotexts"][0]
-    assert f"OMG c1 lora: {LORAS[0]}" in info and "OMG blend start: 0.32" in info
+    assert f"OMG c1 lora: {LORAS[0]}" in info and "OMG blend start: 0.32" in info and "OMG c1 lora hash: " in info
     _, params = _post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + result["images"][0]})
     assert params["parameters"]["OMG c2 class"] == "woman"
 

@@ -106,6 +106,16 @@ def save_layout_images(p, generation: "A1111Generation", infotext: str) -> None:
                               shared.opts.samples_format, info=infotext, p=p, suffix=suffix)
 
 
+def fill_lora_hashes(cfg: OmgConfig) -> None:
+    """Each concept's LoRA short hash, as the WebUI computes it, for the infotext."""
+    available = _networks().available_networks
+    for spec in cfg.concepts:
+        on_disk = available.get(spec.lora) if spec.lora else None
+        if on_disk is not None:
+            on_disk.read_hash()
+            spec.lora_hash = on_disk.shorthash or ""
+
+
 def lora_names() -> list[str]:
     """The WebUI's own LoRA list, for the concept dropdowns."""
     return sorted(_networks().available_networks)
@@ -271,6 +281,7 @@ class A1111Generation:
 
         p.sample, p.sample_hr_pass = sample, sample_hr_pass
         self.session: OmgSession | None = None
+        fill_lora_hashes(self.cfg)
         p.extra_generation_params.update(to_infotext(self.cfg))
 
     def sample(self, original, c, uc, seeds, subseeds, subseed_strength, prompts):
