@@ -11,8 +11,10 @@ for that call and restored in ``finally`` (errors, Interrupt, Skip):
 - an ``on_cfg_denoiser`` callback that tells which rows are cond and uncond.
 
 Concept LoRAs are parsed by the host's own ``networks.load_network`` (every format the
-WebUI reads) and never activated the host's way: low-rank modules become
-``LowRankDelta``s, every other type the dense ``calc_updown`` delta.
+WebUI reads) and never activated the host's way. Their UNet part is row-routed:
+low-rank modules become ``LowRankDelta``s, every other type the dense ``calc_updown``
+delta. Their text-encoder part is added to the text encoder only while that concept's
+prompts are encoded, and the previous values are restored exactly (``merged``).
 """
 from __future__ import annotations
 
