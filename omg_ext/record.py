@@ -69,10 +69,6 @@ class PassRecord:
     def get(self, index: int) -> RecordedCall | None:
         return self.calls[index] if index < len(self.calls) else None
 
-    def nbytes(self) -> int:
-        """Memory held by the record now."""
-        return sum(_nbytes(call) for call in self.calls)
-
     def latent_hw(self) -> tuple[int, int]:
         if not self.calls:
             raise RuntimeError("OMG: pass 1 made no UNet call")

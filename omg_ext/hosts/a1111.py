@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy
 import torch
 
-from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, to_infotext, top_tags
+from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
 from ..lora import DenseDelta, LowRankDelta
 from ..masks import overlay
 from ..pipeline import Concept, OmgSession
@@ -285,6 +286,7 @@ class A1111Generation:
         self.session: OmgSession | None = None
         fill_lora_hashes(self.cfg)
         p.extra_generation_params.update(to_infotext(self.cfg))
+        logging.getLogger("sd-webui-omg").info(compact(self.cfg))
 
     def sample(self, original, c, uc, seeds, subseeds, subseed_strength, prompts):
         from modules import rng, shared
