@@ -1,9 +1,20 @@
-"""Masks from attention: exclusive, dilated and feathered as asked, instances left to right."""
+"""Masks from attention: exclusive, dilated and feathered as asked, same-word instances left to right."""
+import math
+
 import pytest
 import torch
 
-from omg_ext.masks import (connected_components, dilate, masks_from_attention, normalize_map, otsu_threshold, overlay,
-                           split_instances)
+from omg_ext.masks import (LATENT_SCALE, MaskResult, connected_components, dilate, feather, latent_radius,
+                           masks_from_attention, normalize_map, otsu_threshold, overlay, split_instances)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Maps are tiny: thread hand-offs cost more than the work (and a busy machine makes it worse)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _blob(h, w, cy, cx, r, strength=1.0):
@@ -11,64 +22,195 @@ def _blob(h, w, cy, cx, r, strength=1.0):
     return strength * torch.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r ** 2))
 
 
-@pytest.mark.parametrize("dilation,feather", [(0, 0), (16, 0), (0, 16), (24, 40)])
-def test_masks_are_exclusive(dilation, feather):
-    g = torch.Generator().manual_seed(0)
-    maps = torch.rand(4, 8, 8, generator=g) + _blob(8, 8, 4, 4, 3)  # heavy overlap
-    r = masks_from_attention(maps, (32, 32), dilation=dilation, feather=feather)
-    assert r.masks.shape == (4, 32, 32)
-    assert r.masks.min() >= 0 and r.masks.sum(0).max() <= 1.0
+def _box(h, w, y0, y1, x0, x1):
+    m = torch.zeros(h, w)
+    m[y0:y1, x0:x1] = 1
+    return m
 
+
+# -- exclusivity ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dilation,feather_px", [(0, 0), (16, 0), (0, 16), (24, 40), (64, 8), (4, 12)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masks_never_sum_above_one(dilation, feather_px, seed):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.rand(4, 8, 8, generator=g) + 3 * _blob(8, 8, 4, 4, 3)  # all four claim the centre
+    for groups in (None, [[0, 2]]):
+        r = masks_from_attention(maps, (32, 32), dilation=dilation, feather=feather_px, groups=groups)
+        assert r.masks.shape == (4, 32, 32) and r.masks.dtype == torch.float32
+        assert r.masks.min() >= 0.0 and r.masks.max() <= 1.0
+        assert r.masks.sum(0).max() <= 1.0  # exact: the blend weight of the global prediction never goes negative
+
+
+def test_without_feather_every_pixel_has_at_most_one_owner():
+    maps = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(5)) + _blob(8, 8, 4, 4, 2)
+    m = masks_from_attention(maps, (32, 32), dilation=24).masks
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    assert set(m.sum(0).unique().tolist()) <= {0.0, 1.0}
+
+
+# -- who owns an overlap ----------------------------------------------------------------------------------------------
 
 def test_overlap_goes_to_the_stronger_evidence():
-    a = _blob(32, 32, 16, 12, 5, strength=1.0) + 0.01
-    b = _blob(32, 32, 16, 20, 5, strength=1.0) + 0.01
-    a[16, 15] = 1.5  # concept 0 is stronger at this overlapping pixel
+    a = _blob(32, 32, 16, 12, 6)
+    b = _blob(32, 32, 16, 20, 6)
+    both = (a > otsu_threshold(normalize_map(a))) & (b > otsu_threshold(normalize_map(b)))
+    assert both[16, 14:19].all()  # the cores overlap over x = 14..18
     r = masks_from_attention(torch.stack([a, b]), (32, 32))
-    assert r.masks[0, 16, 15] == 1 and r.masks[1, 16, 15] == 0
-    assert r.masks[1, 16, 20] == 1 and r.masks[0, 16, 20] == 0
+    assert r.masks[0, 16, 14] == 1 and r.masks[1, 16, 14] == 0  # nearer a's centre: a is stronger
+    assert r.masks[1, 16, 18] == 1 and r.masks[0, 16, 18] == 0  # nearer b's centre: b is stronger (not the lower index)
+    assert r.masks[0, 16, 12] == 1 and r.masks[1, 16, 20] == 1
 
 
-def test_dilation_grows_by_the_radius_in_latent_pixels():
-    m = torch.zeros(1, 16, 16)
-    m[0, 6:9, 6:9] = 1
-    plain = masks_from_attention(m, (16, 16)).masks[0]
-    grown = masks_from_attention(m, (16, 16), dilation=16).masks[0]  # 16 px = 2 latent px
-    assert plain.sum() == 9 and set(plain.unique().tolist()) == {0.0, 1.0}
-    assert grown.sum() == 49 and grown[4:11, 4:11].sum() == 49
+def test_a_single_strong_pixel_wins_inside_the_other_concepts_core():
+    a = _blob(32, 32, 16, 12, 5) + 0.01
+    b = _blob(32, 32, 16, 20, 5) + 0.01
+    b[16, 13] = 2.0  # b's strongest pixel sits inside a's core
+    r = masks_from_attention(torch.stack([a, b]), (32, 32))
+    assert r.masks[1, 16, 13] == 1 and r.masks[0, 16, 13] == 0
 
 
-def test_feather_softens_edges_and_keeps_owned_interiors_at_one():
-    m = torch.zeros(2, 32, 32)
-    m[0, :, :16] = 1
-    m[1, :, 16:] = 1
-    r = masks_from_attention(m, (32, 32), feather=32)  # 4 latent px
-    edge = r.masks[0, 10, 15]
-    assert 0 < edge < 1
-    torch.testing.assert_close(r.masks.sum(0), torch.ones(32, 32))  # the two own everything: the sum stays 1
-    assert r.masks[0, 10, 2] == 1
+def test_equal_evidence_ties_to_the_lower_index_and_the_loser_is_reported():
+    m = _blob(16, 16, 8, 8, 3)
+    r = masks_from_attention(torch.stack([m, m]), (16, 16), labels=["man", "dog"])
+    assert r.empty == [1] and r.masks[1].sum() == 0 and r.masks[0].sum() > 0
+    assert r.warnings() == ["concept 2 ('dog'): empty mask, the concept was not found in the layout"]
 
+
+def test_dilated_rims_meet_halfway_instead_of_going_to_the_lower_index():
+    shared = _box(32, 33, 8, 24, 4, 9) + _box(32, 33, 8, 24, 24, 29)  # cores x = 4..8 and 24..28, gap 9..23
+    r = masks_from_attention(torch.stack([shared, shared]), (32, 33), groups=[[0, 1]], dilation=96)  # 12 latent px
+    row = r.masks[:, 16]
+    assert row[0, :17].tolist() == [1.0] * 17 and row[0, 17:].sum() == 0  # 16 is equidistant -> concept 0
+    assert row[1, 17:].tolist() == [1.0] * 16 and row[1, :17].sum() == 0
+
+
+# -- dilation and feathering ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("px,latent", [(0, 0), (3, 0), (4, 1), (8, 1), (12, 2), (16, 2), (20, 3), (64, 8)])
+def test_latent_radius_rounds_halves_up(px, latent):
+    assert LATENT_SCALE == 8 and latent_radius(px) == latent
+
+
+def test_dilation_grows_a_pixel_and_a_square_by_the_radius_in_latent_pixels():
+    dot = torch.zeros(1, 16, 16)
+    dot[0, 7, 5] = 1
+    plain = masks_from_attention(dot, (16, 16)).masks[0]
+    assert plain.sum() == 1 and plain[7, 5] == 1
+    grown = masks_from_attention(dot, (16, 16), dilation=16).masks[0]  # 16 px = 2 latent px
+    assert torch.equal(grown, _box(16, 16, 5, 10, 3, 8))
+
+    square = _box(16, 16, 6, 9, 6, 9)[None]
+    assert torch.equal(masks_from_attention(square, (16, 16)).masks[0], square[0])
+    assert torch.equal(masks_from_attention(square, (16, 16), dilation=16).masks[0], _box(16, 16, 4, 11, 4, 11))
+    assert torch.equal(masks_from_attention(square, (16, 16), dilation=8).masks[0], _box(16, 16, 5, 10, 5, 10))
+
+
+def test_dilate_square_disc_and_identity():
+    b = torch.zeros(9, 9, dtype=torch.bool)
+    b[4, 4] = True
+    assert dilate(b, 0) is b
+    sq = dilate(b, 2)
+    assert sq.dtype == torch.bool and sq.sum() == 25
+    disc = dilate(b, 2, shape="disc")
+    assert disc.sum() == 13 and not disc[2, 2] and disc[2, 4] and disc[3, 3]  # x²+y² ≤ 4
+    assert dilate(b.float(), 1).dtype == torch.float32
+    with pytest.raises(ValueError, match="radius"):
+        dilate(b, -1)
+
+
+def test_feather_zero_gives_binary_masks():
+    maps = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(3))
+    r = masks_from_attention(maps, (32, 32), dilation=8, feather=0)
+    assert set(r.masks.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_feather_softens_the_boundary_and_keeps_owned_interiors_exact():
+    halves = torch.stack([_box(32, 32, 0, 32, 0, 16), _box(32, 32, 0, 32, 16, 32)])
+    r = masks_from_attention(halves, (32, 32), feather=16)  # 2 latent px: sigma 1, kernel half-width 2
+    k = [math.exp(-0.5 * o * o) for o in range(-2, 3)]
+    inner = sum(k[:3]) / sum(k)  # the last owned column sees offsets -2..0 of its own
+    assert r.masks[0, 10, 15].item() == pytest.approx(inner, abs=1e-6)  # 0.70131
+    assert r.masks[0, 10, 16].item() == pytest.approx(1 - inner, abs=1e-6)
+    assert 0 < r.masks[0, 10, 17] < r.masks[0, 10, 16] < r.masks[0, 10, 15] < 1
+    assert (r.masks[0, :, :14] == 1).all() and (r.masks[1, :, :14] == 0).all()  # whole window owned: exactly 1 and 0
+    assert (r.masks[0, :, 18:] == 0).all() and (r.masks[1, :, 18:] == 1).all()
+    assert r.masks.sum(0).max() <= 1.0
+    assert (r.masks.sum(0) - 1).abs().max() <= 1e-6  # the two own everything
+
+
+def test_feather_of_a_lone_concept_fades_to_the_global_prediction():
+    r = masks_from_attention(_box(32, 32, 8, 24, 8, 24)[None], (32, 32), feather=24)  # 3 latent px
+    m = r.masks[0]
+    assert m[16, 16] == 1 and m[0, 0] == 0 and m[16, 4] == 0  # 4 px outside: beyond the kernel
+    edge = m[16, 5:11]
+    assert ((edge > 0) & (edge < 1)).all() and (edge[1:] > edge[:-1]).all()
+
+
+def test_feather_function_keeps_a_partition_at_or_below_one():
+    owner = torch.randint(0, 4, (20, 30), generator=torch.Generator().manual_seed(0))
+    parts = torch.stack([(owner == j).float() for j in range(3)])  # owner 3 = the global prediction
+    soft = feather(parts, 2)
+    assert soft.shape == parts.shape and soft.min() >= 0
+    assert soft.sum(0).max() <= 1.0 + 1e-6
+    one = parts[0]
+    assert feather(one, 0) is one and feather(one, 2).shape == (20, 30)
+
+
+# -- thresholds and components ----------------------------------------------------------------------------------------
 
 def test_otsu_threshold_lies_between_the_modes():
-    m = torch.cat([torch.full((100,), 0.1), torch.full((50,), 0.8)])
-    assert 0.1 < otsu_threshold(m) <= 0.8
+    g = torch.Generator().manual_seed(0)
+    m = torch.cat([0.1 + 0.03 * torch.randn(300, generator=g), 0.8 + 0.03 * torch.randn(60, generator=g)]).clamp(0, 1)
+    t = otsu_threshold(m)
+    assert 0.25 < t < 0.65
+    assert ((m > t) == (torch.arange(360) >= 300)).all()
+    exact = torch.cat([torch.full((100,), 0.1), torch.full((50,), 0.8)])
+    assert 0.4 < otsu_threshold(exact) < 0.5  # a gap between two spikes: the middle of it
+
+
+def test_normalize_map():
+    assert torch.equal(normalize_map(torch.tensor([[2.0, 4.0], [3.0, 6.0]])), torch.tensor([[0.0, 0.5], [0.25, 1.0]]))
     assert normalize_map(torch.full((3, 3), 2.0)).abs().sum() == 0
 
 
-def test_connected_components():
+def test_connected_components_eight_and_four():
     b = torch.zeros(8, 8, dtype=torch.bool)
     b[0:2, 0:2] = True
+    b[2, 2] = True  # touches the first block only diagonally
     b[5:8, 5:8] = True
-    b[2, 2] = True  # diagonal neighbour joins the first
     labels, n = connected_components(b)
-    assert n == 2 and labels[2, 2] == labels[0, 0] != labels[6, 6]
+    assert n == 2 and labels[2, 2] == labels[0, 0] != labels[6, 6] and labels[3, 3] == 0
+    assert sorted(labels.unique().tolist()) == [0, 1, 2]
+    labels4, n4 = connected_components(b, connectivity=4)
+    assert n4 == 3 and labels4[2, 2] != labels4[0, 0]
 
+
+def test_connected_components_follows_a_long_snake():
+    b = torch.zeros(31, 31, dtype=torch.bool)
+    b[::2] = True  # rows 0, 2, ..., 30, joined alternately at the right and left ends
+    for i, r in enumerate(range(1, 31, 2)):
+        b[r, 30 if i % 2 == 0 else 0] = True
+    labels, n = connected_components(b, connectivity=4)
+    assert n == 1 and (labels[b] == 1).all()
+
+
+# -- same-word instances ----------------------------------------------------------------------------------------------
 
 def test_same_word_concepts_are_assigned_left_to_right():
     shared = _blob(32, 32, 16, 7, 3) + _blob(32, 32, 16, 25, 3)
-    r = masks_from_attention(torch.stack([shared, shared]), (32, 32), groups=[[0, 1]])
+    r = masks_from_attention(torch.stack([shared, shared]), (32, 32), groups=[[0, 1]], labels=["man", "man"])
     assert r.masks[0, 16, 7] == 1 and r.masks[1, 16, 25] == 1
     assert r.masks[0, :, 16:].sum() == 0 and r.masks[1, :, :16].sum() == 0
+    assert r.empty == [] and r.warnings() == []
+    r = masks_from_attention(torch.stack([shared, shared]), (32, 32), groups=[[1, 0]])
+    assert r.masks[1, 16, 7] == 1 and r.masks[0, 16, 25] == 1  # the first listed gets the leftmost
+
+
+def test_same_word_ties_in_x_go_top_to_bottom():
+    shared = _blob(32, 32, 6, 16, 3) + _blob(32, 32, 25, 16, 3)
+    r = masks_from_attention(torch.stack([shared, shared]), (32, 32), groups=[[0, 1]])
+    assert r.masks[0, 6, 16] == 1 and r.masks[1, 25, 16] == 1
 
 
 def test_same_word_by_attention_follows_each_concepts_own_map():
@@ -76,36 +218,110 @@ def test_same_word_by_attention_follows_each_concepts_own_map():
     maps = torch.stack([right + 0.5 * left, left + 0.5 * right])  # concept 0 looks at the right one
     r = masks_from_attention(maps, (32, 32), groups=[[0, 1]], order="attention")
     assert r.masks[0, 16, 25] == 1 and r.masks[1, 16, 7] == 1
-    r = masks_from_attention(maps, (32, 32), groups=[[0, 1]])
-    assert r.masks[0, 16, 7] == 1
+    assert r.masks[0, :, :16].sum() == 0 and r.masks[1, :, 16:].sum() == 0
+    r = masks_from_attention(maps, (32, 32), groups=[[0, 1]])  # by position, the own maps are ignored
+    assert r.masks[0, 16, 7] == 1 and r.masks[1, 16, 25] == 1
+
+
+def test_attention_order_keeps_left_to_right_when_the_maps_do_not_differ():
+    shared = _blob(32, 32, 16, 7, 3) + _blob(32, 32, 16, 25, 3)
+    maps = torch.stack([shared, shared * 1.01])
+    r = masks_from_attention(maps, (32, 32), groups=[[0, 1]], order="attention")
+    assert r.masks[0, 16, 7] == 1 and r.masks[1, 16, 25] == 1
+    left, right = _blob(32, 32, 16, 7, 3), _blob(32, 32, 16, 25, 3)
+    slight = torch.stack([left + 1.03 * right, shared])  # concept 0 leans right by ~1.5% of the total: noise
+    r = masks_from_attention(slight, (32, 32), groups=[[0, 1]], order="attention")
+    assert r.masks[0, 16, 7] == 1 and r.masks[1, 16, 25] == 1
+
+
+def test_attention_order_with_three_instances():
+    blobs = [_blob(24, 48, 12, x, 3) for x in (6, 24, 42)]
+    own = [blobs[2] + 0.3 * blobs[0], blobs[0] + 0.3 * blobs[1], blobs[1] + 0.3 * blobs[2]]
+    regions = split_instances(normalize_map(sum(blobs)), 3, "attention", [normalize_map(m) for m in own])
+    assert [bool(r[12, x]) for r, x in zip(regions, (42, 6, 24))] == [True, True, True]
 
 
 def test_fewer_components_than_concepts_split_into_bands():
     one = _blob(32, 32, 16, 16, 6)
     regions = split_instances(normalize_map(one), 3)
-    xs = [torch.nonzero(r)[:, 1].float().mean() for r in regions]
-    assert all(r.any() for r in regions) and xs == sorted(xs)
-    assert (sum(r.int() for r in regions) <= 1).all()
+    fg = normalize_map(one) > otsu_threshold(normalize_map(one))
+    assert all(r.any() for r in regions)
+    assert (sum(r.int() for r in regions) == fg.int()).all()  # disjoint, and together the whole foreground
+    cols = [torch.nonzero(r)[:, 1] for r in regions]
+    assert cols[0].max() < cols[1].min() and cols[1].max() < cols[2].min()  # vertical bands, left to right
+    mass = [float((normalize_map(one) * r).sum()) for r in regions]
+    assert max(mass) / min(mass) < 1.6  # cut at mass quantiles: a symmetric blob -> comparable thirds
 
+
+def test_band_split_in_the_pipeline_is_reported():
+    one = _blob(16, 32, 8, 16, 4)
+    r = masks_from_attention(torch.stack([one, one]), (16, 32), groups=[[0, 1]], labels=["man", "man"])
+    assert r.empty == []
+    assert r.masks[0].sum() > 0 and r.masks[1].sum() > 0 and (r.masks[0] * r.masks[1]).sum() == 0
+    xs = [torch.nonzero(m)[:, 1].float().mean() for m in r.masks]
+    assert xs[0] < 16 < xs[1]
+    assert r.warnings() == ["concept 1 ('man'), concept 2 ('man'): one region for 2 same-word instances, "
+                            "split into bands left to right"]
+
+
+def test_a_narrow_foreground_is_cut_into_horizontal_bands():
+    column = _box(16, 16, 2, 14, 8, 9)
+    regions = split_instances(column, 2)
+    assert regions[0].sum() == 6 and regions[1].sum() == 6 and regions[0][2, 8] and regions[1][13, 8]
+
+
+def test_a_small_speck_is_not_an_instance():
+    shared = _blob(32, 32, 16, 12, 5)
+    shared[2, 30] = 1.0  # one stray pixel: the big blob is split in two rather than one concept getting the speck
+    regions = split_instances(normalize_map(shared), 2)
+    assert not any(r[2, 30] for r in regions) and all(r.sum() > 10 for r in regions)
+
+
+def test_grouped_and_single_concepts_together():
+    shared = _blob(32, 48, 16, 8, 3) + _blob(32, 48, 16, 40, 3)
+    dog = _blob(32, 48, 16, 24, 3)
+    r = masks_from_attention(torch.stack([shared, dog, shared]), (32, 48), groups=[[0, 2]])
+    assert r.masks[0, 16, 8] == 1 and r.masks[1, 16, 24] == 1 and r.masks[2, 16, 40] == 1
+
+
+# -- empty concepts, shapes, inputs -----------------------------------------------------------------------------------
 
 def test_empty_concept_is_reported_by_name():
-    maps = torch.stack([_blob(16, 16, 8, 8, 3), torch.zeros(16, 16)])
-    r = masks_from_attention(maps, (16, 16), labels=["man", "woman"])
-    assert r.empty == [1] and r.masks[1].sum() == 0
-    assert r.warnings() == ["concept 2 ('woman'): empty mask, the concept was not found in the layout"]
+    maps = torch.stack([_blob(16, 16, 8, 8, 3), torch.zeros(16, 16), torch.full((16, 16), 0.3)])
+    r = masks_from_attention(maps, (16, 16), labels=["man", "woman", "cat"], dilation=16, feather=16)
+    assert r.empty == [1, 2] and r.masks[1:].sum() == 0 and r.masks[0].sum() > 0
+    assert r.warnings() == ["concept 2 ('woman'): empty mask, the concept was not found in the layout",
+                            "concept 3 ('cat'): empty mask, the concept was not found in the layout"]
+    assert MaskResult(torch.zeros(2, 1, 1), [0]).warnings() == [
+        "concept 1: empty mask, the concept was not found in the layout"]
 
 
-def test_non_square_latents():
-    r = masks_from_attention(torch.rand(2, 12, 20), (24, 40), dilation=8, feather=8)
-    assert r.masks.shape == (2, 24, 40) and r.masks.sum(0).max() <= 1
+def test_non_square_latents_keep_the_orientation():
+    maps = torch.stack([_blob(12, 20, 3, 4, 2), _blob(12, 20, 8, 16, 2)])
+    r = masks_from_attention(maps, (24, 40), dilation=8, feather=8)
+    assert r.masks.shape == (2, 24, 40) and r.masks.sum(0).max() <= 1.0
+    assert r.masks[0, 6, 8] == 1 and r.masks[1, 17, 33] == 1  # upsampled 2x, not transposed
+
+
+def test_maps_larger_than_the_latent_are_downsampled():
+    r = masks_from_attention(_box(64, 64, 0, 64, 0, 32)[None], (16, 16))
+    assert torch.equal(r.masks[0], _box(16, 16, 0, 16, 0, 8))
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(maps=torch.rand(8, 8)), "maps must be"),
-    (dict(dilation=-1), "dilation and feather must be >= 0"),
+    (dict(maps=torch.rand(8, 8)), "maps must be \\[concepts, h, w\\]"),
+    (dict(maps=-torch.rand(3, 8, 8)), "maps must be non-negative"),
+    (dict(maps=torch.full((3, 8, 8), float("nan"))), "maps must be finite"),
+    (dict(latent_size=(16,)), "latent_size must be"),
+    (dict(latent_size=(0, 16)), "latent_size must be"),
+    (dict(dilation=-1), "dilation must be a whole number of pixels >= 0"),
+    (dict(dilation=1.5), "dilation must be"),
+    (dict(feather=-8), "feather must be a whole number of pixels >= 0"),
     (dict(order="random"), "order must be one of"),
-    (dict(groups=[[0, 5]]), "concept index 5 out of range"),
-    (dict(groups=[[0, 1], [1, 2]]), "concept index 1 is in two groups"),
+    (dict(groups=[[0, 5]]), "groups: concept index 5 out of range for 3 concepts"),
+    (dict(groups=[[0, -1]]), "groups: concept index -1 out of range"),
+    (dict(groups=[[0, 1], [1, 2]]), "groups: concept index 1 is in two groups"),
+    (dict(labels=["a", "b"]), "labels must name every concept"),
 ])
 def test_bad_input_is_named(kwargs, message):
     args = dict(maps=torch.rand(3, 8, 8), latent_size=(16, 16))
@@ -114,15 +330,21 @@ def test_bad_input_is_named(kwargs, message):
         masks_from_attention(args.pop("maps"), args.pop("latent_size"), **args)
 
 
-def test_overlay_colours_each_concept():
+def test_split_instances_rejects_attention_without_maps():
+    with pytest.raises(ValueError, match="own_maps"):
+        split_instances(torch.rand(8, 8), 2, "attention")
+
+
+# -- overlay ----------------------------------------------------------------------------------------------------------
+
+def test_overlay_colours_each_concept_over_the_image():
     m = torch.zeros(2, 4, 4)
     m[0, :, :2] = 1
-    m[1, :, 2:] = 1
-    pic = overlay(m, torch.ones(3, 8, 8))
-    assert pic.shape == (3, 4, 4)
-    assert pic[0, 0, 0] > pic[2, 0, 0] and pic[2, 0, 3] > pic[0, 0, 3]
-
-
-def test_dilate_zero_is_identity():
-    b = torch.rand(5, 5) > 0.5
-    assert dilate(b, 0) is b
+    m[1, :, 2:3] = 1
+    pic = overlay(m, torch.full((3, 8, 8), 0.5))
+    assert pic.shape == (3, 4, 4) and pic.min() >= 0 and pic.max() <= 1
+    assert pic[0, 0, 0] > pic[2, 0, 0] and pic[2, 0, 2] > pic[0, 0, 2]  # red-ish vs blue-ish
+    assert torch.allclose(pic[:, 0, 3], torch.full((3,), 0.5))  # uncovered: the image itself
+    dark = overlay(m)
+    assert torch.equal(dark[:, 0, 3], torch.zeros(3)) and dark[:, 0, 0].sum() > 0
+    assert not torch.equal(overlay(torch.eye(9).view(9, 3, 3))[:, 0, 0], overlay(torch.eye(9).view(9, 3, 3))[:, 0, 1])
