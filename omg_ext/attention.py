@@ -17,14 +17,14 @@ pass-1 image is exactly the image the host would have made.
   Projections run on the whole batch so row-routed LoRA hooks see the batch they
   expect; the other rows use scaled-dot-product attention.
 
-``attend_with_replacement`` works on projected q, k, v and is what a host whose
-attention API hands over projections (Forge's attn2 patches) calls directly.
+``ProjectedAttention`` does the same on projected q, k, v, for a host whose attention
+API hands over projections (Forge's attn1/attn2 replace patches).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,12 +137,45 @@ class OmgAttention:
     def _capture(self, x: torch.Tensor, context: torch.Tensor, call: AttentionCall, hw: tuple[int, int]) -> None:
         m = self.module
         rows = [r for r, _ in call.capture_rows]
-        probs = probabilities(m.to_q(x[rows]), m.to_k(context[rows]), m.heads, m.scale).mean(dim=1)
-        words = torch.stack([probs[:, :, list(tokens)].sum(-1) for tokens in call.capture_tokens], dim=1)
-        words = words.view(len(rows), len(call.capture_tokens), *hw)
-        words = F.interpolate(words, size=call.maps.shape[-2:], mode="bilinear", align_corners=False)
-        for i, (_, image) in enumerate(call.capture_rows):
-            call.maps[image] += words[i].to(call.maps.dtype)
+        add_word_maps(probabilities(m.to_q(x[rows]), m.to_k(context[rows]), m.heads, m.scale), call, hw)
+
+
+def add_word_maps(probs: torch.Tensor, call: AttentionCall, hw: tuple[int, int]) -> None:
+    """Add the capture rows' class-word probabilities ([rows, heads, n, tokens]) to ``call.maps``."""
+    probs = probs.mean(dim=1)
+    words = torch.stack([probs[:, :, list(tokens)].sum(-1) for tokens in call.capture_tokens], dim=1)
+    words = words.view(probs.shape[0], len(call.capture_tokens), *hw)
+    words = F.interpolate(words, size=call.maps.shape[-2:], mode="bilinear", align_corners=False)
+    for i, (_, image) in enumerate(call.capture_rows):
+        call.maps[image] += words[i].to(call.maps.dtype)
+
+
+class ProjectedAttention:
+    """The engine's attention for a host that hands over projected q, k, v ([rows, n, heads·d]).
+
+    Forge calls its attn1/attn2 replace patches as ``patch(q, k, v, extra_options)`` with
+    ``n_heads`` and ``dim_head`` in the options; this object is such a patch. With nothing
+    to do it returns ``attention(q, k, v, heads)``, the host's own attention function, so
+    a pass-1 image stays the host's image.
+    """
+
+    def __init__(self, state: "AttentionState", is_cross: bool, attention: Callable[..., torch.Tensor]) -> None:
+        self.state, self.is_cross, self.attention = state, is_cross, attention
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        heads = extra_options["n_heads"]
+        call = self.state.call
+        if call is None:
+            return self.attention(q, k, v, heads)
+        scale = extra_options["dim_head"] ** -0.5
+        factor, hw = layer_factor(q.shape[1], call.latent_hw)
+        if call.replace and (self.is_cross or (call.replace_self and factor == SELF_REPLACE_FACTOR)):
+            return attend_with_replacement(q, k, v, heads, scale, call.replace)
+        out = self.attention(q, k, v, heads)
+        if self.is_cross and call.capture_rows and factor in CAPTURE_FACTORS:
+            rows = [r for r, _ in call.capture_rows]
+            add_word_maps(probabilities(q[rows], k[rows], heads, scale), call, hw)
+        return out
 
 
 @dataclass

@@ -88,14 +88,26 @@ class OmgSession:
         self._index = 0
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["OmgSession"]:
-        """The engine's patches for the scope; all removed on exit, whatever happens."""
-        with installed_attention(self.unet) as state, self.router.installed():
+    def installed(self, module_attention: bool = True) -> Iterator["OmgSession"]:
+        """The engine's patches for the scope; all removed on exit, whatever happens.
+
+        ``module_attention=False`` leaves the attention modules alone: the host calls
+        ``ProjectedAttention(session.attention_state, ...)`` patches itself (Forge).
+        """
+        attention = installed_attention(self.unet) if module_attention else contextlib.nullcontext(AttentionState())
+        with attention as state, self.router.installed():
             self._attention = state
             try:
                 yield self
             finally:
                 self._attention, self.mode = None, None
+
+    @property
+    def attention_state(self) -> AttentionState:
+        """The current call's attention instructions (only while installed)."""
+        if self._attention is None:
+            raise RuntimeError("OMG: the session is not installed")
+        return self._attention
 
     def begin_pass1(self) -> None:
         self.mode, self._index = "pass1", 0

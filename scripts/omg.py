@@ -5,7 +5,13 @@ from modules.ui_components import InputAccordion
 
 from omg_ext import ui
 from omg_ext.config import OmgConfigError, from_args, with_overrides
+from omg_ext.hosts import running_forge
 from omg_ext.hosts.a1111 import A1111Generation, OmgUserError, add_settings, add_xyz_axes, fail_job, lora_names, lora_trigger_words, refresh_loras, save_layout_images
+
+if running_forge():
+    from omg_ext.hosts.forge import ForgeGeneration as Generation
+else:
+    Generation = A1111Generation
 
 
 class OmgScript(scripts.Script):
@@ -43,11 +49,17 @@ class OmgScript(scripts.Script):
             if not isinstance(p, StableDiffusionProcessingTxt2Img):
                 raise OmgUserError("OMG works in txt2img only")
             cfg.validate(p.prompt if isinstance(p.prompt, str) else p.prompt[0])
+            p._omg = Generation(p, cfg)
         except (OmgConfigError, OmgUserError) as e:
             fail_job(p, str(e))
             return
-        p._omg = A1111Generation(p, cfg)
         p._omg.attach()
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        """Forge rebuilds its UNet patcher before every sampling: patch the new one."""
+        patch_unet = getattr(getattr(p, "_omg", None), "patch_unet", None)
+        if patch_unet is not None:
+            patch_unet()
 
     def postprocess(self, p, processed, *args):
         generation = getattr(p, "_omg", None)

@@ -116,9 +116,9 @@ class _Clip(nn.Module):
 
 
 def test_class_word_tokens_are_positions_in_the_conditioning():
-    model = types.SimpleNamespace(cond_stage_model=_Clip())
-    assert a1111.class_word_tokens(model, "a man and a woman, a man", "man") == [2, 7]
-    assert a1111.class_word_tokens(model, "a man and a woman", "dog") == []
+    clip = _Clip()
+    assert a1111.class_word_tokens(clip, "a man and a woman, a man", "man") == [2, 7]
+    assert a1111.class_word_tokens(clip, "a man and a woman", "dog") == []
 
 
 def test_a_bad_job_fails_with_its_message():

@@ -126,6 +126,17 @@ def lora_names() -> list[str]:
 
 # ---------------------------------------------------------------- LoRA files -> deltas
 
+def lora_on_disk(name: str):
+    """The WebUI's entry for a LoRA name (the folder re-read once if it is new); a clear error if absent."""
+    networks = _networks()
+    if name not in networks.available_networks:
+        networks.list_available_networks()
+    on_disk = networks.available_networks.get(name)
+    if on_disk is None:
+        raise OmgUserError(f"OMG: LoRA {name!r} is not in the WebUI's LoRA list")
+    return on_disk
+
+
 def load_concept_lora(name: str, unet_weight: float, te_weight: float, unet_modules: dict, te_modules: dict):
     """Parse one LoRA with the host's code: (UNet deltas by layer name, text-encoder weight deltas).
 
@@ -135,13 +146,7 @@ def load_concept_lora(name: str, unet_weight: float, te_weight: float, unet_modu
     belongs to the concept, and a weight delta also reaches layers a forward hook cannot,
     such as OpenCLIP's ``MultiheadAttention`` in SDXL.
     """
-    networks = _networks()
-    if name not in networks.available_networks:
-        networks.list_available_networks()
-    on_disk = networks.available_networks.get(name)
-    if on_disk is None:
-        raise OmgUserError(f"OMG: LoRA {name!r} is not in the WebUI's LoRA list")
-    net = networks.load_network(name, on_disk)
+    net = _networks().load_network(name, lora_on_disk(name))
     net.te_multiplier, net.unet_multiplier = te_weight, unet_weight
     unet, te = {}, []
     try:
@@ -264,10 +269,14 @@ class A1111Generation:
 
     def __init__(self, p, cfg: OmgConfig) -> None:
         self.p, self.cfg = p, cfg
-        self.unet = p.sd_model.model.diffusion_model
+        self.unet = self.unet_module()
         self.prepared: Prepared | None = None
         self.layout_images: list = []
         self.warnings: list[str] = []
+
+    def unet_module(self):
+        """The UNet ``nn.Module`` of the job's model."""
+        return self.p.sd_model.model.diffusion_model
 
     # -- wiring on p (per job; p is discarded after the job)
     def attach(self) -> None:
@@ -296,11 +305,10 @@ class A1111Generation:
             self.prepared = self.prepare(prompts[0])
         images = len(prompts)
         self.session = session = OmgSession(self.unet, self.prepared.concepts, images=images)
-        tracker = RowTracker(images)
         enable_hr = getattr(p, "enable_hr", False)
         rng_state = (p.rng.shape, p.seeds, p.subseeds, p.subseed_strength, p.seed_resize_from_h, p.seed_resize_from_w)
         try:
-            with self.patched(session, tracker):
+            with self.patched(session):
                 session.begin_pass1()
                 p.enable_hr = False
                 shared.state.job_count += 1  # the progress bar covers pass 1 as a job of its own
@@ -308,6 +316,7 @@ class A1111Generation:
                 p.enable_hr = enable_hr
                 if shared.state.interrupted or shared.state.skipped:
                     return layout
+                self.check_pass1(session)
                 shared.state.nextjob()
                 results = session.attention_masks(dilation=self.cfg.mask_dilation, feather=self.cfg.mask_feather,
                                                   groups=self.cfg.groups_by_class_word(), labels=self.prepared.labels)
@@ -328,12 +337,17 @@ class A1111Generation:
             p.extra_generation_params["OMG warnings"] = "; ".join(dict.fromkeys(self.warnings))
         return final
 
+    def check_pass1(self, session: OmgSession) -> None:
+        """Pass 1 must have gone through the engine (another extension may have replaced the UNet call)."""
+        if session.counters["pass1"].calls == 0:
+            raise RuntimeError("OMG: no UNet call of pass 1 reached the engine")
+
     @contextlib.contextmanager
-    def patched(self, session: OmgSession, tracker: RowTracker) -> Iterator[None]:
+    def patched(self, session: OmgSession) -> Iterator[None]:
         """The UNet forward, the engine's processors and hooks, the denoiser callback; all undone on exit."""
         from modules import script_callbacks
 
-        unet = self.unet
+        unet, tracker = self.unet, RowTracker(session.images)
         saved = unet.__dict__.get("forward")
         raw = saved or (lambda *a, **k: type(unet).forward(unet, *a, **k))
 
@@ -357,27 +371,41 @@ class A1111Generation:
 
     # -- concepts: LoRA deltas, conditioning, class-word tokens
     def prepare(self, prompt: str) -> Prepared:
-        from modules import prompt_parser
-
-        p, model = self.p, self.p.sd_model
         self.cfg.validate(prompt)
-        unet_modules = {id(m): (n, m) for n, m in self.unet.named_modules()}
-        te_root = model.cond_stage_model
-        te_modules = {id(m): (n, m) for n, m in te_root.named_modules()}
         concepts, labels = [], []
         for n, spec in enumerate(self.cfg.concepts, start=1):
-            unet_deltas, te_deltas = ({}, []) if not spec.lora else load_concept_lora(
-                spec.lora, spec.unet_weight, spec.te_weight, unet_modules, te_modules)
-            negative = spec.negative_prompt or p.negative_prompts[0]
-            with torch.no_grad(), merged(te_deltas):
-                cond = model.get_learned_conditioning(prompt_parser.SdConditioning([spec.prompt], width=p.width, height=p.height))
-                uncond = model.get_learned_conditioning(prompt_parser.SdConditioning([negative], width=p.width, height=p.height, is_negative_prompt=True))
-            tokens = class_word_tokens(model, prompt, spec.class_word)
+            negative = spec.negative_prompt or self.p.negative_prompts[0]
+            deltas, cond, uncond = self.load_concept(spec, negative)
+            tokens = class_word_tokens(self.text_engine(), prompt, spec.class_word)
             if not tokens:
                 raise OmgUserError(f"OMG concept {n}: class word {spec.class_word!r} was not found among the prompt's tokens")
-            concepts.append(Concept(_as_cond(cond), _as_cond(uncond), unet_deltas, tokens))
+            concepts.append(Concept(cond, uncond, deltas, tokens))
             labels.append(spec.class_word)
         return Prepared(concepts, labels)
+
+    def load_concept(self, spec, negative: str) -> tuple[dict, dict, dict]:
+        """(UNet deltas, cond, uncond) of one concept: its prompts encoded with its text-encoder LoRA."""
+        unet_deltas, te_deltas = {}, []
+        if spec.lora:
+            unet_modules = {id(m): (n, m) for n, m in self.unet.named_modules()}
+            te_modules = {id(m): (n, m) for n, m in self.p.sd_model.cond_stage_model.named_modules()}
+            unet_deltas, te_deltas = load_concept_lora(spec.lora, spec.unet_weight, spec.te_weight, unet_modules, te_modules)
+        with torch.no_grad(), merged(te_deltas):
+            cond, uncond = self.encode(spec.prompt, False), self.encode(negative, True)
+        return unet_deltas, _as_cond(cond), _as_cond(uncond)
+
+    def encode(self, text: str, negative: bool):
+        """The host's conditioning of one prompt (size-aware for SDXL)."""
+        from modules import prompt_parser
+
+        p = self.p
+        return p.sd_model.get_learned_conditioning(
+            prompt_parser.SdConditioning([text], width=p.width, height=p.height, is_negative_prompt=negative))
+
+    def text_engine(self):
+        """The host object that tokenizes prompts into 77-token chunks (CLIP-L's for SDXL)."""
+        model = self.p.sd_model.cond_stage_model
+        return next((e for e in getattr(model, "embedders", [model]) if hasattr(e, "tokenize_line")), None)
 
     # -- results
     def keep_layout(self, layout: torch.Tensor, masks: torch.Tensor) -> None:
@@ -403,9 +431,11 @@ def _to_pil(chw: torch.Tensor):
     return Image.fromarray((chw.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
 
 
-def class_word_tokens(model, prompt: str, word: str) -> list[int]:
-    """Positions of ``word``'s tokens in the conditioning of ``prompt`` (all chunks, 77 per chunk)."""
-    clip = next((e for e in getattr(model.cond_stage_model, "embedders", [model.cond_stage_model]) if hasattr(e, "tokenize_line")), None)
+def class_word_tokens(clip, prompt: str, word: str) -> list[int]:
+    """Positions of ``word``'s tokens in the conditioning of ``prompt`` (all chunks, 77 per chunk).
+
+    ``clip``: the host's prompt tokenizer (``tokenize``, ``tokenize_line``), A1111's and Forge's alike.
+    """
     if clip is None:
         return []
     word_ids = clip.tokenize([word.strip()])[0]

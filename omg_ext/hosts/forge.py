@@ -1,0 +1,278 @@
+"""The Forge adapter (``lllyasviel/stable-diffusion-webui-forge``): the only code that touches Forge.
+
+Forge keeps A1111's processing and script API (``p.sample``, ``modules.rng``, the
+``networks`` module of its built-in LoRA extension), so a ``ForgeGeneration`` is an
+``A1111Generation`` with the three things Forge does its own way replaced:
+
+- The UNet. Forge rebuilds ``p.sd_model.forge_objects`` before every sampling and then
+  calls the scripts' ``process_before_every_sampling``; there ``patch_unet`` puts a
+  *clone* of the UNet patcher in place with a ``model_function_wrapper`` (every UNet call
+  goes through the engine; Forge's ``cond_or_uncond`` says which chunk of rows is cond)
+  and attn2 (and, for self-attention preservation, attn1) replace patches, which receive
+  projected q, k, v: the engine's ``ProjectedAttention``. The hook runs twice before a
+  hires pass; patching is idempotent. The original patcher is never modified and is put
+  back when the job ends. Row-routed LoRA forward hooks go on the UNet's modules (Forge's
+  ``ForgeOperations`` layers, whatever their storage: the hook adds to their output) for
+  the two passes only.
+- LoRA files are parsed by Forge's own loader (``backend.patcher.lora.load_lora`` with
+  ``model_lora_keys_unet`` / ``model_lora_keys_clip``), so every format Forge reads works.
+  Plain LoRA becomes a ``LowRankDelta``; every other type (LoHa, LoKr, DoRA, diff…) the
+  dense difference Forge's own ``merge_lora_to_weight`` makes.
+- A concept's prompts are encoded on a cloned CLIP patcher carrying that concept's
+  text-encoder patches; Forge merges them when it loads the clone, and loading the
+  original patcher again afterwards restores its weights (Forge's ``LoraLoader`` backup).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from ..attention import ProjectedAttention
+from ..lora import DenseDelta, LowRankDelta
+from ..pipeline import OmgSession
+from ..rows import RowRole
+from .a1111 import A1111Generation, OmgUserError, _networks, lora_on_disk
+
+COND = 0
+"""Forge's mark of a cond chunk in ``cond_or_uncond`` (uncond is 1)."""
+
+UNET_PREFIX = "diffusion_model."
+
+
+def check_model(sd_model) -> None:
+    """OMG needs a UNet with cross-attention: SD1.5, SD2 and SDXL checkpoints (Pony, Illustrious…)."""
+    if getattr(sd_model, "is_sd1", False) or getattr(sd_model, "is_sd2", False) or getattr(sd_model, "is_sdxl", False):
+        return
+    kind = type(sd_model).__name__
+    if "flux" in kind.lower() or "chroma" in kind.lower():
+        raise OmgUserError("OMG does not support Flux checkpoints yet: use an SD1.5 or SDXL checkpoint")
+    raise OmgUserError(f"OMG supports SD1.5 and SDXL checkpoints, not {kind}")
+
+
+def row_roles(cond_or_uncond: list[int], rows: int) -> list[RowRole]:
+    """Roles of a call's rows: Forge stacks chunks of one row per image, each cond or uncond.
+
+    The order is Forge's (uncond before cond, reversed from the list it was built from),
+    and a memory split sends a subset of chunks: the list says which.
+    """
+    if not cond_or_uncond or rows % len(cond_or_uncond):
+        raise RuntimeError(f"OMG: {rows} rows do not split into chunks {cond_or_uncond}")
+    per_chunk = rows // len(cond_or_uncond)
+    return [RowRole(kind == COND, image) for kind in cond_or_uncond for image in range(per_chunk)]
+
+
+class UnetWrapper:
+    """Forge's ``model_function_wrapper``: a UNet call of the job, through the engine.
+
+    Forge deep-copies patcher options when a patcher is cloned; this object holds the
+    job's state and must stay shared, so copying returns it.
+    """
+
+    def __init__(self, generation: "ForgeGeneration") -> None:
+        self.generation = generation
+
+    def __deepcopy__(self, memo) -> "UnetWrapper":
+        return self
+
+    def __call__(self, apply_model, args: dict) -> torch.Tensor:
+        x, t, c = args["input"], args["timestep"], args["c"]
+        session = self.generation.session
+        if session is None:
+            return apply_model(x, t, **c)
+        if c.get("control") is not None:
+            raise OmgUserError("OMG does not work together with ControlNet yet")
+        per_row = {k: v for k, v in c.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == x.shape[0]}
+        shared = {k: v for k, v in c.items() if k not in per_row}
+
+        def unet_fn(x_, t_, cond):
+            return apply_model(x_, t_, **shared, **cond)
+
+        return session(unet_fn, x, t, per_row, row_roles(args["cond_or_uncond"], x.shape[0]))
+
+
+class SharedPatch(ProjectedAttention):
+    """A ``ProjectedAttention`` that survives Forge's deep copies of the patch table."""
+
+    def __deepcopy__(self, memo) -> "SharedPatch":
+        return self
+
+
+def host_attention(q, k, v, heads):
+    """Forge's own attention function (the one its CrossAttention calls)."""
+    from backend import attention
+
+    return attention.attention_function(q, k, v, heads)
+
+
+class ForgeGeneration(A1111Generation):
+    """OMG for one txt2img job ``p`` in Forge."""
+
+    def __init__(self, p, cfg) -> None:
+        check_model(p.sd_model)
+        super().__init__(p, cfg)
+        self.wrapper = UnetWrapper(self)
+        self.patches: tuple[SharedPatch, SharedPatch] | None = None
+        self.swapped: list[tuple[object, object, object]] = []
+        self.patch_error: Exception | None = None
+
+    def unet_module(self):
+        return self.p.sd_model.forge_objects.unet.model.diffusion_model
+
+    # -- the UNet: hooks for the two passes, patcher clones per sampling
+    @contextlib.contextmanager
+    def patched(self, session: OmgSession) -> Iterator[None]:
+        """LoRA hooks and attention patches for the scope; the job's original UNet patchers put back on exit."""
+        try:
+            with session.installed(module_attention=False):
+                state = session.attention_state
+                self.patches = (SharedPatch(state, True, host_attention), SharedPatch(state, False, host_attention))
+                yield
+        finally:
+            self.patches = None
+            for objects, original, clone in reversed(self.swapped):
+                if objects.unet is clone:
+                    objects.unet = original
+            self.swapped.clear()
+
+    def check_pass1(self, session: OmgSession) -> None:
+        if self.patch_error is not None:
+            raise self.patch_error
+        super().check_pass1(session)
+
+    def patch_unet(self) -> None:
+        """``process_before_every_sampling``: the current UNet patcher replaced by a patched clone.
+
+        Forge only logs exceptions raised there, so an error is kept and raised after pass 1.
+        """
+        try:
+            if self.patches is None:
+                return
+            objects = self.p.sd_model.forge_objects
+            unet = objects.unet
+            existing = unet.model_options.get("model_function_wrapper")
+            if existing is self.wrapper:
+                return
+            if existing is not None:
+                raise OmgUserError("OMG cannot run together with another extension that wraps Forge's UNet "
+                                   f"function ({getattr(existing, '__qualname__', type(existing).__name__)})")
+            clone = unet.clone()
+            clone.set_model_unet_function_wrapper(self.wrapper)
+            cross, self_attention = self.patches
+            clone.set_model_replace_all(cross, "attn2")
+            if self.cfg.self_attention_until > 0:
+                clone.set_model_replace_all(self_attention, "attn1")
+            objects.unet = clone
+            self.swapped.append((objects, unet, clone))
+        except Exception as e:  # noqa: BLE001 - re-raised by `patched`
+            self.patch_error = e
+
+    # -- concepts
+    def load_concept(self, spec, negative: str) -> tuple[dict, dict, dict]:
+        """(UNet deltas, cond, uncond): Forge's LoRA loader, the prompts encoded on a cloned CLIP patcher."""
+        unet_patches, clip_patches, filename = ({}, {}, "") if not spec.lora else forge_lora_patches(self.p.sd_model, spec.lora)
+        if spec.lora and not unet_patches:
+            raise OmgUserError(f"OMG: LoRA {spec.lora!r} has no layer of this checkpoint's UNet (made for another architecture?)")
+        try:
+            deltas = unet_deltas(unet_patches, self.unet, spec.unet_weight)
+        except (ValueError, RuntimeError) as e:
+            raise OmgUserError(f"OMG: LoRA {spec.lora!r} does not fit this checkpoint (made for another architecture?): {e}") from e
+        with clip_patched(self.p.sd_model, clip_patches, filename, spec.te_weight):
+            cond, uncond = self.encode(spec.prompt, False), self.encode(negative, True)
+        return deltas, as_forge_cond(cond), as_forge_cond(uncond)
+
+    def text_engine(self):
+        model = self.p.sd_model
+        return getattr(model, "text_processing_engine", None) or getattr(model, "text_processing_engine_l", None)
+
+
+def as_forge_cond(cond) -> dict:
+    """A conditioning as the keyword arguments of Forge's ``apply_model``."""
+    if isinstance(cond, dict):
+        return {"c_crossattn": cond["crossattn"], "y": cond["vector"]}
+    return {"c_crossattn": cond}
+
+
+def forge_lora_patches(sd_model, name: str) -> tuple[dict, dict, str]:
+    """(UNet patches, text-encoder patches, file name) of one LoRA, parsed by Forge's own loader."""
+    from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
+
+    on_disk = lora_on_disk(name)
+    state_dict = _networks().load_lora_state_dict(on_disk.filename)
+    objects = sd_model.forge_objects
+    unet_patches, rest = load_lora(state_dict, model_lora_keys_unet(objects.unet.model, {}))
+    clip_patches, _ = load_lora(rest, model_lora_keys_clip(objects.clip.cond_stage_model, {}))
+    return unet_patches, clip_patches, on_disk.filename
+
+
+def unet_deltas(patches: dict, diffusion_model: torch.nn.Module, strength: float) -> dict:
+    """Forge patches (``diffusion_model.<layer>.weight|bias`` -> patch) as row-routed engine deltas."""
+    by_layer: dict[str, dict[str, tuple]] = {}
+    for key, patch in patches.items():
+        if not isinstance(key, str) or not key.startswith(UNET_PREFIX):
+            raise ValueError(f"unsupported patch target {key!r}")
+        layer, _, param = key[len(UNET_PREFIX):].rpartition(".")
+        by_layer.setdefault(layer, {})[param] = patch
+    modules = dict(diffusion_model.named_modules())
+    deltas = {}
+    for layer, params in by_layer.items():
+        target = modules.get(layer)
+        if target is None:
+            raise ValueError(f"no layer {layer}")
+        kind, values = params.get("weight", ("", ()))
+        if set(params) == {"weight"} and kind == "lora" and values[4] is None:
+            up, down, alpha, mid = values[:4]
+            scale = strength * (alpha / down.shape[0] if alpha is not None else 1.0)
+            deltas[layer] = LowRankDelta(up, down, mid, scale=scale).check(target, layer)
+        else:
+            weight = dense_difference(target.weight, params.get("weight"), strength, f"{layer}.weight")
+            bias = params.get("bias")
+            bias = None if bias is None else dense_difference(target.bias, bias, strength, f"{layer}.bias")
+            deltas[layer] = DenseDelta(weight, bias).check(target, layer)
+    return deltas
+
+
+def dense_difference(param: torch.Tensor, patch: tuple | None, strength: float, key: str) -> torch.Tensor:
+    """What Forge's ``merge_lora_to_weight`` would add to ``param`` (dequantised first), in float32."""
+    from backend.patcher.lora import merge_lora_to_weight
+
+    base = dequantized(param)
+    if patch is None:
+        return torch.zeros_like(base)
+    merged = merge_lora_to_weight([[strength, patch, 1.0, None, None]], base.clone(), key, computation_dtype=torch.float32)
+    return merged.float() - base
+
+
+def dequantized(param: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of a weight however Forge stores it (plain, fp8, GGUF or bitsandbytes 4-bit)."""
+    with torch.no_grad():
+        if getattr(param, "gguf_cls", None) is not None:
+            from backend.operations_gguf import dequantize_tensor
+
+            return dequantize_tensor(param).float()
+        if getattr(param, "bnb_quantized", False):
+            from backend.operations_bnb import functional_dequantize_4bit
+
+            return functional_dequantize_4bit(param).float()
+        return param.detach().float()
+
+
+@contextlib.contextmanager
+def clip_patched(sd_model, patches: dict, filename: str, strength: float) -> Iterator[None]:
+    """The model encodes with a clone of its CLIP patcher carrying ``patches``; the original put back and reloaded on exit."""
+    if not patches:
+        yield
+        return
+    from backend import memory_management
+
+    objects = sd_model.forge_objects
+    original = objects.clip
+    clone = original.clone()
+    clone.add_patches(filename=filename, patches=patches, strength_patch=strength)
+    objects.clip = clone
+    try:
+        yield
+    finally:
+        objects.clip = original
+        memory_management.load_model_gpu(original.patcher)

@@ -1,0 +1,2 @@
+"""Stand-in for Forge's ``backend`` package (see ``tests/support/fake_forge``)."""
+from . import patcher  # noqa: F401

@@ -1,0 +1,278 @@
+"""The Forge adapter against a stand-in of the Forge surface it touches (tests/support/fake_forge)."""
+import copy
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from omg_ext.config import ConceptSpec, OmgConfig
+from omg_ext.hosts import forge
+from omg_ext.lora import DenseDelta, LowRankDelta
+from omg_ext.rows import RowRole
+from tests.support import fake_forge
+from tests.support.fake_forge.backend.patcher.clip import CLIP
+from tests.support.fake_forge.backend.patcher.lora import merge_lora_to_weight
+from tests.support.fake_forge.backend.patcher.unet import UnetPatcher
+from tests.support.fake_forge.backend.sampling_function import sampling_function
+from tests.support.fake_forge.forge_unet import KModel, forge_unet
+from tests.support.sampling import SAMPLERS, DiscreteSchedule
+from tests.test_a1111_adapter import CTX, _Clip
+
+TO_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k"
+PROJ_IN = "input_blocks.3.1.proj_in"
+
+
+def test_row_roles_follow_cond_or_uncond():
+    assert forge.row_roles([1, 0], 4) == [RowRole(False, 0), RowRole(False, 1), RowRole(True, 0), RowRole(True, 1)]
+    assert forge.row_roles([0, 1], 2) == [RowRole(True, 0), RowRole(False, 0)]
+    assert forge.row_roles([1], 3) == [RowRole(False, 0), RowRole(False, 1), RowRole(False, 2)]
+    assert forge.row_roles([0], 1) == [RowRole(True, 0)]
+    with pytest.raises(RuntimeError, match=r"3 rows do not split into chunks \[1, 0\]"):
+        forge.row_roles([1, 0], 3)
+
+
+class _Objects:
+    def __init__(self, unet, clip):
+        self.unet, self.clip = unet, clip
+
+    def shallow_copy(self):
+        return _Objects(self.unet, self.clip)
+
+
+class _ForgeModel:
+    """Forge's SD1.5 engine: ``forge_objects``, ``text_processing_engine``, ``get_learned_conditioning``."""
+
+    is_sd1 = True
+
+    def __init__(self):
+        self.text_processing_engine = _Clip()
+        torch.manual_seed(0)
+        for p in self.text_processing_engine.parameters():
+            nn.init.normal_(p, std=0.2)
+        unet = UnetPatcher(KModel(forge_unet(CTX, seed=0)))
+        self.forge_objects = _Objects(unet, CLIP(self.text_processing_engine))
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+
+    def get_learned_conditioning(self, prompts):
+        from backend import memory_management
+
+        memory_management.load_model_gpu(self.forge_objects.clip.patcher)
+        return torch.cat([self.text_processing_engine.encode(p) for p in prompts])
+
+
+class _Job:
+    """Forge's ``StableDiffusionProcessingTxt2Img.sample``: reset forge_objects, the scripts' hook, sample."""
+
+    def __init__(self, modules, model, steps=6, split=False):
+        self.modules, self.sd_model = modules, model
+        self.prompts, self.negative_prompts = ["a man and a woman"], ["blurry"]
+        self.width = self.height = 128
+        self.seeds, self.subseeds, self.subseed_strength = [7], [7], 0.0
+        self.seed_resize_from_h = self.seed_resize_from_w = 0
+        self.rng = modules.rng.ImageRNG((4, 16, 16), self.seeds)
+        self.enable_hr, self.extra_generation_params = False, {}
+        self.steps, self.split, self.fail_at_call, self.calls = steps, split, None, 0
+        self.hooks = []
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        x = self.rng.next()
+        self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
+        for hook in self.hooks:
+            hook(self, x=x, noise=x, c=conditioning, uc=unconditional_conditioning)
+        patcher = self.sd_model.forge_objects.unet
+        cond, uncond = {"crossattn": conditioning}, {"crossattn": unconditional_conditioning}
+
+        def denoiser(x, sigma):
+            self.calls += 1
+            if self.calls == self.fail_at_call:
+                raise RuntimeError("sampler failed")
+            return sampling_function(patcher, x, sigma.reshape(1).expand(x.shape[0]), cond, uncond, 7.0, split=self.split)
+
+        sigmas = DiscreteSchedule().get_sigmas(self.steps)
+        return SAMPLERS["euler"](denoiser, x * sigmas[0], sigmas)
+
+    def sample_hr_pass(self, *args, **kwargs):
+        raise AssertionError("no hires in this job")
+
+
+def _write_lora(path, model, scale=0.5):
+    """A kohya file: plain LoRA on a UNet attn2.to_k, a diff on a UNet conv, plain LoRA on the text encoder's proj."""
+    g = torch.Generator().manual_seed(3)
+    unet = model.forge_objects.unet.model.diffusion_model
+    to_k, proj_in, proj = unet.get_submodule(TO_K), unet.get_submodule(PROJ_IN), model.text_processing_engine.proj
+    tensors = {
+        "lora_unet_" + TO_K.replace(".", "_") + ".lora_up.weight": torch.randn(to_k.out_features, 2, generator=g) * scale,
+        "lora_unet_" + TO_K.replace(".", "_") + ".lora_down.weight": torch.randn(2, to_k.in_features, generator=g) * scale,
+        "lora_unet_" + TO_K.replace(".", "_") + ".alpha": torch.tensor(1.0),
+        "lora_unet_" + PROJ_IN.replace(".", "_") + ".diff": torch.randn(proj_in.weight.shape, generator=g) * 0.05,
+        "lora_te_proj.lora_up.weight": torch.randn(proj.out_features, 2, generator=g) * scale,
+        "lora_te_proj.lora_down.weight": torch.randn(2, proj.in_features, generator=g) * scale,
+    }
+    save_file(tensors, str(path))
+
+
+def _networks(path):
+    mod = types.ModuleType("networks")
+    mod.available_networks = {"hero": types.SimpleNamespace(filename=str(path), shorthash="0123456789ab", read_hash=lambda: None)}
+    mod.list_available_networks = lambda: None
+    mod.load_lora_state_dict = lambda filename: __import__("safetensors.torch").torch.load_file(filename)
+    return mod
+
+
+CFG = dict(enabled=True, mask_dilation=0, mask_feather=0, concepts=[
+    ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape", te_weight=0.7),
+    ConceptSpec(class_word="woman", prompt="a woman, blue dress"),
+])
+
+
+def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, **job_args):
+    """A plain Forge job and an OMG job on one model: (plain, final, job, model, generation, weights before)."""
+    model = _ForgeModel()
+    _write_lora(tmp_path / "hero.safetensors", model)
+    monkeypatch.setitem(sys.modules, "networks", _networks(tmp_path / "hero.safetensors"))
+    weights = {k: v.clone() for k, v in model.forge_objects.unet.model.state_dict().items()}
+    weights.update({"te." + k: v.clone() for k, v in model.text_processing_engine.state_dict().items()})
+    with fake_forge.installed() as modules:
+        job = _Job(modules, model, **job_args)
+        c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
+        plain = job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
+        job.rng, job.calls, job.fail_at_call = modules.rng.ImageRNG((4, 16, 16), job.seeds), 0, fail_at_call
+        generation = forge.ForgeGeneration(job, cfg)
+        generation.attach()
+        job.hooks.append(lambda p, **kwargs: generation.patch_unet())
+        try:
+            final = job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
+        except RuntimeError as e:
+            final = e
+    return plain, final, job, model, generation, weights
+
+
+def _assert_untouched(model, weights, original_unet):
+    unet_model = model.forge_objects.unet.model
+    assert model.forge_objects.unet is original_unet and model.forge_objects_after_applying_lora.unet is original_unet
+    assert original_unet.model_options == {"transformer_options": {}}
+    assert not any(m._forward_hooks for m in unet_model.modules())
+    assert not any("forward" in m.__dict__ for m in unet_model.modules())
+    now = {k: v for k, v in unet_model.state_dict().items()}
+    now.update({"te." + k: v for k, v in model.text_processing_engine.state_dict().items()})
+    assert all(torch.equal(now[k], v) for k, v in weights.items())
+
+
+@torch.no_grad()
+def test_blend_start_one_gives_forges_own_image_bitwise(tmp_path, monkeypatch):
+    plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch, OmgConfig(blend_start=1.0, **CFG))
+    assert torch.equal(final, plain)
+    assert job.calls == 12  # pass 1 and pass 2 each call the denoiser 6 times
+    counters = generation.prepared and generation.layout_images and generation
+    assert counters is generation  # layout image and masks were made
+    _assert_untouched(model, weights, model.forge_objects_after_applying_lora.unet)
+
+
+@torch.no_grad()
+def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monkeypatch):
+    plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, **CFG))
+    assert isinstance(final, torch.Tensor) and not torch.equal(final, plain)
+    _assert_untouched(model, weights, model.forge_objects_after_applying_lora.unet)
+    assert job.extra_generation_params["OMG c1 lora"] == "hero" and job.extra_generation_params["OMG c1 lora hash"] == "0123456789ab"
+    concept = generation.prepared.concepts[0]
+    assert sorted(concept.deltas) == [TO_K, PROJ_IN]
+    assert isinstance(concept.deltas[TO_K], LowRankDelta) and isinstance(concept.deltas[PROJ_IN], DenseDelta)
+    # the concept prompt was encoded with the text-encoder LoRA at its weight, on a clone of the CLIP patcher
+    te = model.text_processing_engine
+    lora_te = copy.deepcopy(te)
+    from safetensors.torch import load_file
+    sd = load_file(str(tmp_path / "hero.safetensors"))
+    lora_te.proj.weight += 0.7 * sd["lora_te_proj.lora_up.weight"] @ sd["lora_te_proj.lora_down.weight"]
+    torch.testing.assert_close(concept.cond["c_crossattn"], lora_te.encode("a man, red cape"), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(concept.cond["c_crossattn"], te.encode("a man, red cape"))
+    # split calls (one chunk per call) give the same image: the row roles follow cond_or_uncond
+    # (batch composition changes float rounding only; wrong roles would change the image like OMG itself does)
+    _, split_final, *_ = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, **CFG), split=True)
+    rounding, omg_effect = (split_final - final).abs().max(), (final - plain).abs().max()
+    assert rounding < 1e-3 and omg_effect > 100 * rounding, (rounding, omg_effect)
+
+
+@torch.no_grad()
+def test_a_failure_in_either_pass_leaves_forge_as_it_was(tmp_path, monkeypatch):
+    for fail_at in (3, 9):  # pass 1, pass 2
+        _, final, _, model, generation, weights = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, **CFG), fail_at_call=fail_at)
+        assert isinstance(final, RuntimeError) and str(final) == "sampler failed"
+        _assert_untouched(model, weights, model.forge_objects_after_applying_lora.unet)
+        assert generation.session is None and not generation.swapped
+
+
+def test_forge_lora_patches_become_deltas_equal_to_forges_merge():
+    unet = forge_unet(CTX, seed=0)
+    to_k, proj_in = unet.get_submodule(TO_K), unet.get_submodule(PROJ_IN)
+    g = torch.Generator().manual_seed(1)
+    lora = ("lora", (torch.randn(to_k.out_features, 4, generator=g), torch.randn(4, to_k.in_features, generator=g), 2.0, None, None))
+    diff = ("diff", (torch.randn(proj_in.weight.shape, generator=g),))
+    with fake_forge.installed():
+        deltas = forge.unet_deltas({f"diffusion_model.{TO_K}.weight": lora, f"diffusion_model.{PROJ_IN}.weight": diff}, unet, 0.8)
+        for name, patch in ((TO_K, lora), (PROJ_IN, diff)):
+            weight = unet.get_submodule(name).weight
+            expected = merge_lora_to_weight([[0.8, patch, 1.0, None, None]], weight.detach()) - weight.detach()
+            delta = deltas[name]
+            got = delta.dense() if isinstance(delta, LowRankDelta) else delta.weight
+            torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
+    assert deltas[TO_K].scale == pytest.approx(0.8 * 2.0 / 4)
+    with pytest.raises(ValueError, match="unsupported patch target"):
+        forge.unet_deltas({("diffusion_model.x.weight", (0, 0, 4)): lora}, unet, 1.0)
+    with pytest.raises(ValueError, match="factors give"):
+        forge.unet_deltas({f"diffusion_model.{PROJ_IN}.weight": lora}, unet, 1.0)
+
+
+@torch.no_grad()
+def test_patching_is_idempotent_and_survives_forges_deep_copies(tmp_path, monkeypatch):
+    model = _ForgeModel()
+    _write_lora(tmp_path / "hero.safetensors", model)
+    monkeypatch.setitem(sys.modules, "networks", _networks(tmp_path / "hero.safetensors"))
+    original = model.forge_objects.unet
+    with fake_forge.installed() as modules:
+        job = _Job(modules, model)
+        generation = forge.ForgeGeneration(job, OmgConfig(self_attention_until=0.3, **CFG))
+        generation.prepared = generation.prepare(job.prompts[0])
+        from omg_ext.pipeline import OmgSession
+        session = OmgSession(generation.unet, generation.prepared.concepts, images=1)
+        with generation.patched(session):
+            generation.patch_unet()
+            clone = model.forge_objects.unet
+            generation.patch_unet()  # the hook runs twice before a hires pass
+            assert model.forge_objects.unet is clone and clone is not original and len(generation.swapped) == 1
+            options = clone.clone().model_options  # another extension clones after us: a deep copy
+            assert options["model_function_wrapper"] is generation.wrapper
+            patches = options["transformer_options"]["patches_replace"]
+            assert patches["attn2"][("input", 1, 0)] is generation.patches[0]
+            assert patches["attn1"][("output", 7, 0)] is generation.patches[1]
+        assert model.forge_objects.unet is original and original.model_options == {"transformer_options": {}}
+
+
+@torch.no_grad()
+def test_conflicts_and_unsupported_models_fail_with_a_clear_message(tmp_path, monkeypatch):
+    model = _ForgeModel()
+    _write_lora(tmp_path / "hero.safetensors", model)
+    monkeypatch.setitem(sys.modules, "networks", _networks(tmp_path / "hero.safetensors"))
+
+    def tiled(apply_model, args):
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.forge_objects_after_applying_lora.unet.set_model_unet_function_wrapper(tiled)
+    with fake_forge.installed() as modules:
+        job = _Job(modules, model)
+        generation = forge.ForgeGeneration(job, OmgConfig(**CFG))
+        generation.attach()
+        job.hooks.append(lambda p, **kwargs: generation.patch_unet())
+        c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
+        with pytest.raises(forge.OmgUserError, match="another extension that wraps Forge's UNet function .*tiled"):
+            job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
+        generation.session = object()
+        with pytest.raises(forge.OmgUserError, match="ControlNet"):
+            generation.wrapper(None, {"input": torch.zeros(2, 4, 8, 8), "timestep": torch.ones(2), "cond_or_uncond": [1, 0],
+                                      "c": {"control": {"output": []}}})
+    with pytest.raises(forge.OmgUserError, match="does not support Flux"):
+        forge.check_model(type("Flux", (), {"is_sd1": False, "is_sdxl": False})())
+    with pytest.raises(forge.OmgUserError, match="SD1.5 and SDXL checkpoints, not StableDiffusion3"):
+        forge.check_model(type("StableDiffusion3", (), {})())
