@@ -14,7 +14,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 MAX_CONCEPTS = 5
-MASK_SOURCES = ("attention",)
+MASK_SOURCES = ("attention", "attention+sam", "detector+sam", "regions", "regions+sam")
+SAM_MODELS = ("vit_b", "vit_l", "vit_h")
+DETECTORS = ("auto", "grounding-dino", "owlv2", "owlvit")
+INSTANCE_ORDERS = ("attention", "left_to_right")
 WEIGHT_RANGE = (-5.0, 5.0)
 PIXELS_RANGE = (0, 256)
 
@@ -82,6 +85,10 @@ FIELDS = (
     Field("mask_feather", "OMG mask feather", _int, "Mask feather (px)"),
     Field("show_masks", "OMG show masks", _bool, "Show layout image and masks"),
     Field("hires_blend", "OMG hires blend", _bool, "Blend concepts during hires fix"),
+    Field("sam_model", "OMG SAM model", _str, "Segment Anything model"),
+    Field("detector", "OMG detector", _str, "Class-word detector"),
+    Field("instance_order", "OMG instance order", _str, "Same-word concepts: instance order"),
+    Field("regions", "OMG regions", _str, "Regions (drawn boxes or uploaded mask, JSON)"),
 )
 
 CONCEPT_FIELDS = (
@@ -94,7 +101,7 @@ CONCEPT_FIELDS = (
     Field("negative_prompt", "OMG c{n} negative", _str, "Concept negative prompt"),
 )
 
-OPTIONAL_TEXT = ("lora", "lora_hash", "negative_prompt")
+OPTIONAL_TEXT = ("lora", "lora_hash", "negative_prompt", "regions")
 """Left out of the infotext when empty, to keep the PNG info short."""
 
 
@@ -134,6 +141,10 @@ class OmgConfig:
     mask_feather: int = 8
     show_masks: bool = True
     hires_blend: bool = False
+    sam_model: str = "vit_b"
+    detector: str = "auto"
+    instance_order: str = "attention"
+    regions: str = ""
     concepts: list[ConceptSpec] = field(default_factory=list)
 
     def validate(self, prompt: str | None = None) -> "OmgConfig":
@@ -142,8 +153,12 @@ class OmgConfig:
             value = getattr(self, attr)
             if not 0 <= value <= 1:
                 raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be between 0 and 1 (got {value})")
-        if self.mask_source not in MASK_SOURCES:
-            raise OmgConfigError("mask_source", f"OMG mask source must be one of {', '.join(MASK_SOURCES)} (got {self.mask_source!r})")
+        for attr, choices in (("mask_source", MASK_SOURCES), ("sam_model", SAM_MODELS), ("detector", DETECTORS),
+                              ("instance_order", INSTANCE_ORDERS)):
+            if getattr(self, attr) not in choices:
+                raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be one of {', '.join(choices)} (got {getattr(self, attr)!r})")
+        if self.mask_source.startswith("regions") and self.enabled and not self.regions.strip():
+            raise OmgConfigError("regions", f"OMG mask source {self.mask_source} needs regions: draw a box per concept or upload a mask image")
         for attr in ("mask_dilation", "mask_feather"):
             value = getattr(self, attr)
             if not PIXELS_RANGE[0] <= value <= PIXELS_RANGE[1]:
@@ -205,7 +220,7 @@ def to_infotext(cfg: OmgConfig) -> dict[str, Any]:
     """PNG-info entries of an enabled config (empty when disabled)."""
     if not cfg.enabled:
         return {}
-    out = {f.infotext: getattr(cfg, f.attr) for f in FIELDS}
+    out = {f.infotext: getattr(cfg, f.attr) for f in FIELDS if not (f.attr in OPTIONAL_TEXT and getattr(cfg, f.attr) == "")}
     for n, concept in enumerate(cfg.concepts, start=1):
         for f in CONCEPT_FIELDS:
             value = getattr(concept, f.attr)

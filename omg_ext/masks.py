@@ -55,6 +55,8 @@ class MaskResult:
     """Optional concept names (e.g. class words) used in :meth:`warnings`."""
     notes: list[str] = field(default_factory=list)
     """Other things a user should know, e.g. that same-word instances were split into bands."""
+    sources: list[str] = field(default_factory=list)
+    """Per concept, the mask source actually used (e.g. "sam", "attention"); for the infotext."""
 
     def name(self, j: int) -> str:
         """A concept as users count it (1-based) with its label, e.g. "concept 2 ('woman')"."""
@@ -418,6 +420,18 @@ def masks_from_attention(maps: torch.Tensor, latent_size: tuple[int, int], *, gr
         for j, region in zip(group, regions):
             binary[j], evidence[j] = region, shared * region
 
+    return exclusive_masks(binary, evidence, dilation=dilation, feather=feather, labels=labels, notes=notes)
+
+
+def exclusive_masks(binary: torch.Tensor, evidence: torch.Tensor, *, dilation: int = 0, feather: int = 0,
+                    labels: list[str] | None = None, notes: list[str] | None = None) -> MaskResult:
+    """Exclusive soft masks from per-concept cores ``binary`` [k, H, W] (bool, latent resolution).
+
+    ``evidence`` [k, H, W] in [0, 1] breaks ties between equally near concepts. Used for
+    every mask source: attention cores, SAM masks, drawn regions.
+    """
+    k = binary.shape[0]
+    evidence = evidence.float()
     # Chebyshev distance to each concept's core, up to the dilation radius (inf beyond).
     radius = latent_radius(_whole(dilation))
     distance = torch.where(binary, 0.0, math.inf)
@@ -433,7 +447,7 @@ def masks_from_attention(maps: torch.Tensor, latent_size: tuple[int, int], *, gr
 
     soft = _exact_cap(feather_mask(owned, latent_radius(_whole(feather))).clamp(0.0, 1.0))
     empty = [j for j in range(k) if not bool(owned[j].any())]
-    return MaskResult(soft.float(), empty, labels, notes)
+    return MaskResult(soft.float(), empty, labels, list(notes or []))
 
 
 def overlay(masks: torch.Tensor, image: torch.Tensor | None = None, alpha: float = 0.5) -> torch.Tensor:

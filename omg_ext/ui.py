@@ -10,7 +10,8 @@ from typing import Callable
 
 import gradio as gr
 
-from .config import CONCEPT_FIELDS, FIELDS, MASK_SOURCES, MAX_CONCEPTS, ConceptSpec, OmgConfig, prefill_prompt
+from .config import (CONCEPT_FIELDS, DETECTORS, FIELDS, INSTANCE_ORDERS, MASK_SOURCES, MAX_CONCEPTS, SAM_MODELS, ConceptSpec,
+                     OmgConfig, prefill_prompt)
 
 DEFAULTS = OmgConfig()
 
@@ -20,8 +21,11 @@ def _component(field, value, lora_choices: list[str]):
         return gr.Slider(0.0, 1.0, value=value, step=0.01, label=field.label)
     if field.attr in ("mask_dilation", "mask_feather"):
         return gr.Slider(0, 256, value=value, step=1, label=field.label)
-    if field.attr == "mask_source":
-        return gr.Dropdown(list(MASK_SOURCES), value=value, label=field.label)
+    choices = {"mask_source": MASK_SOURCES, "sam_model": SAM_MODELS, "detector": DETECTORS, "instance_order": INSTANCE_ORDERS}
+    if field.attr in choices:
+        return gr.Dropdown(list(choices[field.attr]), value=value, label=field.label)
+    if field.attr == "regions":
+        return gr.Textbox(value=value, label=field.label, elem_id="omg_regions", lines=1)
     if field.attr in ("unet_weight", "te_weight"):
         return gr.Slider(-2.0, 2.0, value=value, step=0.05, label=field.label)
     if field.attr == "lora":
@@ -33,9 +37,36 @@ def _component(field, value, lora_choices: list[str]):
     return gr.Textbox(value=value, label=field.label, lines=2 if "prompt" in field.attr else 1)
 
 
+def _add(field, infotext: list):
+    comp = _component(field, getattr(DEFAULTS, field.attr), [])
+    infotext.append((comp, field.infotext))
+    return comp
+
+
+def regions_block(regions_box, image_to_regions: Callable, free_models: Callable | None = None) -> None:
+    """The drawing canvas (``javascript/omg_regions.js`` fills ``#omg_regions_canvas``), the mask
+    image upload (turned into the regions text) and the button that frees the mask models."""
+    gr.HTML('<div id="omg_regions_canvas" data-width="512" data-height="512"></div>', elem_id="omg_regions_html")
+    with gr.Row():
+        upload = gr.Image(label="Or upload a mask image (concept 1 red, 2 blue, 3 green, 4 yellow, 5 purple)",
+                          type="numpy", elem_id="omg_mask_image")
+        if free_models is not None:
+            gr.Button("Free OMG mask models", elem_id="omg_free_models").click(fn=free_models, inputs=[], outputs=[])
+    def uploaded(image, text):
+        if image is None:
+            return text
+        try:
+            return image_to_regions(image)
+        except ValueError as e:  # a colour that is no concept's: say which
+            raise gr.Error(str(e)) from e
+
+    upload.change(fn=uploaded, inputs=[upload, regions_box], outputs=[regions_box])
+
+
 def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
           refresh_button: Callable[[object, int], None], prompt_box=None,
-          trigger_words: Callable[[str], str] = lambda name: "") -> tuple[list, list]:
+          trigger_words: Callable[[str], str] = lambda name: "",
+          image_to_regions: Callable = lambda image: "", free_models: Callable | None = None) -> tuple[list, list]:
     """The accordion's components (``to_args`` order) and (component, infotext name) pairs.
 
     ``refresh_button(dropdown, n)`` adds the host's refresh button beside concept n's LoRA
@@ -47,12 +78,17 @@ def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
     components.append(enabled)
     infotext.append((enabled, FIELDS[0].infotext))
     with enabled:
-        for row in (FIELDS[1:5], FIELDS[5:]):
+        for row in (FIELDS[1:5], FIELDS[5:9]):
             with gr.Row():
                 for field in row:
-                    comp = _component(field, getattr(DEFAULTS, field.attr), [])
-                    components.append(comp)
-                    infotext.append((comp, field.infotext))
+                    components.append(_add(field, infotext))
+        with gr.Accordion("Mask sources: Segment Anything, detector, drawn regions", open=False):
+            with gr.Row():
+                for field in FIELDS[9:12]:
+                    components.append(_add(field, infotext))
+            regions_box = _add(FIELDS[12], infotext)
+            components.append(regions_box)
+            regions_block(regions_box, image_to_regions, free_models)
         choices = lora_choices()
         for n in range(1, MAX_CONCEPTS + 1):
             with gr.Accordion(f"Concept {n}", open=n <= 2):

@@ -21,7 +21,7 @@ def _cfg(**kw):
 def test_the_tables_declare_every_setting_in_order():
     assert [f.name for f in fields(OmgConfig) if f.name != "concepts"] == [f.attr for f in FIELDS]
     assert [f.name for f in fields(ConceptSpec)] == [f.attr for f in CONCEPT_FIELDS]
-    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 9 + 5 * 7
+    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 13 + 5 * 7
 
 
 def test_defaults():

@@ -29,9 +29,12 @@ import torch
 
 from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
 from ..lora import DenseDelta, LowRankDelta
+from ..mask_sources import MaskInputs, concept_masks
 from ..masks import overlay
+from ..regions import Regions, parse_regions
 from ..pipeline import Concept, OmgSession
 from ..rows import RowRole
+from .mask_models import DOWNLOAD_OPTION, KEEP_OPTION, mask_models, release_mask_models
 
 
 def _networks():
@@ -90,11 +93,17 @@ SAVE_OPTION = "omg_save_layout"
 
 
 def add_settings() -> None:
-    """The WebUI setting that decides whether layout images and mask overlays are saved (off by default)."""
+    """OMG's WebUI settings: saving layout images and mask overlays (off by default), and the mask models."""
     from modules import shared
 
+    section = ("omg", "OMG multi-concept")
     shared.opts.add_option(SAVE_OPTION, shared.OptionInfo(
-        False, "Save the OMG layout image and mask overlay beside each image", section=("omg", "OMG multi-concept")))
+        False, "Save the OMG layout image and mask overlay beside each image", section=section))
+    shared.opts.add_option(DOWNLOAD_OPTION, shared.OptionInfo(
+        True, "Download missing Segment Anything / detector models on first use (models/sam, models/omg-detectors)", section=section))
+    shared.opts.add_option(KEEP_OPTION, shared.OptionInfo(
+        True, "Keep OMG mask models in RAM between jobs (off: free them after each job; never on the GPU while the UNet runs)",
+        section=section))
 
 
 def save_layout_images(p, generation: "A1111Generation", infotext: str) -> None:
@@ -262,6 +271,7 @@ def _crossattn(cond):
 class Prepared:
     concepts: list[Concept]
     labels: list[str]
+    regions: Regions | None = None
 
 
 class A1111Generation:
@@ -318,10 +328,10 @@ class A1111Generation:
                     return layout
                 self.check_pass1(session)
                 shared.state.nextjob()
-                results = session.attention_masks(dilation=self.cfg.mask_dilation, feather=self.cfg.mask_feather,
-                                                  groups=self.cfg.groups_by_class_word(), labels=self.prepared.labels)
+                results = self.concept_masks(session, layout)
                 for r in results:
                     self.warnings += r.warnings()
+                p.extra_generation_params["OMG mask sources used"] = ", ".join(results[0].sources)
                 masks = torch.stack([r.masks for r in results])
                 session.begin_pass2(masks, blend_start=self.cfg.blend_start, self_attention_until=self.cfg.self_attention_until)
                 shape, seeds_, subseeds_, strength, h, w = rng_state
@@ -381,7 +391,11 @@ class A1111Generation:
                 raise OmgUserError(f"OMG concept {n}: class word {spec.class_word!r} was not found among the prompt's tokens")
             concepts.append(Concept(cond, uncond, deltas, tokens))
             labels.append(spec.class_word)
-        return Prepared(concepts, labels)
+        try:
+            regions = parse_regions(self.cfg.regions, len(concepts)) if self.cfg.regions.strip() else None
+        except ValueError as e:
+            raise OmgUserError(str(e)) from e
+        return Prepared(concepts, labels, regions)
 
     def load_concept(self, spec, negative: str) -> tuple[dict, dict, dict]:
         """(UNet deltas, cond, uncond) of one concept: its prompts encoded with its text-encoder LoRA."""
@@ -407,12 +421,26 @@ class A1111Generation:
         model = self.p.sd_model.cond_stage_model
         return next((e for e in getattr(model, "embedders", [model]) if hasattr(e, "tokenize_line")), None)
 
-    # -- results
-    def keep_layout(self, layout: torch.Tensor, masks: torch.Tensor) -> None:
+    # -- masks
+    def concept_masks(self, session: OmgSession, layout: torch.Tensor) -> list:
+        """One ``MaskResult`` per image from the configured source (attention, SAM, detector, regions)."""
         from modules import sd_samplers_common
 
-        for i in range(layout.shape[0]):
-            image = sd_samplers_common.sample_to_image(layout, i, approximation=0)
+        cfg = self.cfg
+        self.pictures = [sd_samplers_common.sample_to_image(layout, i, approximation=0) for i in range(layout.shape[0])]
+        maps, hw = session.attention_maps(), session.record.latent_hw()
+        models = mask_models(cfg)
+        try:
+            return [concept_masks(cfg.mask_source, MaskInputs(
+                maps[i], hw, self.prepared.labels, numpy.array(self.pictures[i].convert("RGB")), cfg.groups_by_class_word(),
+                cfg.instance_order, cfg.mask_dilation, cfg.mask_feather, self.prepared.regions), models)
+                for i in range(session.images)]
+        finally:
+            release_mask_models()
+
+    # -- results
+    def keep_layout(self, layout: torch.Tensor, masks: torch.Tensor) -> None:
+        for i, image in enumerate(self.pictures):
             pixels = torch.from_numpy(numpy.array(image)).permute(2, 0, 1).float() / 255
             shown = torch.nn.functional.interpolate(masks[i:i + 1].float().cpu(), size=pixels.shape[-2:], mode="nearest")[0]
             pic = overlay(shown, pixels)

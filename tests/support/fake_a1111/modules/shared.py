@@ -13,3 +13,13 @@ class State:
 
 
 state = State()
+
+
+class Options:
+    """``shared.opts``: the settings the adapter reads, by key, in ``data``."""
+
+    def __init__(self):
+        self.data = {}
+
+
+opts = Options()
