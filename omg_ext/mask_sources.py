@@ -80,13 +80,14 @@ def concept_masks(source: str, inputs: MaskInputs, models: MaskModels | None = N
         try:
             found = _found(source, inputs, models, attention.masks, evidence, notes)
         except MissingModelFile as e:
-            found = {}
+            found = None
             notes.append(f"{e} — attention masks used instead")
         for j in range(k):
             name = attention.name(j)
-            core = found.get(j)
+            core = found.get(j) if found is not None else None
             if core is None:
-                notes.append(f"{name}: {source} gave no mask, attention mask used")
+                if found is not None:
+                    notes.append(f"{name}: {source} gave no mask, attention mask used")
                 sources[j] = "attention (fallback)"
                 continue
             if source == "attention+sam" and bool(cores[j].any()):

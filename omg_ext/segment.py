@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import numpy
 import torch
 
+from .model_files import MissingModelFile
+
 SAM_KINDS = ("vit_b", "vit_l", "vit_h")
 
 
@@ -56,8 +58,12 @@ def load_sam(kind: str, checkpoint: str | Path, device: torch.device | str = "cp
 
     if kind not in SAM_KINDS:
         raise ValueError(f"SAM model must be one of {', '.join(SAM_KINDS)}, got {kind!r}")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):  # A1111's torch.load wrapper returns None for a file its own check refuses
+        raise MissingModelFile(f"OMG: {checkpoint} could not be read as a SAM checkpoint (see the log); "
+                               "replace it with the official file")
     sam = sam_model_registry[kind](checkpoint=None)
-    sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    sam.load_state_dict(state)
     return sam.to(device).eval()
 
 

@@ -191,6 +191,9 @@ def test_sam_checkpoints_load_as_tensors_only(tmp_path, monkeypatch):
         load_sam("vit_b", tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="SAM model must be one of vit_b, vit_l, vit_h"):
         load_sam("vit_x", tmp_path / "ok.pth")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: None)  # A1111's safe-unpickle wrapper refusing a file
+    with pytest.raises(MissingModelFile, match="ok.pth could not be read as a SAM checkpoint"):
+        load_sam("vit_b", tmp_path / "ok.pth")
 
 
 class Evil:

@@ -74,7 +74,7 @@ def test_drawing_two_boxes_gives_their_regions(page_url):
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1000})
-            page.goto(page_url)
+            page.goto(page_url, wait_until="domcontentloaded")  # gradio 3 asks for web fonts: no network here
             canvas = page.locator("#omg_regions_canvas canvas")
             canvas.wait_for(timeout=30000)
             page.locator("#omg_regions_canvas button[data-concept='1']").click()
