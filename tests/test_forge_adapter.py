@@ -272,6 +272,23 @@ def test_conflicts_and_unsupported_models_fail_with_a_clear_message(tmp_path, mo
         with pytest.raises(forge.OmgUserError, match="ControlNet"):
             generation.wrapper(None, {"input": torch.zeros(2, 4, 8, 8), "timestep": torch.ones(2), "cond_or_uncond": [1, 0],
                                       "c": {"control": {"output": []}}})
+    # a script after ours puts its own wrapper on (a clone of) our clone: named after pass 1, not "no UNet call"
+    model = _ForgeModel()
+    monkeypatch.setitem(sys.modules, "networks", _networks(tmp_path / "hero.safetensors"))
+    with fake_forge.installed() as modules:
+        job = _Job(modules, model)
+        generation = forge.ForgeGeneration(job, OmgConfig(**CFG))
+        generation.attach()
+
+        def later_script(p, **kwargs):
+            clone = p.sd_model.forge_objects.unet.clone()
+            clone.set_model_unet_function_wrapper(tiled)
+            p.sd_model.forge_objects.unet = clone
+
+        job.hooks += [lambda p, **kwargs: generation.patch_unet(), later_script]
+        c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
+        with pytest.raises(forge.OmgUserError, match="another extension that wraps Forge's UNet function .*tiled"):
+            job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
     with pytest.raises(forge.OmgUserError, match="does not support Flux"):
         forge.check_model(type("Flux", (), {"is_sd1": False, "is_sdxl": False})())
     with pytest.raises(forge.OmgUserError, match="SD1.5 and SDXL checkpoints, not StableDiffusion3"):

@@ -99,6 +99,12 @@ class SharedPatch(ProjectedAttention):
         return self
 
 
+def conflict_error(wrapper) -> OmgUserError:
+    """The refusal when another extension wraps Forge's UNet function (MultiDiffusion…)."""
+    return OmgUserError("OMG cannot run together with another extension that wraps Forge's UNet "
+                        f"function ({getattr(wrapper, '__qualname__', type(wrapper).__name__)})")
+
+
 def host_attention(q, k, v, heads):
     """Forge's own attention function (the one its CrossAttention calls)."""
     from backend import attention
@@ -139,6 +145,10 @@ class ForgeGeneration(A1111Generation):
     def check_pass1(self, session: OmgSession) -> None:
         if self.patch_error is not None:
             raise self.patch_error
+        if session.counters["pass1"].calls == 0:  # a script after ours replaced the wrapper on (a clone of) our clone
+            existing = self.p.sd_model.forge_objects.unet.model_options.get("model_function_wrapper")
+            if existing is not None and existing is not self.wrapper:
+                raise conflict_error(existing)
         super().check_pass1(session)
 
     def patch_unet(self) -> None:
@@ -155,8 +165,7 @@ class ForgeGeneration(A1111Generation):
             if existing is self.wrapper:
                 return
             if existing is not None:
-                raise OmgUserError("OMG cannot run together with another extension that wraps Forge's UNet "
-                                   f"function ({getattr(existing, '__qualname__', type(existing).__name__)})")
+                raise conflict_error(existing)
             clone = unet.clone()
             clone.set_model_unet_function_wrapper(self.wrapper)
             cross, self_attention = self.patches
