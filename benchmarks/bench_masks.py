@@ -44,14 +44,12 @@ def owlvit(folder: Path) -> Detector:
 
 
 def grounding_dino(folder: Path) -> Detector:
-    from transformers import (BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessor, GroundingDinoProcessor)
+    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoImageProcessor, GroundingDinoProcessor
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "man", "woman"] + [chr(c) for c in range(97, 123)]
-    (folder / "vocab.txt").write_text("\n".join(words))
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    from tests.support.mask_models import bert_tokenizer
+
     model = GroundingDinoForObjectDetection(GroundingDinoConfig()).eval()
-    return Detector("grounding-dino", GroundingDinoProcessor(GroundingDinoImageProcessor(), tokenizer), model)
+    return Detector("grounding-dino", GroundingDinoProcessor(GroundingDinoImageProcessor(), bert_tokenizer(folder)), model)
 
 
 def main() -> None:

@@ -52,24 +52,42 @@ class Detector:
         from PIL import Image
 
         pil = Image.fromarray(image)
-        size = torch.tensor([[pil.height, pil.width]])
         device = next(self.model.parameters()).device
-        found: dict[str, list[tuple[float, tuple]]] = {w: [] for w in words}
         if self.backend == "grounding-dino":
-            inputs = self.processor(images=pil, text=". ".join(words) + ".", return_tensors="pt").to(device)
-            outputs = self.model(**inputs)
-            result = self.processor.post_process_grounded_object_detection(
-                outputs, inputs["input_ids"], box_threshold=threshold, text_threshold=threshold, target_sizes=size)[0]
-            for score, label, box in zip(result["scores"], result["labels"], result["boxes"]):
-                word = next((w for w in words if w.lower() in str(label).lower()), None)
-                if word is not None:
-                    found[word].append((float(score), tuple(float(v) for v in box)))
-            return found
+            return self._grounded(pil, words, threshold, device)
         inputs = self.processor(text=[words], images=pil, return_tensors="pt").to(device)
         outputs = self.model(**inputs)
+        size = torch.tensor([[pil.height, pil.width]])  # OWLv2's post-processing knows its square padding
         result = self.processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=size)[0]
+        found: dict[str, list[tuple[float, tuple]]] = {w: [] for w in words}
         for score, label, box in zip(result["scores"], result["labels"], result["boxes"]):
             found[words[int(label)]].append((float(score), tuple(float(v) for v in box)))
+        return found
+
+    def _grounded(self, pil, words: list[str], threshold: float, device) -> dict[str, list[tuple[float, tuple]]]:
+        """GroundingDINO on the caption "w1. w2.": each box goes to the word whose tokens score it highest.
+
+        Scoring the word spans directly (instead of the processor's phrase labels, which join every
+        token over the text threshold) keeps "man" and "woman" apart, and does not depend on the
+        post-processing arguments, which changed between transformers versions.
+        """
+        tokenizer = self.processor.tokenizer
+        spans, start = [], 1  # after [CLS]; each word is followed by its "."
+        for word in words:
+            n = len(tokenizer(word, add_special_tokens=False)["input_ids"])
+            spans.append((start, start + n))
+            start += n + 1
+        inputs = self.processor(images=pil, text=". ".join(words) + ".", return_tensors="pt").to(device)
+        outputs = self.model(**inputs)
+        token_scores = outputs.logits[0].sigmoid()  # (queries, text tokens)
+        word_scores = torch.stack([token_scores[:, a:b].max(-1).values for a, b in spans], -1)
+        best, label = word_scores.max(-1)
+        cx, cy, w, h = outputs.pred_boxes[0].float().unbind(-1)
+        scale = torch.tensor([pil.width, pil.height, pil.width, pil.height], dtype=torch.float32, device=cx.device)
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * scale
+        found: dict[str, list[tuple[float, tuple]]] = {w: [] for w in words}
+        for i in torch.nonzero(best > threshold).flatten().tolist():
+            found[words[int(label[i])]].append((float(best[i]), tuple(float(v) for v in boxes[i])))
         return found
 
 
@@ -86,4 +104,8 @@ def load_detector(backend: str, folder: str | Path, device: torch.device | str =
         raise MissingModelFile(f"OMG: the {backend} detector ({model_id}) is not in {folder} and could not be "
                                f"downloaded ({e.__class__.__name__}); download it from https://huggingface.co/{model_id} "
                                f"into {folder}") from e
+    except Exception as e:  # noqa: BLE001 - an optional model: the job falls back to attention masks
+        # e.g. A1111's safe unpickler refusing pytorch_model.bin makes torch.load return None inside transformers
+        raise MissingModelFile(f"OMG: the {backend} detector in {folder} could not be loaded ({e.__class__.__name__}: {e}; "
+                               "see the console); delete its folder there to download it again") from e
     return Detector(backend, processor, model.to(device).eval())

@@ -23,7 +23,7 @@ def _component(field, value, lora_choices: list[str]):
         return gr.Slider(0, 256, value=value, step=1, label=field.label)
     choices = {"mask_source": MASK_SOURCES, "sam_model": SAM_MODELS, "detector": DETECTORS, "instance_order": INSTANCE_ORDERS}
     if field.attr in choices:
-        return gr.Dropdown(list(choices[field.attr]), value=value, label=field.label)
+        return gr.Dropdown(list(choices[field.attr]), value=value, label=field.label, elem_id=f"omg_{field.attr}")
     if field.attr == "regions":
         return gr.Textbox(value=value, label=field.label, elem_id="omg_regions", lines=1)
     if field.attr in ("unet_weight", "te_weight"):
@@ -37,10 +37,18 @@ def _component(field, value, lora_choices: list[str]):
     return gr.Textbox(value=value, label=field.label, lines=2 if "prompt" in field.attr else 1)
 
 
-def _add(field, infotext: list):
-    comp = _component(field, getattr(DEFAULTS, field.attr), [])
+def _add(field, infotext: list, by_attr: dict):
+    comp = by_attr[field.attr] = _component(field, getattr(DEFAULTS, field.attr), [])
     infotext.append((comp, field.infotext))
     return comp
+
+
+def model_status_line(by_attr: dict, model_status: Callable[[str, str, str], str]) -> None:
+    """A line saying which model files the picked mask source needs and where they are (or go)."""
+    inputs = [by_attr["mask_source"], by_attr["sam_model"], by_attr["detector"]]
+    line = gr.Markdown(model_status(DEFAULTS.mask_source, DEFAULTS.sam_model, DEFAULTS.detector), elem_id="omg_model_status")
+    for comp in inputs:
+        comp.change(fn=model_status, inputs=inputs, outputs=[line])
 
 
 def regions_block(regions_box, image_to_regions: Callable, free_models: Callable | None = None) -> None:
@@ -66,14 +74,16 @@ def regions_block(regions_box, image_to_regions: Callable, free_models: Callable
 def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
           refresh_button: Callable[[object, int], None], prompt_box=None,
           trigger_words: Callable[[str], str] = lambda name: "",
-          image_to_regions: Callable = lambda image: "", free_models: Callable | None = None) -> tuple[list, list]:
+          image_to_regions: Callable = lambda image: "", free_models: Callable | None = None,
+          model_status: Callable[[str, str, str], str] | None = None) -> tuple[list, list]:
     """The accordion's components (``to_args`` order) and (component, infotext name) pairs.
 
     ``refresh_button(dropdown, n)`` adds the host's refresh button beside concept n's LoRA
     list; picking a LoRA fills an empty concept prompt from ``prompt_box`` (the global
-    prompt) and the LoRA's ``trigger_words``.
+    prompt) and the LoRA's ``trigger_words``; ``model_status(source, sam model, detector)``
+    says which model files the mask source needs.
     """
-    components, infotext = [], []
+    components, infotext, by_attr = [], [], {}
     enabled = enable_accordion(FIELDS[0].label)
     components.append(enabled)
     infotext.append((enabled, FIELDS[0].infotext))
@@ -81,12 +91,14 @@ def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
         for row in (FIELDS[1:5], FIELDS[5:9]):
             with gr.Row():
                 for field in row:
-                    components.append(_add(field, infotext))
+                    components.append(_add(field, infotext, by_attr))
         with gr.Accordion("Mask sources: Segment Anything, detector, drawn regions", open=False):
             with gr.Row():
                 for field in FIELDS[9:12]:
-                    components.append(_add(field, infotext))
-            regions_box = _add(FIELDS[12], infotext)
+                    components.append(_add(field, infotext, by_attr))
+            if model_status is not None:
+                model_status_line(by_attr, model_status)
+            regions_box = _add(FIELDS[12], infotext, by_attr)
             components.append(regions_box)
             regions_block(regions_box, image_to_regions, free_models)
         choices = lora_choices()

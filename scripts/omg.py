@@ -6,7 +6,7 @@ from modules.ui_components import InputAccordion
 from omg_ext import ui
 from omg_ext.config import MAX_CONCEPTS, OmgConfigError, from_args, with_overrides
 from omg_ext.hosts import running_forge
-from omg_ext.hosts.mask_models import free_mask_models
+from omg_ext.hosts.mask_models import free_mask_models, model_files_status
 from omg_ext.regions import regions_from_image
 from omg_ext.hosts.a1111 import A1111Generation, OmgUserError, add_settings, add_xyz_axes, fail_job, lora_names, lora_trigger_words, refresh_loras, save_layout_images
 
@@ -38,7 +38,8 @@ class OmgScript(scripts.Script):
         components, self.infotext_fields = ui.build(
             lambda label: InputAccordion(False, label=label, elem_id="omg"), lora_names, refresh_button,
             prompt_box=getattr(self, "prompt_box", None), trigger_words=lora_trigger_words,
-            image_to_regions=lambda image: regions_from_image(image, MAX_CONCEPTS), free_models=free_mask_models)
+            image_to_regions=lambda image: regions_from_image(image, MAX_CONCEPTS), free_models=free_mask_models,
+            model_status=model_files_status)
         self.paste_field_names = [name for _, name in self.infotext_fields]
         return components
 

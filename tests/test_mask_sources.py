@@ -12,7 +12,7 @@ from omg_ext.mask_sources import MaskInputs, MaskModels, concept_masks
 from omg_ext.model_files import MissingModelFile, ModelFile, ensure_file
 from omg_ext.sam_prompts import prompts_from_attention
 from omg_ext.segment import SamPrompt, load_sam, segment
-from tests.support.mask_models import tiny_owlvit, tiny_sam
+from tests.support.mask_models import save_to_hf_cache, tiny_grounding_dino, tiny_owlv2, tiny_owlvit, tiny_sam
 
 LATENT = (8, 12)  # image 64 x 96
 
@@ -162,20 +162,63 @@ def test_detector_plus_sam_gives_two_men_distinct_instances():
     assert result.sources == ["attention (fallback)"] * 2 and "man, man: the detector found 0 box(es) for 2 concept(s)" in result.notes
 
 
-def test_a_real_random_weight_sam_and_detector_run_the_whole_path(tmp_path):
+DETECTORS = [("owlvit", tiny_owlvit), ("owlv2", tiny_owlv2), ("grounding-dino", tiny_grounding_dino)]
+
+
+def _expected_detections(backend, processor, call, hw):
+    """Every box of the model's raw output as (word, score, box in pixels), computed apart from ``Detector``."""
+    (_, kwargs), out = call
+    h, w = hw
+    if backend == "grounding-dino":  # the best-scoring token that is one of the words (by token id, not position)
+        ids = kwargs["input_ids"][0]
+        word_of = {processor.tokenizer.convert_tokens_to_ids(word): word for word in ("man", "woman")}
+        columns = [i for i, t in enumerate(ids.tolist()) if t in word_of]
+        scores, best = out.logits[0][:, columns].sigmoid().max(-1)
+        labels = [word_of[int(ids[columns[b]])] for b in best]
+        scale = torch.tensor([w, h, w, h])
+    else:  # one logit per query word; OWLv2 pads the image to a square at the bottom right
+        scores, best = out.logits[0].sigmoid().max(-1)
+        labels = [["man", "woman"][b] for b in best]
+        scale = torch.tensor([w, h, w, h]) if backend == "owlvit" else torch.tensor([max(h, w)] * 4)
+    cx, cy, bw, bh = out.pred_boxes[0].unbind(-1)
+    boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1) * scale
+    return sorted((word, float(s), tuple(b.tolist())) for word, s, b in zip(labels, scores, boxes))
+
+
+@pytest.mark.parametrize("backend, build", DETECTORS, ids=[d[0] for d in DETECTORS])
+def test_each_detector_built_from_its_real_code_labels_and_scales_its_boxes(tmp_path, backend, build):
+    processor, model = build(tmp_path)
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(((args, kwargs), out)), with_kwargs=True)
+    image = (numpy.random.default_rng(0).random((64, 96, 3)) * 255).astype(numpy.uint8)
+    found = detector.Detector(backend, processor, model).detect(image, ["man", "woman"], threshold=0.0)
+    got = sorted((word, score, box) for word, hits in found.items() for score, box in hits)
+    expected = _expected_detections(backend, processor, calls[0], (64, 96))
+    assert set(found) == {"man", "woman"} and len(got) == len(expected) > 0
+    assert [g[0] for g in got] == [e[0] for e in expected]
+    assert numpy.allclose([g[1:2] + g[2] for g in got], [e[1:2] + e[2] for e in expected], atol=1e-4)
+    few = detector.Detector(backend, processor, model).detect(image, ["man", "woman"], threshold=0.5)
+    assert sum(map(len, few.values())) == sum(e[1] > 0.5 for e in expected)
+
+
+@pytest.mark.parametrize("backend, build", DETECTORS, ids=[d[0] for d in DETECTORS])
+def test_a_real_random_weight_sam_and_detector_run_the_whole_path(tmp_path, backend, build):
     sam = tiny_sam()
-    torch.save(sam.state_dict(), tmp_path / "tiny.pth")
     image = (numpy.random.default_rng(0).random((64, 96, 3)) * 255).astype(numpy.uint8)
     masks = segment(sam, image, [SamPrompt((8, 8, 48, 56), [(20, 28)], [1]), SamPrompt((56, 8, 88, 56))])
     assert [tuple(m.shape) for m in masks] == [(64, 96)] * 2 and masks[0].dtype == torch.bool
-    processor, model = tiny_owlvit(tmp_path)
-    found = detector.Detector("owlvit", processor, model).detect(image, ["man", "woman"], threshold=0.0)
-    assert set(found) == {"man", "woman"} and all(len(b) == 4 for d in found.values() for _, b in d)
-    stub_sam = lambda img, prompts: segment(sam, img, prompts)  # noqa: E731
-    result = concept_masks("detector+sam", _inputs(), MaskModels(sam=lambda: stub_sam,
-                                                                 detector=lambda: detector.Detector("owlvit", processor, model)))
+    processor, model = build(tmp_path)
+    prompts_seen = []
+
+    def real_sam(img, prompts):
+        prompts_seen.extend(prompts)
+        return segment(sam, img, prompts)
+
+    found = detector.Detector(backend, processor, model)
+    result = concept_masks("detector+sam", _inputs(image=image), MaskModels(sam=lambda: real_sam, detector=lambda: found))
     _check_exclusive(result)
-    assert len(result.sources) == 2
+    assert result.sources == ["detector+sam"] * 2 and len(prompts_seen) == 2
+    assert all(p.box is not None and p.points == [] for p in prompts_seen)
 
 
 def test_sam_checkpoints_load_as_tensors_only(tmp_path, monkeypatch):
@@ -277,3 +320,47 @@ def test_mask_source_names_are_validated():
     with pytest.raises(ValueError, match="mask source must be one of attention, attention\\+sam"):
         concept_masks("sam", _inputs())
     assert mask_sources.MASK_SOURCES[0] == "attention"
+
+
+def test_the_accordion_says_which_model_files_the_source_needs_and_where(tmp_path, monkeypatch):
+    from omg_ext.model_status import describe_model_files
+
+    sam, det = tmp_path / "sam", tmp_path / "omg-detectors"
+    say = lambda source, sam_model="vit_b", detector_name="auto", download=True: describe_model_files(  # noqa: E731
+        source, sam_model, detector_name, sam, det, download)
+    assert say("attention") == "The attention mask source needs no model file."
+    assert say("regions") == "The regions mask source needs no model file."
+    assert f"`sam_vit_h_4b8939.pth` (2446 MB) is not in `{sam}` yet; it is downloaded from " \
+           "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth on first use" in say("regions+sam", "vit_h")
+    assert f"download https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth and place it in `{sam}` " \
+           "(downloads are off" in say("attention+sam", download=False)
+    sam.mkdir()
+    (sam / "sam_vit_b_01ec64.pth").write_bytes(b"x")
+    assert say("attention+sam") == f"Segment Anything vit_b: `{sam / 'sam_vit_b_01ec64.pth'}`"
+    monkeypatch.setattr("omg_ext.model_status.available_backend", lambda preferred: "owlvit")  # as on A1111's 4.30
+    assert "Detector: owlvit (the installed transformers has no grounding-dino); download " \
+           f"https://huggingface.co/google/owlvit-base-patch32 into `{det}` (downloads are off" in \
+           say("detector+sam", detector_name="grounding-dino", download=False)
+    snapshot = det / "models--google--owlvit-base-patch32" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    assert say("detector+sam") == f"Segment Anything vit_b: `{sam / 'sam_vit_b_01ec64.pth'}`\n\n" \
+                                  f"Detector: owlvit, `google/owlvit-base-patch32` in `{det}`"
+
+
+@pytest.mark.parametrize("backend, build", DETECTORS, ids=[d[0] for d in DETECTORS])
+def test_a_detector_in_the_models_folder_loads_offline_or_falls_back_with_a_message(tmp_path, monkeypatch, backend, build):
+    processor, model = build(tmp_path)
+    folder = tmp_path / "omg-detectors"
+    with pytest.raises(MissingModelFile, match=rf"the {backend} detector \(.*\) is not in .*omg-detectors and could not be "
+                                               rf"downloaded .*download it from https://huggingface.co/{detector.BACKENDS[backend][1]}"):
+        detector.load_detector(backend, folder, local_only=True)
+    save_to_hf_cache(processor, model, detector.BACKENDS[backend][1], folder, safetensors=False)
+    loaded = detector.load_detector(backend, folder, local_only=True)
+    assert loaded.backend == backend and not loaded.model.training
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
+    image = (numpy.random.default_rng(0).random((64, 96, 3)) * 255).astype(numpy.uint8)
+    assert loaded.detect(image, ["man", "woman"]) == detector.Detector(backend, processor, model).detect(image, ["man", "woman"])
+    monkeypatch.setattr(torch, "load", lambda *a, **k: None)  # A1111's safe unpickler refusing pytorch_model.bin
+    with pytest.raises(MissingModelFile, match=rf"the {backend} detector in .*omg-detectors could not be loaded \(.*see the console\)"):
+        detector.load_detector(backend, folder, local_only=True)

@@ -16,6 +16,7 @@ from ..config import OmgConfig
 from ..detector import available_backend, load_detector
 from ..mask_sources import MaskModels
 from ..model_files import SAM_FILES, ensure_file
+from ..model_status import describe_model_files
 from ..segment import ModelSlot, load_sam, segment
 
 SAM_SLOT, DETECTOR_SLOT = ModelSlot(), ModelSlot()
@@ -57,6 +58,12 @@ def mask_models(cfg: OmgConfig) -> MaskModels:
         return found
 
     return MaskModels(sam=sam, detector=detector)
+
+
+def model_files_status(mask_source: str, sam_model: str, detector: str) -> str:
+    """The accordion's line on the model files the picked source needs, in this WebUI's folders."""
+    return describe_model_files(mask_source, sam_model, detector, _folder("sam"), _folder("omg-detectors"),
+                                _option(DOWNLOAD_OPTION, True))
 
 
 def release_mask_models() -> None:

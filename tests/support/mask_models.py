@@ -29,11 +29,27 @@ def clip_tokenizer_files(folder: Path) -> tuple[str, str]:
 
 def tiny_owlvit(folder: Path):
     """(processor, model) of OWL-ViT with random weights and a tiny tokenizer."""
-    from transformers import CLIPTokenizer, OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
+    from transformers import OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
+
+    image_processor = OwlViTImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64})
+    return _tiny_owl(folder, OwlViTConfig, OwlViTForObjectDetection, image_processor, OwlViTProcessor)
+
+
+def tiny_owlv2(folder: Path):
+    """(processor, model) of OWLv2 with random weights and a tiny tokenizer."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    return _tiny_owl(folder, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor(size={"height": 64, "width": 64}),
+                     Owlv2Processor)
+
+
+def _tiny_owl(folder: Path, config_class, model_class, image_processor, processor_class):
+    """OWL-ViT and OWLv2 share their layout: a one-layer CLIP text and vision tower of width 32 on 64 px."""
+    from transformers import CLIPTokenizer
 
     vocab, merges = clip_tokenizer_files(folder)
     tokenizer = CLIPTokenizer(vocab, merges, pad_token="!", model_max_length=16)
-    config = OwlViTConfig(
+    config = config_class(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
@@ -41,6 +57,46 @@ def tiny_owlvit(folder: Path):
                            image_size=64, patch_size=16),
         projection_dim=32)
     torch.manual_seed(0)
-    model = OwlViTForObjectDetection(config).eval()
-    image_processor = OwlViTImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64})
-    return OwlViTProcessor(image_processor=image_processor, tokenizer=tokenizer), model
+    model = model_class(config).eval()
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer), model
+
+
+def tiny_grounding_dino(folder: Path):
+    """(processor, model) of GroundingDINO (Swin image and BERT text backbones shrunk) with random weights."""
+    from transformers import (BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+
+    tokenizer = bert_tokenizer(folder)
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
+                                   out_features=["stage2", "stage3", "stage4"]),
+        text_config=BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=64),
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, fusion_dropout=0.0, num_queries=12, encoder_n_points=1,
+        decoder_n_points=1, max_text_len=32)
+    torch.manual_seed(0)
+    model = GroundingDinoForObjectDetection(config).eval()
+    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 128, "longest_edge": 192})  # 1x1 maps break GroupNorm
+    return GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer), model
+
+
+def bert_tokenizer(folder: Path):
+    """GroundingDINO's BERT tokenizer with a small vocabulary: the words of the tests and single letters."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "man", "woman"] + [chr(c) for c in range(97, 123)]
+    (folder / "vocab.txt").write_text("\n".join(words))
+    return BertTokenizer(str(folder / "vocab.txt"))
+
+
+def save_to_hf_cache(processor, model, model_id: str, cache_dir: Path, safetensors: bool = True) -> Path:
+    """Save a (processor, model) where ``from_pretrained(model_id, cache_dir=cache_dir)`` finds it offline."""
+    repo = cache_dir / ("models--" + model_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    processor.save_pretrained(snapshot)
+    model.save_pretrained(snapshot, safe_serialization=safetensors)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    return snapshot
