@@ -10,14 +10,14 @@ from torch import nn
 
 from omg_ext.config import ConceptSpec, OmgConfig
 from omg_ext.hosts import forge
-from omg_ext.lora import DenseDelta, LowRankDelta
+from omg_ext.lora import DenseDelta, LowRankDelta, RowRoutedLoRA
 from omg_ext.rows import RowRole
 from tests.support import fake_forge
 from tests.support.fake_forge.backend.patcher.clip import CLIP
 from tests.support.fake_forge.backend.patcher.lora import merge_lora_to_weight
 from tests.support.fake_forge.backend.patcher.unet import UnetPatcher
 from tests.support.fake_forge.backend.sampling_function import sampling_function
-from tests.support.fake_forge.forge_unet import KModel, forge_unet
+from tests.support.fake_forge.forge_unet import ForgeLinear, KModel, forge_unet, with_forge_linears
 from tests.support.sampling import SAMPLERS, DiscreteSchedule
 from tests.test_a1111_adapter import CTX, _Clip
 
@@ -47,12 +47,13 @@ class _ForgeModel:
 
     is_sd1 = True
 
-    def __init__(self):
+    def __init__(self, fp8: bool = False):
         self.text_processing_engine = _Clip()
         torch.manual_seed(0)
         for p in self.text_processing_engine.parameters():
             nn.init.normal_(p, std=0.2)
-        unet = UnetPatcher(KModel(forge_unet(CTX, seed=0)))
+        diffusion_model = forge_unet(CTX, seed=0)
+        unet = UnetPatcher(KModel(with_forge_linears(diffusion_model) if fp8 else diffusion_model))
         self.forge_objects = _Objects(unet, CLIP(self.text_processing_engine))
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
 
@@ -128,9 +129,9 @@ CFG = dict(enabled=True, mask_dilation=0, mask_feather=0, concepts=[
 ])
 
 
-def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, **job_args):
+def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, fp8=False, **job_args):
     """A plain Forge job and an OMG job on one model: (plain, final, job, model, generation, weights before)."""
-    model = _ForgeModel()
+    model = _ForgeModel(fp8)
     _write_lora(tmp_path / "hero.safetensors", model)
     monkeypatch.setitem(sys.modules, "networks", _networks(tmp_path / "hero.safetensors"))
     weights = {k: v.clone() for k, v in model.forge_objects.unet.model.state_dict().items()}
@@ -196,6 +197,17 @@ def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monk
 
 
 @torch.no_grad()
+def test_a_checkpoint_with_fp8_manual_cast_layers_blends_and_is_left_as_it_was(tmp_path, monkeypatch):
+    plain, final, *_ = _run(tmp_path, monkeypatch, OmgConfig(blend_start=1.0, **CFG), fp8=True)
+    assert torch.equal(final, plain)  # blend start 1: Forge's own image, bit for bit
+    plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, **CFG), fp8=True)
+    assert isinstance(final, torch.Tensor) and (final - plain).abs().max() > 0.01
+    assert isinstance(generation.prepared.concepts[0].deltas[TO_K], LowRankDelta)
+    assert model.forge_objects.unet.model.diffusion_model.get_submodule(TO_K).weight.dtype == torch.float8_e4m3fn
+    _assert_untouched(model, weights, model.forge_objects_after_applying_lora.unet)
+
+
+@torch.no_grad()
 def test_a_failure_in_either_pass_leaves_forge_as_it_was(tmp_path, monkeypatch):
     for fail_at in (3, 9):  # pass 1, pass 2
         _, final, _, model, generation, weights = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, **CFG), fail_at_call=fail_at)
@@ -223,6 +235,31 @@ def test_forge_lora_patches_become_deltas_equal_to_forges_merge():
         forge.unet_deltas({("diffusion_model.x.weight", (0, 0, 4)): lora}, unet, 1.0)
     with pytest.raises(ValueError, match="factors give"):
         forge.unet_deltas({f"diffusion_model.{PROJ_IN}.weight": lora}, unet, 1.0)
+
+
+@torch.no_grad()
+def test_rows_are_routed_through_forges_manual_cast_fp8_layers():
+    """ForgeOperations.Linear is no nn.Linear; its fp8 weight is cast (and scaled) per call."""
+    unet = with_forge_linears(forge_unet(CTX, seed=0), torch.float8_e4m3fn, scale=0.5)
+    to_k, to_v = unet.get_submodule(TO_K), unet.get_submodule(TO_K[:-1] + "v")
+    assert isinstance(to_k, ForgeLinear) and not isinstance(to_k, nn.Linear) and to_k.weight.dtype == torch.float8_e4m3fn
+    g = torch.Generator().manual_seed(2)
+    up, down = torch.randn(to_k.out_features, 2, generator=g), torch.randn(2, to_k.in_features, generator=g)
+    replacement = torch.randn(to_v.out_features, to_v.in_features, generator=g)
+    patches = {f"diffusion_model.{TO_K}.weight": ("lora", (up, down, None, None, None)),
+               f"diffusion_model.{TO_K[:-1]}v.weight": ("set", (replacement,))}  # "set" depends on the (scaled) base
+    with fake_forge.installed():
+        deltas = forge.unet_deltas(patches, unet, 0.6)
+    router = RowRoutedLoRA(dict(unet.named_modules()), [deltas])
+    x = torch.randn(3, 5, to_k.in_features, generator=g, dtype=torch.bfloat16)
+    for layer, expected_weight in ((to_k, to_k.weight.float() * 0.5 + 0.6 * up @ down), (to_v, replacement)):
+        with router.installed(), router.route([(0, 1, 3)], batch=3):
+            routed = layer(x)
+        plain = layer(x)
+        assert routed.dtype == torch.bfloat16 and torch.equal(routed[0], plain[0])
+        expected = nn.functional.linear(x[1:].float(), expected_weight)
+        assert not torch.allclose(plain[1:].float(), expected, atol=0.1)
+        torch.testing.assert_close(routed[1:].float(), expected, rtol=0.03, atol=0.05)
 
 
 @torch.no_grad()

@@ -235,18 +235,23 @@ def unet_deltas(patches: dict, diffusion_model: torch.nn.Module, strength: float
             scale = strength * (alpha / down.shape[0] if alpha is not None else 1.0)
             deltas[layer] = LowRankDelta(up, down, mid, scale=scale).check(target, layer)
         else:
-            weight = dense_difference(target.weight, params.get("weight"), strength, f"{layer}.weight")
+            weight = dense_difference(target.weight, params.get("weight"), strength, f"{layer}.weight",
+                                      scale=getattr(target, "scale_weight", None))
             bias = params.get("bias")
             bias = None if bias is None else dense_difference(target.bias, bias, strength, f"{layer}.bias")
             deltas[layer] = DenseDelta(weight, bias).check(target, layer)
     return deltas
 
 
-def dense_difference(param: torch.Tensor, patch: tuple | None, strength: float, key: str) -> torch.Tensor:
-    """What Forge's ``merge_lora_to_weight`` would add to ``param`` (dequantised first), in float32."""
+def dense_difference(param: torch.Tensor, patch: tuple | None, strength: float, key: str,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
+    """What Forge's ``merge_lora_to_weight`` would add to ``param`` in float32: dequantised and, for
+    scaled fp8 checkpoints, times the layer's ``scale_weight`` first, as Forge's layers do per call."""
     from backend.patcher.lora import merge_lora_to_weight
 
     base = dequantized(param)
+    if scale is not None:
+        base = base * scale.float()
     if patch is None:
         return torch.zeros_like(base)
     merged = merge_lora_to_weight([[strength, patch, 1.0, None, None]], base.clone(), key, computation_dtype=torch.float32)

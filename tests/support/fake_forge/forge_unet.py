@@ -8,6 +8,7 @@ gets the projected q, k, v and ``extra_options`` (the transformer options plus
 ``n_heads``, ``dim_head``, ``block``, ``block_index``); otherwise the attention module
 runs ``backend.attention.attention_function``.
 """
+import torch
 from torch import nn
 
 from ..sampling import DiscreteSchedule
@@ -71,3 +72,32 @@ class KModel(nn.Module):
         finally:
             unet.forge_options.clear()
         return x - eps * t[:, None, None, None]
+
+
+class ForgeLinear(nn.Module):
+    """Forge's ``ForgeOperations.Linear`` with manual cast: not an ``nn.Linear``; the weight stays as
+    stored (fp8 here) and is cast to the input's dtype, times ``scale_weight`` if any, on every call."""
+
+    def __init__(self, linear: nn.Linear, storage: torch.dtype, scale: float | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        factor = 1.0 if scale is None else scale
+        self.weight = nn.Parameter((linear.weight.detach() / factor).to(storage), requires_grad=False)
+        self.scale_weight = None if scale is None else nn.Parameter(torch.tensor(scale), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.parameters_manual_cast = True
+
+    def forward(self, x):
+        weight = self.weight.to(x.dtype)
+        if self.scale_weight is not None:
+            weight = weight * self.scale_weight.to(x.dtype)
+        return nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def with_forge_linears(unet: nn.Module, storage: torch.dtype = torch.float8_e4m3fn, scale: float | None = 0.5) -> nn.Module:
+    """Every ``nn.Linear`` of ``unet`` replaced by a manual-cast ``ForgeLinear`` storing its weight as ``storage``."""
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent, _, leaf = name.rpartition(".")
+            setattr(unet.get_submodule(parent) if parent else unet, leaf, ForgeLinear(module, storage, scale))
+    return unet

@@ -42,11 +42,13 @@ def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=t
     for strength, (kind, v), strength_model, offset, function in patches:
         if kind == "diff":
             weight += strength * v[0].to(weight)
+        elif kind == "set":
+            weight.copy_(v[0])
         elif kind == "lora":
             up, down, alpha, mid, _ = v
             scale = alpha / down.shape[0] if alpha is not None else 1.0
             if mid is not None:
-                raise NotImplementedError("the stand-in merges plain LoRA and diff only")
+                raise NotImplementedError("the stand-in merges plain LoRA, diff and set only")
             weight += (strength * scale * (up.flatten(1).float() @ down.flatten(1).float())).reshape(weight.shape).to(weight)
         else:
             raise NotImplementedError(kind)
