@@ -58,12 +58,15 @@ def load_sam(kind: str, checkpoint: str | Path, device: torch.device | str = "cp
 
     if kind not in SAM_KINDS:
         raise ValueError(f"SAM model must be one of {', '.join(SAM_KINDS)}, got {kind!r}")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):  # A1111's torch.load wrapper returns None for a file its own check refuses
-        raise MissingModelFile(f"OMG: {checkpoint} could not be read as a SAM checkpoint (see the log); "
-                               "replace it with the official file")
     sam = sam_model_registry[kind](checkpoint=None)
-    sam.load_state_dict(state)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):  # A1111's torch.load wrapper returns None for a file its own check refuses
+            raise ValueError("not a state dict (see the log)")
+        sam.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - truncated, pickled code, another model: the job falls back to attention
+        raise MissingModelFile(f"OMG: {checkpoint} could not be read as a SAM {kind} checkpoint ({e.__class__.__name__}: "
+                               f"{str(e)[:300]}); replace it with the official file") from e
     return sam.to(device).eval()
 
 

@@ -230,12 +230,18 @@ def test_sam_checkpoints_load_as_tensors_only(tmp_path, monkeypatch):
     loaded = load_sam("vit_b", tmp_path / "ok.pth")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), sam.state_dict().values()))
     torch.save({"weights": sam.state_dict(), "hook": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+    with pytest.raises(MissingModelFile, match="Weights only load failed|Unsupported global"):
         load_sam("vit_b", tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="SAM model must be one of vit_b, vit_l, vit_h"):
         load_sam("vit_x", tmp_path / "ok.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:5000])  # an interrupted manual copy
+    with pytest.raises(MissingModelFile, match=r"cut.pth could not be read as a SAM vit_b checkpoint .*replace it with the official file"):
+        load_sam("vit_b", tmp_path / "cut.pth")
+    torch.save({"other": torch.zeros(2)}, tmp_path / "other.pth")  # some other model's file under SAM's name
+    with pytest.raises(MissingModelFile, match=r"other.pth could not be read as a SAM vit_b checkpoint \(RuntimeError"):
+        load_sam("vit_b", tmp_path / "other.pth")
     monkeypatch.setattr(torch, "load", lambda *a, **k: None)  # A1111's safe-unpickle wrapper refusing a file
-    with pytest.raises(MissingModelFile, match="ok.pth could not be read as a SAM checkpoint"):
+    with pytest.raises(MissingModelFile, match=r"ok.pth could not be read as a SAM vit_b checkpoint \(ValueError: not a state dict"):
         load_sam("vit_b", tmp_path / "ok.pth")
 
 
