@@ -1,4 +1,5 @@
 """The Forge adapter against a stand-in of the Forge surface it touches (tests/support/fake_forge)."""
+import contextlib
 import copy
 import sys
 import types
@@ -13,10 +14,9 @@ from omg_ext.hosts import forge
 from omg_ext.lora import DenseDelta, LowRankDelta, RowRoutedLoRA
 from omg_ext.rows import RowRole
 from tests.support import fake_forge
-from tests.support.fake_forge.backend.patcher.clip import CLIP
-from tests.support.fake_forge.backend.patcher.lora import merge_lora_to_weight
-from tests.support.fake_forge.backend.patcher.unet import UnetPatcher
-from tests.support.fake_forge.backend.sampling_function import sampling_function
+from tests.support.fake_forge.cfg_batches import sampling_function
+from tests.support.fake_forge.lora_files import merge_lora_to_weight
+from tests.support.fake_forge.patchers import CLIP, UnetPatcher
 from tests.support.fake_forge.forge_unet import ForgeLinear, KModel, forge_unet, with_forge_linears
 from tests.support.sampling import SAMPLERS, DiscreteSchedule
 from tests.test_a1111_adapter import CTX, _Clip
@@ -260,6 +260,25 @@ def test_rows_are_routed_through_forges_manual_cast_fp8_layers():
         expected = nn.functional.linear(x[1:].float(), expected_weight)
         assert not torch.allclose(plain[1:].float(), expected, atol=0.1)
         torch.testing.assert_close(routed[1:].float(), expected, rtol=0.03, atol=0.05)
+
+
+@torch.no_grad()
+def test_a_concept_prompt_is_encoded_on_a_cloned_clip_patcher_and_the_weights_come_back_at_once():
+    model = _ForgeModel()
+    original, proj = model.forge_objects.clip, model.text_processing_engine.proj
+    before = proj.weight.clone()
+    delta = torch.full_like(before, 0.1)
+    with fake_forge.installed():
+        for fail in (False, True):
+            with pytest.raises(RuntimeError, match="inside") if fail else contextlib.nullcontext():
+                with forge.clip_patched(model, {"proj.weight": ("diff", (delta,))}, "hero.safetensors", 0.5):
+                    assert model.forge_objects.clip is not original and original.patcher.patches == {}
+                    model.get_learned_conditioning(["a man"])  # Forge loads the clone: its patch is merged
+                    torch.testing.assert_close(model.text_processing_engine.proj.weight, before + 0.05)
+                    if fail:
+                        raise RuntimeError("inside")
+            assert model.forge_objects.clip is original
+            assert torch.equal(model.text_processing_engine.proj.weight, before), "restored before any other encode"
 
 
 @torch.no_grad()

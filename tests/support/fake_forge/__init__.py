@@ -1,37 +1,37 @@
 """A minimal stand-in for the parts of Forge (``lllyasviel/stable-diffusion-webui-forge``) the adapter touches.
 
 Forge keeps A1111's ``modules.*`` for processing, so ``installed()`` puts the A1111
-stand-in's ``modules`` on ``sys.modules`` too, plus this folder's ``backend`` package
-(patchers, LoRA loader, attention function, memory management) with the real
-signatures and semantics: a patcher clone deep-copies its ``model_options``; replace
-patches get projected q, k, v; the CFG batch is built uncond-first and may be split;
-CLIP LoRA patches are merged when the patcher is loaded and the original weights put
-back when another patcher of the same model is.
+stand-in's ``modules`` on ``sys.modules`` too, plus the ``backend`` names the adapter
+imports, served by this folder's small modules: ``backend.attention`` (``attention.py``),
+``backend.memory_management`` (``memory.py``) and ``backend.patcher.lora``
+(``lora_files.py``). The patchers (``patchers.py``), Forge's CFG batching
+(``cfg_batches.py``) and a UNet that honours replace patches (``forge_unet.py``) are used
+by the tests directly.
 """
 import contextlib
 import sys
+import types
 
 from .. import fake_a1111
-from . import backend
-from .backend import attention, memory_management, sampling_function
-from .backend.patcher import base, clip, lora, unet
+from . import attention, lora_files, memory
 
-_MODULES = {
-    "backend": backend, "backend.attention": attention, "backend.memory_management": memory_management,
-    "backend.sampling_function": sampling_function, "backend.patcher": backend.patcher,
-    "backend.patcher.base": base, "backend.patcher.clip": clip, "backend.patcher.lora": lora,
-    "backend.patcher.unet": unet,
-}
+
+def _modules() -> dict[str, types.ModuleType]:
+    backend, patcher = types.ModuleType("backend"), types.ModuleType("backend.patcher")
+    backend.attention, backend.memory_management, backend.patcher, patcher.lora = attention, memory, patcher, lora_files
+    return {"backend": backend, "backend.attention": attention, "backend.memory_management": memory,
+            "backend.patcher": patcher, "backend.patcher.lora": lora_files}
 
 
 @contextlib.contextmanager
 def installed():
-    saved = {k: sys.modules[k] for k in _MODULES if k in sys.modules}
-    sys.modules.update(_MODULES)
+    modules = _modules()
+    saved = {k: sys.modules[k] for k in modules if k in sys.modules}
+    sys.modules.update(modules)
     try:
-        with fake_a1111.installed() as modules:
-            yield modules
+        with fake_a1111.installed() as a1111_modules:
+            yield a1111_modules
     finally:
-        for name in _MODULES:
+        for name in modules:
             sys.modules.pop(name, None)
         sys.modules.update(saved)

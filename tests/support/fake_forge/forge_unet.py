@@ -13,7 +13,7 @@ from torch import nn
 
 from ..sampling import DiscreteSchedule
 from ..tiny_unet import TinyUNet
-from .backend.attention import attention_function
+from .attention import attention_function
 
 BLOCK_NAMES = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
 

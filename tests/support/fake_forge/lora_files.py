@@ -1,4 +1,5 @@
-"""Forge's ``backend/patcher/lora.py`` surface: key maps, ``load_lora``, ``merge_lora_to_weight``, ``LoraLoader``.
+"""The LoRA functions the adapter imports from Forge (``backend.patcher.lora``): key maps,
+``load_lora`` and ``merge_lora_to_weight``, with Forge's signatures and patch tuples.
 
 ``load_lora`` reads kohya files (``<key>.lora_up.weight``, ``.lora_down.weight``,
 ``.alpha``, optional ``.lora_mid.weight``) as ``("lora", (up, down, alpha, mid, None))``
@@ -53,33 +54,3 @@ def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=t
         else:
             raise NotImplementedError(kind)
     return weight
-
-
-class LoraLoader:
-    """Merges a patcher's patches into the model's weights, keeping the originals to put back."""
-
-    def __init__(self, model):
-        self.model, self.backup, self.loaded_hash = model, {}, str([])
-
-    @torch.inference_mode()
-    def refresh(self, lora_patches):
-        hashes = str(list(lora_patches.keys()))
-        if hashes == self.loaded_hash:
-            return
-        params = dict(self.model.named_parameters())
-        for key, original in self.backup.items():
-            _set(self.model, key, original)
-        self.backup = {}
-        merged = {}
-        for patches in lora_patches.values():
-            for key, current in patches.items():
-                merged.setdefault(key, []).extend(current)
-        for key, current in merged.items():
-            self.backup[key] = params[key]
-            _set(self.model, key, torch.nn.Parameter(merge_lora_to_weight(current, params[key].data, key), requires_grad=False))
-        self.loaded_hash = hashes
-
-
-def _set(model, key, param):
-    owner, _, name = key.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, name, param)

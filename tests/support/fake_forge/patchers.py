@@ -1,0 +1,61 @@
+"""Stand-ins for Forge's model patchers, reduced to what the adapter and the stand-in job call.
+
+The behaviour the adapter depends on: ``clone()`` shares the model but owns a deep copy of
+``model_options``, so whatever is set on a clone never reaches the original; replace patches
+are looked up in ``transformer_options["patches_replace"][target][(block, number, index)]``;
+LoRA patches added to a patcher change the weights only when the patcher is loaded
+(``memory.load_model_gpu``).
+"""
+import copy
+import itertools
+
+BLOCKS = ("input", "middle", "output")
+
+
+class ModelPatcher:
+    def __init__(self, model):
+        self.model = model
+        self.model_options = {"transformer_options": {}}
+        self.patches: dict[str, list] = {}
+        """Parameter name -> ``[strength, patch, strength_model, offset, function]`` entries."""
+
+    def clone(self):
+        twin = copy.copy(self)
+        twin.model_options = copy.deepcopy(self.model_options)
+        twin.patches = {name: list(entries) for name, entries in self.patches.items()}
+        return twin
+
+    def add_patches(self, *, filename, patches, strength_patch=1.0, strength_model=1.0, online_mode=False):
+        parameters = dict(self.model.named_parameters())
+        taken = {name for name in patches if name in parameters}
+        for name in taken:
+            self.patches.setdefault(name, []).append([strength_patch, patches[name], strength_model, None, None])
+        return taken
+
+    def set_model_unet_function_wrapper(self, unet_wrapper_function):
+        self.model_options["model_function_wrapper"] = unet_wrapper_function
+
+
+class UnetPatcher(ModelPatcher):
+    def set_model_replace_all(self, patch, target="attn1"):
+        """``patch`` for every transformer block; the option dicts are replaced, never edited in place."""
+        options = self.model_options["transformer_options"]
+        replace = {name: dict(table) for name, table in options.get("patches_replace", {}).items()}
+        replace[target] = {**replace.get(target, {}), **dict.fromkeys(itertools.product(BLOCKS, range(16), range(16)), patch)}
+        self.model_options["transformer_options"] = {**options, "patches_replace": replace}
+
+
+class CLIP:
+    """Forge's ``CLIP``: the text encoder (``cond_stage_model``) and a patcher over it."""
+
+    def __init__(self, cond_stage_model):
+        self.cond_stage_model = cond_stage_model
+        self.patcher = ModelPatcher(cond_stage_model)
+
+    def clone(self):
+        twin = copy.copy(self)
+        twin.patcher = self.patcher.clone()
+        return twin
+
+    def add_patches(self, **kwargs):
+        return self.patcher.add_patches(**kwargs)
