@@ -52,6 +52,15 @@ class AttentionCall:
     maps: torch.Tensor | None = None
     """[images, concepts, h, w] accumulator at 1/2 latent resolution, added to in place."""
 
+    def action(self, is_cross: bool, tokens: int) -> tuple[str, tuple[int, int]]:
+        """What a layer with ``tokens`` positions does: "replace", "capture" or "plain", and its (h, w)."""
+        factor, hw = layer_factor(tokens, self.latent_hw)
+        if self.replace and (is_cross or (self.replace_self and factor == SELF_REPLACE_FACTOR)):
+            return "replace", hw
+        if is_cross and self.capture_rows and factor in CAPTURE_FACTORS:
+            return "capture", hw
+        return "plain", hw
+
 
 def layer_factor(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
     """Downsampling factor and (h, w) of a layer with ``tokens`` spatial positions.
@@ -121,11 +130,11 @@ class OmgAttention:
         call = self.state.call
         if call is None or mask is not None:
             return self.original(x, context=context, mask=mask, **kwargs)
-        factor, hw = layer_factor(x.shape[1], call.latent_hw)
-        if call.replace and (self.is_cross or (call.replace_self and factor == SELF_REPLACE_FACTOR)):
+        action, hw = call.action(self.is_cross, x.shape[1])
+        if action == "replace":
             return self._replaced(x, x if context is None else context, call)
         out = self.original(x, context=context, mask=mask, **kwargs)
-        if self.is_cross and call.capture_rows and factor in CAPTURE_FACTORS:
+        if action == "capture":
             self._capture(x, context, call, hw)
         return out
 
@@ -168,11 +177,11 @@ class ProjectedAttention:
         if call is None:
             return self.attention(q, k, v, heads)
         scale = extra_options["dim_head"] ** -0.5
-        factor, hw = layer_factor(q.shape[1], call.latent_hw)
-        if call.replace and (self.is_cross or (call.replace_self and factor == SELF_REPLACE_FACTOR)):
+        action, hw = call.action(self.is_cross, q.shape[1])
+        if action == "replace":
             return attend_with_replacement(q, k, v, heads, scale, call.replace)
         out = self.attention(q, k, v, heads)
-        if self.is_cross and call.capture_rows and factor in CAPTURE_FACTORS:
+        if action == "capture":
             rows = [r for r, _ in call.capture_rows]
             add_word_maps(probabilities(q[rows], k[rows], heads, scale), call, hw)
         return out

@@ -105,13 +105,6 @@ def conflict_error(wrapper) -> OmgUserError:
                         f"function ({getattr(wrapper, '__qualname__', type(wrapper).__name__)})")
 
 
-def host_attention(q, k, v, heads):
-    """Forge's own attention function (the one its CrossAttention calls)."""
-    from backend import attention
-
-    return attention.attention_function(q, k, v, heads)
-
-
 class ForgeGeneration(A1111Generation):
     """OMG for one txt2img job ``p`` in Forge."""
 
@@ -130,10 +123,12 @@ class ForgeGeneration(A1111Generation):
     @contextlib.contextmanager
     def patched(self, session: OmgSession) -> Iterator[None]:
         """LoRA hooks and attention patches for the scope; the job's original UNet patchers put back on exit."""
+        from backend.attention import attention_function  # Forge's own, the one its CrossAttention calls
+
         try:
             with session.installed(module_attention=False):
                 state = session.attention_state
-                self.patches = (SharedPatch(state, True, host_attention), SharedPatch(state, False, host_attention))
+                self.patches = (SharedPatch(state, True, attention_function), SharedPatch(state, False, attention_function))
                 yield
         finally:
             self.patches = None
