@@ -21,11 +21,10 @@ from typing import Callable
 
 import numpy
 import torch
-import torch.nn.functional as F
 
 from . import box_assign
 from .config import MASK_SOURCES
-from .masks import MaskResult, exclusive_masks, masks_from_attention, normalize_map
+from .masks import MaskResult, attention_cores, concept_name, exclusive_masks
 from .model_files import MissingModelFile
 from .regions import Regions, box_mask, resize_masks, scale_box
 from .sam_prompts import bounding_box, prompts_from_attention
@@ -71,19 +70,17 @@ def concept_masks(source: str, inputs: MaskInputs, models: MaskModels | None = N
         raise ValueError(f"mask source must be one of {', '.join(MASK_SOURCES)}, got {source!r}")
     models = models or MaskModels()
     k, hw = inputs.attention.shape[0], tuple(inputs.latent_hw)
-    attention = masks_from_attention(inputs.attention, hw, groups=inputs.groups, order=inputs.order, labels=inputs.labels)
-    cores = [m > 0.5 for m in attention.masks]
-    up = F.interpolate(inputs.attention[None].float(), size=hw, mode="bilinear", align_corners=False)[0]
-    evidence = torch.stack([normalize_map(m) for m in up])
-    sources, notes = ["attention"] * k, list(attention.notes)
+    binary, evidence, notes = attention_cores(inputs.attention, hw, groups=inputs.groups, order=inputs.order,
+                                              labels=inputs.labels)
+    cores, sources = list(binary), ["attention"] * k
     if source != "attention":
         try:
-            found = _found(source, inputs, models, attention.masks, evidence, notes)
+            found = _found(source, inputs, models, binary, evidence, notes)
         except MissingModelFile as e:
             found = None
             notes.append(f"{e} — attention masks used instead")
         for j in range(k):
-            name = attention.name(j)
+            name = concept_name(j, inputs.labels)
             core = found.get(j) if found is not None else None
             if core is None:
                 if found is not None:

@@ -60,14 +60,14 @@ class MaskResult:
 
     def name(self, j: int) -> str:
         """A concept as users count it (1-based) with its label, e.g. "concept 2 ('woman')"."""
-        return _concept_name(j, self.labels)
+        return concept_name(j, self.labels)
 
     def warnings(self) -> list[str]:
         """Human-readable problems, one line each (empty masks first, then notes)."""
         return [f"{self.name(j)}: empty mask, the concept was not found in the layout" for j in self.empty] + list(self.notes)
 
 
-def _concept_name(j: int, labels: list[str] | None) -> str:
+def concept_name(j: int, labels: list[str] | None) -> str:
     label = labels[j] if labels is not None and j < len(labels) else None
     return f"concept {j + 1}" + (f" ({label!r})" if label else "")
 
@@ -402,10 +402,21 @@ def masks_from_attention(maps: torch.Tensor, latent_size: tuple[int, int], *, gr
     that is simply "the stronger evidence wins". A concept that owns no pixel keeps an
     all-zero mask and is listed in ``empty``.
     """
-    size, groups = _check(maps, latent_size, groups, dilation, feather, order, labels)
+    _check(maps, latent_size, groups, dilation, feather, order, labels)
+    binary, evidence, notes = attention_cores(maps, latent_size, groups=groups, order=order, labels=labels)
+    return exclusive_masks(binary, evidence, dilation=dilation, feather=feather, labels=labels, notes=notes)
+
+
+def attention_cores(maps: torch.Tensor, latent_size: tuple[int, int], *, groups: list[list[int]] | None = None,
+                    order: str = "left_to_right", labels: list[str] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Each concept's core (Otsu-thresholded attention, same-word instances split) [k, H, W] bool,
+    its evidence [k, H, W] in [0, 1], and notes; :func:`exclusive_masks` turns them into masks.
+    Other mask sources start from these too and replace the cores they can place."""
+    size, groups = _check(maps, latent_size, groups, 0, 0, order, labels)
     k = maps.shape[0]
     if k == 0:
-        return MaskResult(torch.zeros(0, *size, device=maps.device), [], labels)
+        return torch.zeros(0, *size, dtype=torch.bool, device=maps.device), torch.zeros(0, *size, device=maps.device), []
     up = F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
     evidence = torch.stack([normalize_map(m) for m in up])
     binary = torch.stack([m > otsu_threshold(m) if bool(m.max() > 0) else torch.zeros_like(m, dtype=torch.bool)
@@ -415,12 +426,11 @@ def masks_from_attention(maps: torch.Tensor, latent_size: tuple[int, int], *, gr
         shared = normalize_map(evidence[group].mean(0))
         regions, banded = _split(shared, len(group), order, [evidence[j] for j in group], MIN_INSTANCE_FRACTION)
         if banded:
-            names = ", ".join(_concept_name(j, labels) for j in group)
+            names = ", ".join(concept_name(j, labels) for j in group)
             notes.append(f"{names}: one region for {len(group)} same-word instances, split into bands left to right")
         for j, region in zip(group, regions):
             binary[j], evidence[j] = region, shared * region
-
-    return exclusive_masks(binary, evidence, dilation=dilation, feather=feather, labels=labels, notes=notes)
+    return binary, evidence, notes
 
 
 def exclusive_masks(binary: torch.Tensor, evidence: torch.Tensor, *, dilation: int = 0, feather: int = 0,

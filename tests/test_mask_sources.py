@@ -88,6 +88,20 @@ def _check_exclusive(result, k=2):
     assert float(result.masks.min()) >= 0 and float(result.masks.sum(0).max()) <= 1
 
 
+@pytest.mark.parametrize("groups", [[], [[0, 1]]], ids=["three words", "two men"])
+def test_the_attention_source_gives_exactly_the_engines_attention_masks(groups):
+    from omg_ext.masks import masks_from_attention
+
+    labels = ["man", "man", "dog"] if groups else ["man", "woman", "dog"]
+    for seed in range(5):
+        maps = torch.rand(3, 8, 12, generator=torch.Generator().manual_seed(seed)) ** 3
+        engine = masks_from_attention(maps, (16, 24), groups=groups, dilation=16, feather=8, order="attention", labels=labels)
+        source = concept_masks("attention", MaskInputs(maps, (16, 24), labels, groups=groups, order="attention",
+                                                       dilation=16, feather=8))
+        assert torch.equal(source.masks, engine.masks) and source.notes == engine.notes
+        assert source.sources == ["attention"] * 3
+
+
 def test_attention_plus_sam_uses_sam_and_keeps_attention_where_they_disagree():
     sam = BoxSam()
     result = concept_masks("attention+sam", _inputs(), MaskModels(sam=lambda: sam))
