@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy
 import torch
 
+from .config import DETECTORS
 from .model_files import MissingModelFile
 
 BACKENDS = {
@@ -21,9 +22,7 @@ BACKENDS = {
     "owlv2": ("Owlv2ForObjectDetection", "google/owlv2-base-patch16-ensemble"),
     "owlvit": ("OwlViTForObjectDetection", "google/owlvit-base-patch32"),
 }
-"""Name -> (transformers class, model id), best first."""
-
-DETECTORS = ("auto", *BACKENDS)
+"""Name -> (transformers class, model id), best first; ``config.DETECTORS`` lists them after "auto"."""
 
 
 def available_backend(preferred: str = "auto") -> str:

@@ -15,10 +15,8 @@ from typing import Callable, Sequence
 import numpy
 import torch
 
+from .config import SAM_MODELS
 from .model_files import MissingModelFile
-
-SAM_KINDS = ("vit_b", "vit_l", "vit_h")
-
 
 @dataclass
 class SamPrompt:
@@ -49,15 +47,12 @@ class ModelSlot:
             torch.cuda.empty_cache()
 
 
-SAM_SLOT = ModelSlot()
-
-
 def load_sam(kind: str, checkpoint: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     """A SAM model of ``kind`` with the checkpoint's weights, read safely."""
     from segment_anything import sam_model_registry
 
-    if kind not in SAM_KINDS:
-        raise ValueError(f"SAM model must be one of {', '.join(SAM_KINDS)}, got {kind!r}")
+    if kind not in SAM_MODELS:
+        raise ValueError(f"SAM model must be one of {', '.join(SAM_MODELS)}, got {kind!r}")
     sam = sam_model_registry[kind](checkpoint=None)
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)

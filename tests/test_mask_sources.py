@@ -299,6 +299,9 @@ def test_model_files_download_with_checksum_or_say_where_to_put_them(tmp_path):
 
 
 def test_the_detector_is_the_best_the_installed_transformers_has(monkeypatch):
+    from omg_ext.config import DETECTORS, SAM_MODELS
+
+    assert DETECTORS == ("auto", *detector.BACKENDS) and tuple(model_files.SAM_FILES) == SAM_MODELS  # the UI's choices
     import transformers
 
     assert detector.available_backend() == "grounding-dino"
