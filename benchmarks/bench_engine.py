@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from omg_ext.lora import RowRoutedLoRA  # noqa: E402
-from omg_ext.pipeline import Concept  # noqa: E402
+from omg_ext.engine.lora import RowRoutedLoRA  # noqa: E402
+from omg_ext.engine.session import Concept  # noqa: E402
 from tests.support.loras import random_concept_deltas  # noqa: E402
 from tests.support.omg_run import SCHEDULE, run_omg  # noqa: E402
 from tests.support.sampling import generate  # noqa: E402

@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tests.conftest  # noqa: E402,F401 - lets segment_anything import beside a CUDA-built torchvision
 
-from omg_ext.detector import Detector  # noqa: E402
-from omg_ext.mask_sources import MaskInputs, MaskModels, concept_masks  # noqa: E402
-from omg_ext.regions import parse_regions  # noqa: E402
-from omg_ext.segment import segment  # noqa: E402
+from omg_ext.masks.detector import Detector  # noqa: E402
+from omg_ext.masks.sources import MaskInputs, MaskModels, concept_masks  # noqa: E402
+from omg_ext.masks.regions import parse_regions  # noqa: E402
+from omg_ext.masks.segment import segment  # noqa: E402
 
 
 def owlvit(folder: Path) -> Detector:

@@ -1,4 +1,8 @@
-"""OMG engine: occlusion-friendly multi-concept generation in plain PyTorch.
+"""sd-webui-omg: OMG (occlusion-friendly multi-concept generation) for the A1111 and Forge WebUIs.
 
-The package never imports the WebUI; ``omg_ext.hosts`` holds the only host code.
+- ``engine/``: the method in plain PyTorch (two passes, rows, attention, LoRA routing, masks).
+- ``masks/``: mask sources beyond the engine's attention masks (SAM, detectors, regions).
+- ``hosts/``: one adapter per WebUI family, the only code that imports a WebUI.
+- ``config`` (the one settings table: validation, infotext, API, X/Y/Z) and ``ui`` (gradio).
+Nothing here but ``hosts`` imports the WebUI.
 """

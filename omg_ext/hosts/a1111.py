@@ -28,12 +28,12 @@ import numpy
 import torch
 
 from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
-from ..lora import DenseDelta, LowRankDelta
-from ..mask_sources import MaskInputs, concept_masks
-from ..masks import overlay
-from ..regions import Regions, parse_regions
-from ..pipeline import Concept, OmgSession
-from ..rows import RowRole
+from ..engine.lora import DenseDelta, LowRankDelta
+from ..engine.masks import overlay
+from ..engine.rows import RowRole
+from ..engine.session import Concept, OmgSession
+from ..masks.regions import Regions, parse_regions
+from ..masks.sources import MaskInputs, concept_masks
 from .mask_models import DOWNLOAD_OPTION, KEEP_OPTION, mask_models, release_mask_models
 
 

@@ -29,10 +29,10 @@ from typing import Iterator
 
 import torch
 
-from ..attention import ProjectedAttention
-from ..lora import DenseDelta, LowRankDelta
-from ..pipeline import OmgSession
-from ..rows import RowRole
+from ..engine.attention import ProjectedAttention
+from ..engine.lora import DenseDelta, LowRankDelta
+from ..engine.rows import RowRole
+from ..engine.session import OmgSession
 from .a1111 import A1111Generation, OmgUserError, _networks, lora_on_disk
 
 COND = 0

@@ -13,11 +13,11 @@ import os
 import torch
 
 from ..config import OmgConfig
-from ..detector import available_backend, load_detector
-from ..mask_sources import MaskModels
-from ..model_files import SAM_FILES, ensure_file
-from ..model_status import describe_model_files
-from ..segment import ModelSlot, load_sam, segment
+from ..masks.detector import available_backend, load_detector
+from ..masks.model_files import SAM_FILES, ensure_file
+from ..masks.model_status import describe_model_files
+from ..masks.segment import ModelSlot, load_sam, segment
+from ..masks.sources import MaskModels
 
 SAM_SLOT, DETECTOR_SLOT = ModelSlot(), ModelSlot()
 KEEP_OPTION = "omg_keep_mask_models"

@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from omg_ext.lora import DenseDelta, LowRankDelta
+from omg_ext.engine.lora import DenseDelta, LowRankDelta
 
 
 def _randn(generator: torch.Generator, *shape: int, std: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omg_ext.pipeline import OmgSession
+from omg_ext.engine.session import OmgSession
 from tests.support.sampling import DiscreteSchedule, generate
 from tests.support.tiny_unet import unet_fn
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from omg_ext.rows import RowRole, roles_cond_then_uncond
+from omg_ext.engine.rows import RowRole, roles_cond_then_uncond
 
 
 class DiscreteSchedule:

@@ -22,9 +22,9 @@ from typing import Callable
 import numpy
 import torch
 
+from ..config import MASK_SOURCES
+from ..engine.masks import MaskResult, attention_cores, concept_name, exclusive_masks
 from . import box_assign
-from .config import MASK_SOURCES
-from .masks import MaskResult, attention_cores, concept_name, exclusive_masks
 from .model_files import MissingModelFile
 from .regions import Regions, box_mask, resize_masks, scale_box
 from .sam_prompts import bounding_box, prompts_from_attention

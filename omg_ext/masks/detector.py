@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from .config import DETECTORS
+from ..config import DETECTORS
 from .model_files import MissingModelFile
 
 BACKENDS = {

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from omg_ext.masks import (LATENT_SCALE, MaskResult, connected_components, dilate, feather, latent_radius,
+from omg_ext.engine.masks import (LATENT_SCALE, MaskResult, connected_components, dilate, feather, latent_radius,
                            masks_from_attention, normalize_map, otsu_threshold, overlay, split_instances)
 
 

@@ -19,7 +19,7 @@ import numpy
 import torch
 import torch.nn.functional as F
 
-from .masks import _PALETTE
+from ..engine.masks import _PALETTE
 
 PALETTE_RGB = (_PALETTE * 255).round().to(torch.uint8)
 """Concept n's colour is row n-1, the colour the mask overlay shows it in."""

@@ -8,8 +8,8 @@ from torch import nn
 
 from omg_ext.config import ConceptSpec, OmgConfig
 from omg_ext.hosts import a1111
-from omg_ext.lora import DenseDelta, LowRankDelta
-from omg_ext.rows import RowRole
+from omg_ext.engine.lora import DenseDelta, LowRankDelta
+from omg_ext.engine.rows import RowRole
 from tests.support import fake_a1111
 from tests.support.loras import merged
 from tests.support.sampling import DiscreteSchedule, SAMPLERS

@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from .masks import ORDERS
+from ..engine.masks import ORDERS
 
 Box = tuple[float, float, float, float]
 CLEAR_MARGIN = 0.1

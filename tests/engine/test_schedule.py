@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from omg_ext.record import PassRecord
+from omg_ext.engine.record import PassRecord
 from tests.support.omg_run import SCHEDULE
 from tests.support.sampling import generate
 

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from omg_ext.attention import CAPTURE_FACTORS, layer_factor
-from omg_ext.pipeline import Concept, OmgSession
-from omg_ext.rows import RowRole, roles_cond_then_uncond
+from omg_ext.engine.attention import CAPTURE_FACTORS, layer_factor
+from omg_ext.engine.session import Concept, OmgSession
+from omg_ext.engine.rows import RowRole, roles_cond_then_uncond
 from tests.support.loras import merged, random_concept_deltas
 from tests.support.omg_run import SCHEDULE, run_omg
 from tests.support.sampling import generate

@@ -1,7 +1,7 @@
 """Cross-attention capture (pass 1) and layout replacement (pass 2).
 
 One ``OmgAttention`` object per attention module is swapped in as the module's
-instance ``forward`` and all are restored as a set. During a UNet call the pipeline
+instance ``forward`` and all are restored as a set. During a UNet call the session
 sets an ``AttentionCall`` saying what to do; with none set, or nothing to do at a
 layer, the module's own forward runs (the host's optimised attention, untouched), so a
 pass-1 image is exactly the image the host would have made.

@@ -11,15 +11,15 @@ from torch import nn
 
 from omg_ext.config import ConceptSpec, OmgConfig
 from omg_ext.hosts import forge
-from omg_ext.lora import DenseDelta, LowRankDelta, RowRoutedLoRA
-from omg_ext.rows import RowRole
+from omg_ext.engine.lora import DenseDelta, LowRankDelta, RowRoutedLoRA
+from omg_ext.engine.rows import RowRole
 from tests.support import fake_forge
 from tests.support.fake_forge.cfg_batches import sampling_function
 from tests.support.fake_forge.lora_files import merge_lora_to_weight
 from tests.support.fake_forge.patchers import CLIP, UnetPatcher
 from tests.support.fake_forge.forge_unet import ForgeLinear, KModel, forge_unet, with_forge_linears
 from tests.support.sampling import SAMPLERS, DiscreteSchedule
-from tests.test_a1111_adapter import CTX, _Clip
+from tests.hosts.test_a1111_adapter import CTX, _Clip
 
 TO_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k"
 PROJ_IN = "input_blocks.3.1.proj_in"
@@ -291,7 +291,7 @@ def test_patching_is_idempotent_and_survives_forges_deep_copies(tmp_path, monkey
         job = _Job(modules, model)
         generation = forge.ForgeGeneration(job, OmgConfig(self_attention_until=0.3, **CFG))
         generation.prepared = generation.prepare(job.prompts[0])
-        from omg_ext.pipeline import OmgSession
+        from omg_ext.engine.session import OmgSession
         session = OmgSession(generation.unet, generation.prepared.concepts, images=1)
         with generation.patched(session):
             generation.patch_unet()

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from omg_ext.lora import DenseDelta, LowRankDelta, RowRoutedLoRA
+from omg_ext.engine.lora import DenseDelta, LowRankDelta, RowRoutedLoRA
 from tests.support.loras import merged, random_dense, random_lowrank
 
 torch.manual_seed(0)

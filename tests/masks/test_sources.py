@@ -7,11 +7,11 @@ import numpy
 import pytest
 import torch
 
-from omg_ext import box_assign, detector, mask_sources, model_files, regions
-from omg_ext.mask_sources import MaskInputs, MaskModels, concept_masks
-from omg_ext.model_files import MissingModelFile, ModelFile, ensure_file
-from omg_ext.sam_prompts import prompts_from_attention
-from omg_ext.segment import SamPrompt, load_sam, segment
+from omg_ext.masks import box_assign, detector, model_files, regions, sources
+from omg_ext.masks.sources import MaskInputs, MaskModels, concept_masks
+from omg_ext.masks.model_files import MissingModelFile, ModelFile, ensure_file
+from omg_ext.masks.sam_prompts import prompts_from_attention
+from omg_ext.masks.segment import SamPrompt, load_sam, segment
 from tests.support.mask_models import save_to_hf_cache, tiny_grounding_dino, tiny_owlv2, tiny_owlvit, tiny_sam
 
 LATENT = (8, 12)  # image 64 x 96
@@ -90,7 +90,7 @@ def _check_exclusive(result, k=2):
 
 @pytest.mark.parametrize("groups", [[], [[0, 1]]], ids=["three words", "two men"])
 def test_the_attention_source_gives_exactly_the_engines_attention_masks(groups):
-    from omg_ext.masks import masks_from_attention
+    from omg_ext.engine.masks import masks_from_attention
 
     labels = ["man", "man", "dog"] if groups else ["man", "woman", "dog"]
     for seed in range(5):
@@ -342,11 +342,11 @@ def test_region_json_and_mask_images_parse_exactly_or_say_what_is_wrong():
 def test_mask_source_names_are_validated():
     with pytest.raises(ValueError, match="mask source must be one of attention, attention\\+sam"):
         concept_masks("sam", _inputs())
-    assert mask_sources.MASK_SOURCES[0] == "attention"
+    assert sources.MASK_SOURCES[0] == "attention"
 
 
 def test_the_accordion_says_which_model_files_the_source_needs_and_where(tmp_path, monkeypatch):
-    from omg_ext.model_status import describe_model_files
+    from omg_ext.masks.model_status import describe_model_files
 
     sam, det = tmp_path / "sam", tmp_path / "omg-detectors"
     say = lambda source, sam_model="vit_b", detector_name="auto", download=True: describe_model_files(  # noqa: E731
@@ -360,7 +360,7 @@ def test_the_accordion_says_which_model_files_the_source_needs_and_where(tmp_pat
     sam.mkdir()
     (sam / "sam_vit_b_01ec64.pth").write_bytes(b"x")
     assert say("attention+sam") == f"Segment Anything vit_b: `{sam / 'sam_vit_b_01ec64.pth'}`"
-    monkeypatch.setattr("omg_ext.model_status.available_backend", lambda preferred: "owlvit")  # as on A1111's 4.30
+    monkeypatch.setattr("omg_ext.masks.model_status.available_backend", lambda preferred: "owlvit")  # as on A1111's 4.30
     assert "Detector: owlvit (the installed transformers has no grounding-dino); download " \
            f"https://huggingface.co/google/owlvit-base-patch32 into `{det}` (downloads are off" in \
            say("detector+sam", detector_name="grounding-dino", download=False)

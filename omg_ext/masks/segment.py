@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy
 import torch
 
-from .config import SAM_MODELS
+from ..config import SAM_MODELS
 from .model_files import MissingModelFile
 
 @dataclass
