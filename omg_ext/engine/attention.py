@@ -62,6 +62,36 @@ class AttentionCall:
         return "plain", hw
 
 
+class WordMaps:
+    """Pass 1's class-word attention, accumulated per image and concept.
+
+    ``capture(x, rows)`` gives the ``AttentionCall`` of one pass-1 UNet call (its cond
+    rows capture); ``mean()`` the maps averaged over the calls each image was captured in.
+    """
+
+    def __init__(self, images: int, tokens: Sequence[Sequence[int]]) -> None:
+        self.tokens = [list(t) for t in tokens]
+        self.sums: torch.Tensor | None = None
+        self.calls = torch.zeros(images)
+
+    def capture(self, x: torch.Tensor, rows: Sequence) -> AttentionCall | None:
+        """The capture instructions for a call with ``rows`` (``RowRole``s); None without cond rows."""
+        capture = [(i, r.image) for i, r in enumerate(rows) if r.is_cond]
+        if not capture:
+            return None
+        if self.sums is None:
+            self.sums = torch.zeros(len(self.calls), len(self.tokens), *capture_size(tuple(x.shape[-2:])), device=x.device)
+        for _, image in capture:
+            self.calls[image] += 1
+        return AttentionCall(tuple(x.shape[-2:]), capture_rows=capture, capture_tokens=self.tokens, maps=self.sums)
+
+    def mean(self) -> torch.Tensor:
+        """[images, concepts, h, w]: each image's sums over the calls it was captured in."""
+        if self.sums is None:
+            raise RuntimeError("OMG: pass 1 captured no attention (no cond rows reached the UNet)")
+        return self.sums / self.calls.clamp(min=1).view(-1, 1, 1, 1).to(self.sums.device)
+
+
 def layer_factor(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
     """Downsampling factor and (h, w) of a layer with ``tokens`` spatial positions.
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .rows import RowRole
 
@@ -109,6 +110,50 @@ def replace_pairs(rows: list[ExpandedRow]) -> list[tuple[int, list[int]]]:
     """(reference row, [its host row]) positions within one call."""
     host_pos = {r.host: p for p, r in enumerate(rows) if r.concept == GLOBAL and not r.is_reference}
     return [(p, [host_pos[r.host]]) for p, r in enumerate(rows) if r.is_reference]
+
+
+def run_units(units: list[list[ExpandedRow]], max_rows: int | None,
+              run: Callable[[list[ExpandedRow]], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the expanded batch in calls (``run(rows) -> out``); return host and concept outputs.
+
+    Host outputs [R, C, H, W] in host-row order, concept outputs [k, R, C, H, W]; the
+    reference rows' outputs are dropped.
+    """
+    concepts = max(r.concept for unit in units for r in unit) + 1
+    hosts = 1 + max(r.host for unit in units for r in unit)
+    host_out: list = [None] * hosts
+    concept_out: list = [[None] * hosts for _ in range(concepts)]
+    for call_rows in chunk(units, max_rows):
+        out = run(call_rows)
+        for p, row in enumerate(call_rows):
+            if row.concept == GLOBAL and not row.is_reference:
+                host_out[row.host] = out[p]
+            elif row.concept != GLOBAL:
+                concept_out[row.concept][row.host] = out[p]
+    return torch.stack(host_out), torch.stack([torch.stack(c) for c in concept_out])
+
+
+class BlendMasks:
+    """Pass 2's masks [images, concepts, H, W], checked once, resized once per latent size (hires)."""
+
+    def __init__(self, masks: torch.Tensor, images: int, concepts: int) -> None:
+        expected = (images, concepts)
+        if masks.dim() != 4 or tuple(masks.shape[:2]) != expected:
+            raise ValueError(f"masks must be [images, concepts, H, W] with {expected} leading, got {tuple(masks.shape)}")
+        if masks.min() < 0 or masks.sum(dim=1).max() > 1 + 1e-5:
+            raise ValueError("masks must be non-negative and sum to at most 1 at every pixel")
+        self.masks = masks
+        self._resized: dict[tuple, torch.Tensor] = {}
+
+    def for_rows(self, x: torch.Tensor, rows: Sequence[RowRole]) -> torch.Tensor:
+        """[rows, concepts, H, W]: each row's image's masks at ``x``'s size; bilinear keeps Σ ≤ 1."""
+        hw = tuple(x.shape[-2:])
+        if (hw, x.device) not in self._resized:
+            masks = self.masks.to(x.device)
+            if tuple(masks.shape[-2:]) != hw:
+                masks = F.interpolate(masks, size=hw, mode="bilinear", align_corners=False)
+            self._resized[hw, x.device] = masks
+        return self._resized[hw, x.device][[r.image for r in rows]]
 
 
 def blend(host_out: torch.Tensor, concept_out: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

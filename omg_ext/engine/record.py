@@ -26,9 +26,9 @@ class RecordedCall:
     t: torch.Tensor
     out: torch.Tensor | None
 
-    def matches(self, x: torch.Tensor, t: torch.Tensor) -> bool:
-        """The cheap check that lets a replay stand in for a UNet call: same input, same time."""
-        return self.same_time(x, t) and torch.equal(x, self.x)
+    def replays(self, x: torch.Tensor, t: torch.Tensor) -> bool:
+        """The cheap check that lets the recorded output stand in for a UNet call: same input, same time."""
+        return self.out is not None and self.same_time(x, t) and torch.equal(x, self.x)
 
     def same_time(self, x: torch.Tensor, t: torch.Tensor) -> bool:
         return x.shape == self.x.shape and torch.equal(t, self.t)
@@ -44,6 +44,7 @@ class PassRecord:
 
     peak_nbytes: int = 0
     """The most the record held (at the end of pass 1), for the benchmark and the log."""
+    _next: int = 0
 
     def add(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None) -> None:
         call = RecordedCall(x.clone(), t.clone(), None if out is None else out.clone())
@@ -66,8 +67,19 @@ class PassRecord:
             if float(call.t.max()) <= threshold:
                 call.out = None
 
-    def get(self, index: int) -> RecordedCall | None:
-        return self.calls[index] if index < len(self.calls) else None
+    def start_replay(self) -> None:
+        """Pass 2 starts: its next call corresponds to pass 1's first."""
+        self._next = 0
+
+    def next_call(self, x: torch.Tensor, t: torch.Tensor) -> RecordedCall | None:
+        """The recorded call corresponding to pass 2's current one, if the two are still in step.
+
+        None past the record or once the calls diverge (another shape or time): then
+        there is nothing to replay and no reference.
+        """
+        index, self._next = self._next, self._next + 1
+        recorded = self.calls[index] if index < len(self.calls) else None
+        return recorded if recorded is not None and recorded.same_time(x, t) else None
 
     def latent_hw(self) -> tuple[int, int]:
         if not self.calls:

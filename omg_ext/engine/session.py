@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionCall, AttentionState, capture_size, installed_attention
-from .expand import GLOBAL, ConceptCond, blend, chunk, concept_spans, expand, replace_pairs, stack
+from .attention import AttentionCall, AttentionState, WordMaps, installed_attention
+from .expand import BlendMasks, ConceptCond, blend, concept_spans, expand, replace_pairs, run_units, stack
 from .lora import Delta, RowRoutedLoRA
 from .masks import MaskResult, masks_from_attention
 from .record import PassRecord, RecordedCall
@@ -62,7 +61,7 @@ class PassCounters:
 
 
 class OmgSession:
-    """One OMG generation on one UNet module."""
+    """One OMG generation on one UNet module: pass 1, masks, pass 2 (and optionally a hires pass)."""
 
     def __init__(
         self, unet: nn.Module, concepts: Sequence[Concept], *, images: int,
@@ -74,18 +73,15 @@ class OmgSession:
             raise ValueError(f"max_rows must be at least 2 (a reference row runs beside its host row), got {max_rows}")
         self.unet, self.concepts, self.images = unet, list(concepts), images
         self.layout, self.max_rows = layout, max_rows
-        self.blend_from_t = self.self_attention_until_t = math.inf
         self.router = RowRoutedLoRA(dict(unet.named_modules()), [c.deltas for c in concepts])
         self.conds = [ConceptCond(c.cond, c.uncond) for c in concepts]
         self.record = PassRecord()
+        self.maps = WordMaps(images, [c.tokens for c in concepts])
         self.counters = {"pass1": PassCounters(), "pass2": PassCounters(), "hires_blend": PassCounters()}
         self.mode: str | None = None
+        self.masks: BlendMasks | None = None
+        self.blend_from_t = self.self_attention_until_t = math.inf
         self._attention: AttentionState | None = None
-        self._maps: torch.Tensor | None = None
-        self._map_calls = torch.zeros(images)
-        self._masks: torch.Tensor | None = None
-        self._masks_resized: dict[tuple[int, int], torch.Tensor] = {}
-        self._index = 0
 
     @contextlib.contextmanager
     def installed(self, module_attention: bool = True) -> Iterator["OmgSession"]:
@@ -110,7 +106,7 @@ class OmgSession:
         return self._attention
 
     def begin_pass1(self) -> None:
-        self.mode, self._index = "pass1", 0
+        self.mode = "pass1"
 
     def begin_pass2(self, masks: torch.Tensor, *, blend_start: float, self_attention_until: float = 0.0) -> None:
         """Start pass 2 with masks [images, concepts, H, W], exclusive (Σ ≤ 1 per pixel).
@@ -119,37 +115,51 @@ class OmgSession:
         ``self_attention_until``: fraction of the steps before which self-attention at
         1/4 resolution is also taken from the reference (0: never).
         """
-        expected = (self.images, len(self.concepts))
-        if masks.dim() != 4 or tuple(masks.shape[:2]) != expected:
-            raise ValueError(f"masks must be [images, concepts, H, W] with {expected} leading, got {tuple(masks.shape)}")
-        if masks.min() < 0 or masks.sum(dim=1).max() > 1 + 1e-5:
-            raise ValueError("masks must be non-negative and sum to at most 1 at every pixel")
+        self.masks = BlendMasks(masks, self.images, len(self.concepts))
         for name, value in (("blend_start", blend_start), ("self_attention_until", self_attention_until)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be a fraction of the steps in [0, 1], got {value}")
         self.blend_from_t = self.record.threshold(blend_start)
         self.self_attention_until_t = self.record.threshold(self_attention_until)
         self.record.drop_outputs_from(self.blend_from_t)
-        self._masks, self._masks_resized = masks, {}
-        self.mode, self._index = "pass2", 0
+        self.record.start_replay()
+        self.mode = "pass2"
 
     def begin_hires(self, blend: bool) -> None:
         """A hires pass after pass 2: no record to replay; blend with resized masks, or run plain."""
         self.mode = "hires_blend" if blend else None
 
     def __call__(self, unet_fn: UnetFn, x: torch.Tensor, t: torch.Tensor, cond: dict, rows: Sequence[RowRole]) -> torch.Tensor:
+        """One host UNet call, whatever the pass."""
         if len(rows) != x.shape[0]:
             raise ValueError(f"{len(rows)} row roles for a call of {x.shape[0]} rows")
         if self.mode == "pass1":
-            return self._pass1(unet_fn, x, t, cond, rows)
+            out = self._run(unet_fn, x, t, cond, self.maps.capture(x, rows))
+            self.record.add(x, t, out)
+            return out
         if self.mode == "pass2":
-            return self._pass2(unet_fn, x, t, cond, rows)
+            recorded = self.record.next_call(x, t)
+            if float(t.max()) <= self.blend_from_t:
+                return self._blended(unet_fn, x, t, cond, rows, recorded)
+            if recorded is not None and recorded.replays(x, t):
+                self.counters["pass2"].replayed += 1
+                return recorded.out.clone()
+            return self._run(unet_fn, x, t, cond, None)
         if self.mode == "hires_blend":
-            return self._expanded(unet_fn, x, t, cond, rows, None)
+            return self._blended(unet_fn, x, t, cond, rows, None)
         return unet_fn(x, t, cond)
 
-    def _blending(self, t: torch.Tensor) -> bool:
-        return float(t.max()) <= self.blend_from_t
+    def _blended(self, unet_fn: UnetFn, x, t, cond, rows: Sequence[RowRole], recorded: RecordedCall | None) -> torch.Tensor:
+        """The expanded batch (host, reference and concept rows) of one call, blended by the masks."""
+        reference = recorded.x if (recorded is not None and self.layout) else None
+        replace_self = float(t.max()) > self.self_attention_until_t
+
+        def run(call_rows):
+            call = AttentionCall(tuple(x.shape[-2:]), replace=replace_pairs(call_rows), replace_self=replace_self)
+            return self._run(unet_fn, *stack(call_rows), call, concept_spans(call_rows))
+
+        host_out, concept_out = run_units(expand(x, t, cond, rows, self.conds, reference), self.max_rows, run)
+        return blend(host_out, concept_out, self.masks.for_rows(x, rows))
 
     def _run(self, unet_fn: UnetFn, x, t, cond, call: AttentionCall | None, spans=()) -> torch.Tensor:
         with self.router.route(spans, batch=x.shape[0]), self._attention.during(call):
@@ -159,73 +169,14 @@ class OmgSession:
         counters.rows += x.shape[0]
         return out
 
-    def _pass1(self, unet_fn: UnetFn, x, t, cond, rows: Sequence[RowRole]) -> torch.Tensor:
-        capture = [(i, r.image) for i, r in enumerate(rows) if r.is_cond]
-        call = None
-        if capture:
-            if self._maps is None:
-                h, w = capture_size(tuple(x.shape[-2:]))
-                self._maps = torch.zeros(self.images, len(self.concepts), h, w, device=x.device)
-            call = AttentionCall(
-                tuple(x.shape[-2:]), capture_rows=capture,
-                capture_tokens=[c.tokens for c in self.concepts], maps=self._maps,
-            )
-            for _, image in capture:
-                self._map_calls[image] += 1
-        out = self._run(unet_fn, x, t, cond, call)
-        self.record.add(x, t, out)
-        return out
-
-    def _pass2(self, unet_fn: UnetFn, x, t, cond, rows: Sequence[RowRole]) -> torch.Tensor:
-        recorded = self.record.get(self._index)
-        self._index += 1
-        if recorded is not None and not recorded.same_time(x, t):
-            recorded = None  # the call sequence diverged from pass 1: no replay, no reference
-        if not self._blending(t):
-            if recorded is not None and recorded.out is not None and recorded.matches(x, t):
-                self.counters["pass2"].replayed += 1
-                return recorded.out.clone()
-            return self._run(unet_fn, x, t, cond, None)
-        return self._expanded(unet_fn, x, t, cond, rows, recorded)
-
-    def _expanded(self, unet_fn: UnetFn, x, t, cond, rows: Sequence[RowRole], recorded: RecordedCall | None) -> torch.Tensor:
-        reference = recorded.x if (recorded is not None and self.layout) else None
-        units = expand(x, t, cond, rows, self.conds, reference)
-        replace_self = float(t.max()) > self.self_attention_until_t
-        host_out: list = [None] * len(rows)
-        concept_out: list = [[None] * len(rows) for _ in self.concepts]
-        for call_rows in chunk(units, self.max_rows):
-            cx, ct, cc = stack(call_rows)
-            call = AttentionCall(tuple(x.shape[-2:]), replace=replace_pairs(call_rows), replace_self=replace_self)
-            out = self._run(unet_fn, cx, ct, cc, call, concept_spans(call_rows))
-            for p, row in enumerate(call_rows):
-                if row.concept == GLOBAL and not row.is_reference:
-                    host_out[row.host] = out[p]
-                elif row.concept != GLOBAL:
-                    concept_out[row.concept][row.host] = out[p]
-        masks = self._masks_at(tuple(x.shape[-2:]), x.device)[[r.image for r in rows]]
-        return blend(torch.stack(host_out), torch.stack([torch.stack(c) for c in concept_out]), masks)
-
-    def _masks_at(self, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """The masks at a call's latent size (hires): bilinear keeps Σ ≤ 1."""
-        if hw not in self._masks_resized:
-            masks = self._masks.to(device)
-            if tuple(masks.shape[-2:]) != hw:
-                masks = F.interpolate(masks, size=hw, mode="bilinear", align_corners=False)
-            self._masks_resized[hw] = masks
-        return self._masks_resized[hw]
-
     def attention_maps(self) -> torch.Tensor:
         """Per image and concept, the class word's attention averaged over pass 1's calls."""
-        if self._maps is None:
-            raise RuntimeError("OMG: pass 1 captured no attention (no cond rows reached the UNet)")
-        return self._maps / self._map_calls.clamp(min=1).view(-1, 1, 1, 1).to(self._maps.device)
+        return self.maps.mean()
 
     def attention_masks(self, *, dilation: int = 0, feather: int = 0, groups=None,
                         order: str = "left_to_right", labels=None) -> list[MaskResult]:
         """Masks from the captured attention, one result per image, at latent resolution."""
-        maps = self.attention_maps()
-        hw = self.record.latent_hw()
+        maps, hw = self.maps.mean(), self.record.latent_hw()
         return [
             masks_from_attention(maps[b], hw, groups=groups, dilation=dilation, feather=feather, order=order, labels=labels)
             for b in range(self.images)
