@@ -100,3 +100,15 @@ def save_to_hf_cache(processor, model, model_id: str, cache_dir: Path, safetenso
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text("0" * 40)
     return snapshot
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A random-weight CLIP (the OWL-ViT towers' size) saved with its processor in ``folder``, as ``from_pretrained`` reads it."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    processor, model = _tiny_owl(folder, CLIPConfig, CLIPModel, image_processor, CLIPProcessor)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
