@@ -23,11 +23,16 @@ class OmgResult:
 def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, latent_shape=(1, 4, 16, 16),
             blend_start=0.3, layout=True, self_attention_until=0.0, max_rows=None, masks=None,
             dilation=0, feather=0, groups=None, batch_cond_uncond=True, cfg_scale=7.0,
-            fail_at=None) -> OmgResult:
-    """Pass 1, masks (from attention unless given), pass 2. ``fail_at`` injects an exception at a stage."""
+            fail_at=None, seeds=None) -> OmgResult:
+    """Pass 1, masks, pass 2. ``fail_at`` injects an exception at a stage.
+
+    ``masks``: a tensor [images, concepts, H, W], a function of the session after pass 1
+    giving one, or None for the session's attention masks. ``seeds``: one per image.
+    """
     session = OmgSession(unet, concepts, images=latent_shape[0], layout=layout, max_rows=max_rows)
     raw = unet_fn(unet)
-    kwargs = dict(seed=seed, steps=steps, latent_shape=latent_shape, cfg_scale=cfg_scale, batch_cond_uncond=batch_cond_uncond)
+    kwargs = dict(seed=seed, steps=steps, latent_shape=latent_shape, cfg_scale=cfg_scale, batch_cond_uncond=batch_cond_uncond,
+                  seeds=seeds)
 
     invocations = [0]
 
@@ -48,6 +53,8 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
         stage("pass1")
         if masks is None:
             masks = torch.stack([m.masks for m in session.attention_masks(dilation=dilation, feather=feather, groups=groups)])
+        elif callable(masks):
+            masks = masks(session)
         stage("masks")
         session.begin_pass2(masks, blend_start=blend_start, self_attention_until=self_attention_until)
         final = generate(model_fn, SCHEDULE, sampler, cond, uncond, **kwargs)

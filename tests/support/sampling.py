@@ -17,6 +17,7 @@ class DiscreteSchedule:
     def __init__(self, steps: int = 1000):
         betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, steps, dtype=torch.float64) ** 2
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        self.alphas_cumprod = alphas_cumprod.float()
         self.sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float()
         self.log_sigmas = self.sigmas.log()
 
@@ -133,12 +134,22 @@ def sample_dpmpp_2m(model, x, sigmas, noise_sampler=None):
 SAMPLERS = {"euler": sample_euler, "euler_a": sample_euler_ancestral, "dpmpp_2m": sample_dpmpp_2m, "heun": sample_heun}
 
 
+def initial_noise(latent_shape: tuple, seed: int, seeds=None) -> torch.Tensor:
+    """The starting noise: one generator for the batch, or with ``seeds`` one per image (as the WebUIs do)."""
+    if seeds is None:
+        return torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))
+    if len(seeds) != latent_shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {latent_shape[0]}")
+    return torch.stack([torch.randn(latent_shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
 @torch.no_grad()
 def generate(model_fn, schedule: DiscreteSchedule, sampler: str, cond: dict, uncond: dict, *, seed: int, steps: int,
-             latent_shape: tuple, cfg_scale: float = 7.0, karras: bool = False, batch_cond_uncond: bool = True) -> torch.Tensor:
+             latent_shape: tuple, cfg_scale: float = 7.0, karras: bool = False, batch_cond_uncond: bool = True,
+             seeds=None) -> torch.Tensor:
     """A whole txt2img sampling run; the same seed gives the same noise, ancestral noise included."""
     sigmas = schedule.get_sigmas_karras(steps) if karras else schedule.get_sigmas(steps)
-    x = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed)) * sigmas[0]
+    x = initial_noise(latent_shape, seed, seeds) * sigmas[0]
     noise = torch.Generator().manual_seed(seed + 1)
     denoiser = CFGDenoiser(model_fn, schedule, cond, uncond, cfg_scale, batch_cond_uncond)
     return SAMPLERS[sampler](denoiser, x, sigmas, noise_sampler=lambda s, s_next: torch.randn(latent_shape, generator=noise))

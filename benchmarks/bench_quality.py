@@ -1,0 +1,156 @@
+"""Quality in the toy world: does each character keep its own look, and only its own?
+
+    python benchmarks/bench_quality.py [--seeds 50] [--methods "global LoRAs" OMG ...] [--grids docs/quality]
+
+On the committed toy model (``toyworld/weights``: an ldm-shaped UNet and text encoder
+trained on drawn scenes, four identity LoRAs, one of them a LoHa), for each two-concept
+case (a man and a woman, each with an identity; half of the cases say who stands in front)
+and each method of ``toyworld.methods`` on the same seeds, the scorer labels every pixel
+and ``toyworld.measures`` gives fidelity, leakage, identity looks on the background, both
+figures present and the layout kept (IoU against the no-LoRA image, OMG's pass 1).
+
+Printed: the measures on ground-truth scenes (the scorer's own check, near-perfect), the
+table method × measure (mean ± 95 % interval over images) for all cases and for the
+occlusion cases alone, and last ``omg/global leakage ratio: X``. Sample grids (one row per
+method, the same seeds in each column) go to ``--grids`` as PNG.
+
+OMG with SAM or detector masks cannot be measured here: their weights cannot be
+downloaded, and random-weight SAM or detectors give meaningless masks.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from toyworld.measures import MEASURES, image_measures, summarise  # noqa: E402
+from toyworld.methods import ABLATIONS, METHODS, Case, ToyWorld, no_lora  # noqa: E402
+from toyworld.model import WEIGHTS  # noqa: E402
+from toyworld.scenes import random_scene, render  # noqa: E402
+
+CASES = (
+    Case((1, 2), "on grass"),
+    Case((1, 2), "at the beach", in_front=True),
+    Case((3, 4), "in snow"),
+    Case((3, 4), "at night", in_front=True),
+)
+"""zorb man + quix woman (two LoRAs), plok man + vann woman (a LoRA and a LoHa); two of them with occlusion."""
+
+FIRST_SEED = 1000
+
+
+def ground_truth(world: ToyWorld, per_case: int = 50) -> dict[str, list[float]]:
+    """The measures on rendered scenes of each case's identities: what a perfect generator scores."""
+    values: dict[str, list[float]] = {m: [] for m in MEASURES if m != "layout_iou"}
+    rng = np.random.default_rng(7)
+    for case in CASES:
+        images = [render(random_scene(rng, looks=case.identities), rng=rng)[0] for _ in range(per_case)]
+        kinds, looks = world.scorer.labels(torch.from_numpy(np.stack(images)))
+        for b in range(per_case):
+            for name, value in image_measures(kinds[b], looks[b], case.looks).items():
+                values[name].append(value)
+    return values
+
+
+def pixel_accuracy(world: ToyWorld, count: int = 200) -> tuple[float, float]:
+    """The scorer's per-pixel accuracy on held-out rendered scenes: figure class, and look on figure pixels."""
+    from toyworld.scorer import scorer_batch
+    images, kinds, looks = scorer_batch(np.random.default_rng(8), count)
+    k, lk = world.scorer.labels(images)
+    figure = kinds > 0
+    return float((k == kinds).float().mean()), float((lk[figure] == looks[figure]).float().mean())
+
+
+def table(title: str, rows: dict[str, dict[str, list[float]]]) -> None:
+    names = [m for m in MEASURES if any(m in r for r in rows.values())]
+    print(f"\n{title}")
+    print(f"{'method':<15}" + "".join(f"{m:>18}" for m in names))
+    for method, values in rows.items():
+        cells = []
+        for m in names:
+            mean, ci = summarise(values[m]) if values.get(m) else (float("nan"), float("nan"))
+            cells.append(f"{mean:>10.3f} ±{ci:5.3f}")
+        print(f"{method:<15}" + "".join(f"{c:>18}" for c in cells))
+
+
+def save_grid(path: Path, rows: dict[str, torch.Tensor], columns: int, scale: int = 4) -> None:
+    """One row per method, ``columns`` seeds; a 2-pixel gap between images."""
+    tiles = []
+    for images in rows.values():
+        row = [np.pad((images[i].numpy() * 255).astype(np.uint8), ((1, 1), (1, 1), (0, 0)), constant_values=255)
+               for i in range(columns)]
+        tiles.append(np.concatenate(row, axis=1))
+    grid = np.concatenate(tiles, axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=50)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + list(ABLATIONS))
+    parser.add_argument("--ablations", action="store_true", help="also OMG with one setting changed at a time")
+    parser.add_argument("--grids", type=Path, default=ROOT / "docs" / "quality")
+    parser.add_argument("--columns", type=int, default=10)
+    parser.add_argument("--weights", type=Path, default=WEIGHTS, help="a folder of toy-world weights (default: the committed ones)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    world = ToyWorld(args.weights)
+    seeds = list(range(FIRST_SEED, FIRST_SEED + args.seeds))
+    runners = {**METHODS, **ABLATIONS}
+    if args.ablations:
+        args.methods += [m for m in ABLATIONS if m not in args.methods]
+
+    truth = ground_truth(world)
+    kinds_acc, looks_acc = pixel_accuracy(world)
+    print(f"scorer on held-out rendered scenes: figure class {kinds_acc:.3f}, look on figures {looks_acc:.3f} (pixel accuracy)")
+    table("ground-truth scenes (what a perfect generator scores)", {"rendered": truth})
+
+    every = {m: {name: [] for name in MEASURES} for m in args.methods}
+    occluded = {m: {name: [] for name in MEASURES} for m in args.methods}
+    seconds: dict[str, float] = {}
+    args.grids.mkdir(parents=True, exist_ok=True)
+    for case in CASES:
+        start = time.perf_counter()
+        layout = no_lora(world, case, seeds).images
+        seconds["no LoRA"] = seconds.get("no LoRA", 0.0) + time.perf_counter() - start
+        layout_kinds, _ = world.scorer.labels(layout)
+        shown = {}
+        for method in args.methods:
+            if method == "no LoRA":
+                images = layout
+            else:
+                start = time.perf_counter()
+                images = runners[method](world, case, seeds).images
+                seconds[method] = seconds.get(method, 0.0) + time.perf_counter() - start
+            shown[method] = images
+            kinds, looks = world.scorer.labels(images)
+            for b in range(len(seeds)):
+                for name, value in image_measures(kinds[b], looks[b], case.looks, layout_kinds[b]).items():
+                    every[method][name].append(value)
+                    if case.in_front:
+                        occluded[method][name].append(value)
+        name = case.prompt(triggers=True).replace(" ", "_")
+        save_grid(args.grids / f"{name}.png", shown, min(args.columns, len(seeds)))
+        print(f"  {case.prompt(triggers=True)}: done ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    table(f"all cases ({len(CASES)} prompts x {len(seeds)} seeds)", every)
+    table("occlusion cases only ('in front of')", occluded)
+    print("\nwall seconds per method (all cases): "
+          + ", ".join(f"{m} {t:.1f}" for m, t in seconds.items()))
+    print(f"grids: {args.grids}  ({time.perf_counter() - started:.0f} s in all)")
+    if "OMG" in every and "global LoRAs" in every:
+        omg_leak, global_leak = (summarise(every[m]["leakage"])[0] for m in ("OMG", "global LoRAs"))
+        print(f"omg/global leakage ratio: {omg_leak / global_leak:.3f}" if global_leak else "omg/global leakage ratio: n/a (no leakage with global LoRAs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Ways to put two identities in one toy-world picture, each a function of (world, case, seeds).
+
+- ``no LoRA``: the global prompt alone (also OMG's pass 1: the layout every method is compared to);
+- ``global LoRAs``: what users do today: both LoRAs applied to the whole model, both trigger
+  words in the prompt ("a zorb man and a quix woman on grass");
+- ``fixed regions``: Regional-Prompter-like: the left half of the picture is the first
+  concept's, the right half the second's, from the first step (OMG's blend through the
+  ``regions`` mask source, blend start 0, no layout pass);
+- ``OMG``: this project's defaults (attention masks, layout preservation, blend start 0.3);
+- ``official``: the official code's settings where they differ from this project's, as far
+  as they change the picture: concept LoRA weight 0.8 and self-attention taken from pass 1
+  for the first 40 % of the steps (its cost schedule, a duplicate image in pass 1 and one
+  UNet call per concept, gives the same picture as the expanded batch). Its masks are
+  summed where they overlap; here they stay exclusive.
+
+Every method samples with Euler, 20 steps, CFG 5, one seed per image.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from omg_ext.config import OmgConfig
+from omg_ext.engine.lora import RowRoutedLoRA
+from omg_ext.engine.session import Concept
+from omg_ext.masks.regions import parse_regions
+from omg_ext.masks.sources import MaskInputs, concept_masks
+from tests.support.omg_run import run_omg
+from tests.support.sampling import generate
+
+from .lora_files import read_kohya, text_router
+from .measures import ConceptLook
+from .model import SCHEDULE, WEIGHTS, ToyModel, to_images
+from .scenes import IDENTITIES, SIZE, Figure, Scene, scene_prompt
+from .scorer import Scorer
+from .text import word_positions
+
+STEPS, CFG = 20, 5.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """A two-concept prompt: the identities (man's, woman's), the background, who stands in front."""
+
+    identities: tuple[int, ...]
+    background: str
+    in_front: bool = False
+
+    def scene(self, triggers: bool) -> Scene:
+        figures = [Figure(IDENTITIES[k - 1].figure, 0, 0, 0, k if triggers else 0) for k in self.identities]
+        return Scene(self.background, figures, self.in_front)
+
+    def prompt(self, triggers: bool = False) -> str:
+        return scene_prompt(self.scene(triggers))
+
+    def concept_prompt(self, j: int) -> str:
+        """What a user writes in concept j's row: "a zorb man on grass"."""
+        return scene_prompt(Scene(self.background, [self.scene(True).figures[j]]))
+
+    @property
+    def looks(self) -> list[ConceptLook]:
+        return [ConceptLook(k) for k in self.identities]
+
+
+@dataclass
+class Settings:
+    """The OMG settings a method runs with (the WebUI's ``OmgConfig`` defaults unless changed)."""
+
+    blend_start: float = OmgConfig.blend_start
+    layout: bool = OmgConfig.layout_preservation
+    self_attention_until: float = OmgConfig.self_attention_until
+    dilation: int = OmgConfig.mask_dilation
+    feather: int = OmgConfig.mask_feather
+    lora_weight: float = 1.0
+    masks: str = "attention"
+    """A mask source: ``attention`` or ``halves`` (fixed left/right regions)."""
+    extra: dict = field(default_factory=dict)
+
+
+class ToyWorld:
+    """The trained toy model, its identity LoRAs and the scorer, loaded once."""
+
+    def __init__(self, weights: Path = WEIGHTS):
+        self.model = ToyModel.load(weights / "base.safetensors")
+        self.scorer = Scorer.load(weights / "scorer.safetensors")
+        self.files = {k: weights / f"{i.trigger}.safetensors" for k, i in enumerate(IDENTITIES, start=1)}
+        self._loras: dict[tuple[int, float], dict] = {}
+
+    def lora(self, identity: int, weight: float = 1.0) -> dict:
+        """``{"unet": deltas, "text": deltas}`` of an identity's file at a weight."""
+        if (identity, weight) not in self._loras:
+            self._loras[identity, weight] = read_kohya(self.files[identity], self.model, weight)
+        return self._loras[identity, weight]
+
+    @torch.no_grad()
+    def encode(self, prompt: str, identities=(), weight: float = 1.0) -> dict:
+        """A prompt's conditioning with the given identities' text-encoder LoRAs applied."""
+        if not identities:
+            return self.model.encode([prompt])
+        router = text_router(self.model, [self.lora(k, weight)["text"] for k in identities])
+        with router.installed(), router.route([(j, 0, None) for j in range(len(identities))], batch=None):
+            return self.model.encode([prompt])
+
+    def sample(self, cond: dict, uncond: dict, seeds: list[int], model_fn=None) -> torch.Tensor:
+        raw = self.model.unet_fn()
+        fn = model_fn or (lambda x, t, c, rows: raw(x, t, c))
+        rows = len(seeds)
+        return generate(fn, SCHEDULE, "euler", _rows(cond, rows), _rows(uncond, rows), seed=0, steps=STEPS,
+                        latent_shape=(rows, 3, SIZE, SIZE), cfg_scale=CFG, seeds=seeds)
+
+
+def _rows(cond: dict, rows: int) -> dict:
+    return {k: v.expand(rows, *v.shape[1:]) for k, v in cond.items()}
+
+
+@dataclass
+class Generated:
+    images: torch.Tensor
+    """[B, H, W, 3] in [0, 1]."""
+    masks: torch.Tensor | None = None
+    """[B, concepts, H, W], where the method used masks."""
+
+
+def no_lora(world: ToyWorld, case: Case, seeds: list[int]) -> Generated:
+    return Generated(to_images(world.sample(world.encode(case.prompt()), world.encode(""), seeds)))
+
+
+def global_loras(world: ToyWorld, case: Case, seeds: list[int], weight: float = 1.0) -> Generated:
+    ids = case.identities
+    router = RowRoutedLoRA(dict(world.model.unet.named_modules()), [world.lora(k, weight)["unet"] for k in ids])
+    cond, uncond = world.encode(case.prompt(triggers=True), ids, weight), world.encode("", ids, weight)
+    with router.installed(), router.route([(j, 0, None) for j in range(len(ids))], batch=None):
+        return Generated(to_images(world.sample(cond, uncond, seeds)))
+
+
+def halves(case: Case) -> str:
+    """The fixed regions as the WebUI's region canvas stores them: concept 1 left, concept 2 right."""
+    return json.dumps({"width": SIZE, "height": SIZE,
+                       "boxes": {"1": [0, 0, SIZE // 2, SIZE], "2": [SIZE // 2, 0, SIZE, SIZE]}})
+
+
+def omg(world: ToyWorld, case: Case, seeds: list[int], settings: Settings | None = None) -> Generated:
+    """The engine's two passes on the toy model, with the concepts' LoRAs and prompts."""
+    s = settings or Settings()
+    prompt = case.prompt()
+    concepts = [
+        Concept(world.encode(case.concept_prompt(j), (k,), s.lora_weight), world.encode("", (k,), s.lora_weight),
+                world.lora(k, s.lora_weight)["unet"], word_positions(prompt, IDENTITIES[k - 1].figure))
+        for j, k in enumerate(case.identities)
+    ]
+    masks = None
+    if s.masks == "halves":
+        regions = parse_regions(halves(case), len(concepts))
+        labels = [IDENTITIES[k - 1].figure for k in case.identities]
+
+        def masks(session):
+            maps = session.attention_maps()
+            return torch.stack([
+                concept_masks("regions", MaskInputs(maps[b], (SIZE, SIZE), labels, regions=regions,
+                                                    dilation=s.dilation, feather=s.feather)).masks
+                for b in range(len(seeds))])
+    cond, uncond = world.encode(prompt), world.encode("")
+    rows = len(seeds)
+    result = run_omg(world.model.unet, concepts, _rows(cond, rows), _rows(uncond, rows), steps=STEPS,
+                     latent_shape=(rows, 3, SIZE, SIZE), cfg_scale=CFG, seeds=seeds, blend_start=s.blend_start,
+                     layout=s.layout, self_attention_until=s.self_attention_until, masks=masks,
+                     dilation=s.dilation, feather=s.feather)
+    return Generated(to_images(result.final), result.masks)
+
+
+METHODS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
+    "no LoRA": no_lora,
+    "global LoRAs": global_loras,
+    "fixed regions": lambda w, c, s: omg(w, c, s, Settings(masks="halves", blend_start=0.0, layout=False)),
+    "OMG": omg,
+    "official": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8, self_attention_until=0.4)),
+}
+
+ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
+    "OMG self-attn 0.4": lambda w, c, s: omg(w, c, s, Settings(self_attention_until=0.4)),
+    "OMG weight 0.8": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8)),
+    "OMG no layout": lambda w, c, s: omg(w, c, s, Settings(layout=False)),
+    "OMG blend 0.2": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.2)),
+    "OMG blend 0.4": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.4)),
+}
+"""OMG with one setting changed at a time: ``bench_quality.py --ablations`` decides the defaults by them."""
