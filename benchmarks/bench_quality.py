@@ -12,7 +12,7 @@ figures present and the layout kept (IoU against the no-LoRA image, OMG's pass 1
 Printed: the measures on ground-truth scenes (the scorer's own check, near-perfect), the
 table method × measure (mean ± 95 % interval over images) for all cases and for the
 occlusion cases alone, and last ``omg/global leakage ratio: X``. Sample grids (one row per
-method, the same seeds in each column) go to ``--grids`` as PNG.
+method and one of OMG's masks over the layout image, the same seeds in each column) go to ``--grids`` as PNG.
 
 OMG with SAM or detector masks cannot be measured here: their weights cannot be
 downloaded, and random-weight SAM or detectors give meaningless masks.
@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from omg_ext.engine.masks import overlay  # noqa: E402
 from toyworld.measures import MEASURES, image_measures, summarise  # noqa: E402
 from toyworld.methods import ABLATIONS, METHODS, Case, ToyWorld, no_lora  # noqa: E402
 from toyworld.model import WEIGHTS  # noqa: E402
@@ -82,7 +83,7 @@ def table(title: str, rows: dict[str, dict[str, list[float]]]) -> None:
 
 
 def save_grid(path: Path, rows: dict[str, torch.Tensor], columns: int, scale: int = 4) -> None:
-    """One row per method, ``columns`` seeds; a 2-pixel gap between images."""
+    """One row per method (and OMG's masks), ``columns`` seeds; a 2-pixel gap between images."""
     tiles = []
     for images in rows.values():
         row = [np.pad((images[i].numpy() * 255).astype(np.uint8), ((1, 1), (1, 1), (0, 0)), constant_values=255)
@@ -129,8 +130,12 @@ def main() -> None:
                 images = layout
             else:
                 start = time.perf_counter()
-                images = runners[method](world, case, seeds).images
+                generated = runners[method](world, case, seeds)
                 seconds[method] = seconds.get(method, 0.0) + time.perf_counter() - start
+                images = generated.images
+                if method == "OMG":  # its masks over the layout image, for a person to judge them
+                    shown["OMG masks"] = torch.stack([overlay(generated.masks[b], layout[b].permute(2, 0, 1)).permute(1, 2, 0)
+                                                      for b in range(min(args.columns, len(seeds)))])
             shown[method] = images
             kinds, looks = world.scorer.labels(images)
             for b in range(len(seeds)):

@@ -76,6 +76,8 @@ class Settings:
     dilation: int = OmgConfig.mask_dilation
     feather: int = OmgConfig.mask_feather
     lora_weight: float = 1.0
+    window: tuple[float, float] = (0.0, 1.0)
+    """The fractions of pass 1's steps whose attention makes the masks."""
     masks: str = "attention"
     """A mask source: ``attention`` or ``halves`` (fixed left/right regions)."""
     extra: dict = field(default_factory=dict)
@@ -152,7 +154,10 @@ def omg(world: ToyWorld, case: Case, seeds: list[int], settings: Settings | None
                 world.lora(k, s.lora_weight)["unet"], word_positions(prompt, IDENTITIES[k - 1].figure))
         for j, k in enumerate(case.identities)
     ]
-    masks = None
+    def masks(session):
+        return torch.stack([m.masks for m in session.attention_masks(dilation=s.dilation, feather=s.feather,
+                                                                     window=s.window)])
+
     if s.masks == "halves":
         regions = parse_regions(halves(case), len(concepts))
         labels = [IDENTITIES[k - 1].figure for k in case.identities]
@@ -186,5 +191,8 @@ ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG no layout": lambda w, c, s: omg(w, c, s, Settings(layout=False)),
     "OMG blend 0.2": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.2)),
     "OMG blend 0.4": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.4)),
+    "OMG maps 0-0.3": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, 0.3))),
+    "OMG maps 0-0.5": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, 0.5))),
+    "OMG maps 0.5-1": lambda w, c, s: omg(w, c, s, Settings(window=(0.5, 1.0))),
 }
 """OMG with one setting changed at a time: ``bench_quality.py --ablations`` decides the defaults by them."""

@@ -23,6 +23,7 @@ API hands over projections (Forge's attn1/attn2 replace patches).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -63,33 +64,42 @@ class AttentionCall:
 
 
 class WordMaps:
-    """Pass 1's class-word attention, accumulated per image and concept.
+    """Pass 1's class-word attention, kept per UNet call, averaged per image and concept on demand.
 
-    ``capture(x, rows)`` gives the ``AttentionCall`` of one pass-1 UNet call (its cond
-    rows capture); ``mean()`` the maps averaged over the calls each image was captured in.
+    ``capture(x, t, rows)`` gives the ``AttentionCall`` of one pass-1 call (its cond rows
+    capture into a fresh accumulator); ``mean(start_t, stop_t)`` averages the calls whose
+    timestep lies in ``(stop_t, start_t]`` (all of them by default) over the calls each
+    image was captured in. One map per call costs little ([images, concepts, h, w] at 1/2
+    latent resolution) and lets the masks come from any window of the steps.
     """
 
     def __init__(self, images: int, tokens: Sequence[Sequence[int]]) -> None:
-        self.tokens = [list(t) for t in tokens]
-        self.sums: torch.Tensor | None = None
-        self.calls = torch.zeros(images)
+        self.images, self.tokens = images, [list(t) for t in tokens]
+        self.calls: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+        """(timestep, sums [images, concepts, h, w], captured rows per image) of each pass-1 call."""
 
-    def capture(self, x: torch.Tensor, rows: Sequence) -> AttentionCall | None:
+    def capture(self, x: torch.Tensor, t: torch.Tensor, rows: Sequence) -> AttentionCall | None:
         """The capture instructions for a call with ``rows`` (``RowRole``s); None without cond rows."""
         capture = [(i, r.image) for i, r in enumerate(rows) if r.is_cond]
         if not capture:
             return None
-        if self.sums is None:
-            self.sums = torch.zeros(len(self.calls), len(self.tokens), *capture_size(tuple(x.shape[-2:])), device=x.device)
+        sums = torch.zeros(self.images, len(self.tokens), *capture_size(tuple(x.shape[-2:])), device=x.device)
+        counts = torch.zeros(self.images)
         for _, image in capture:
-            self.calls[image] += 1
-        return AttentionCall(tuple(x.shape[-2:]), capture_rows=capture, capture_tokens=self.tokens, maps=self.sums)
+            counts[image] += 1
+        self.calls.append((float(t.max()), sums, counts))
+        return AttentionCall(tuple(x.shape[-2:]), capture_rows=capture, capture_tokens=self.tokens, maps=sums)
 
-    def mean(self) -> torch.Tensor:
-        """[images, concepts, h, w]: each image's sums over the calls it was captured in."""
-        if self.sums is None:
+    def mean(self, start_t: float = math.inf, stop_t: float = -math.inf) -> torch.Tensor:
+        """[images, concepts, h, w]: the maps of the calls with ``stop_t < t <= start_t``, averaged per image."""
+        if not self.calls:
             raise RuntimeError("OMG: pass 1 captured no attention (no cond rows reached the UNet)")
-        return self.sums / self.calls.clamp(min=1).view(-1, 1, 1, 1).to(self.sums.device)
+        window = [(sums, counts) for t, sums, counts in self.calls if stop_t < t <= start_t]
+        if not window:
+            raise ValueError("OMG: no pass-1 step lies in the attention window")
+        sums = torch.stack([s for s, _ in window]).sum(0)
+        counts = torch.stack([c for _, c in window]).sum(0)
+        return sums / counts.clamp(min=1).view(-1, 1, 1, 1).to(sums.device)
 
 
 def layer_factor(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:

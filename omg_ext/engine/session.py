@@ -134,7 +134,7 @@ class OmgSession:
         if len(rows) != x.shape[0]:
             raise ValueError(f"{len(rows)} row roles for a call of {x.shape[0]} rows")
         if self.mode == "pass1":
-            out = self._run(unet_fn, x, t, cond, self.maps.capture(x, rows))
+            out = self._run(unet_fn, x, t, cond, self.maps.capture(x, t, rows))
             self.record.add(x, t, out)
             return out
         if self.mode == "pass2":
@@ -169,14 +169,20 @@ class OmgSession:
         counters.rows += x.shape[0]
         return out
 
-    def attention_maps(self) -> torch.Tensor:
-        """Per image and concept, the class word's attention averaged over pass 1's calls."""
-        return self.maps.mean()
+    def attention_maps(self, window: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+        """Per image and concept, the class word's attention averaged over pass 1's calls in ``window``.
 
-    def attention_masks(self, *, dilation: int = 0, feather: int = 0, groups=None,
-                        order: str = "left_to_right", labels=None) -> list[MaskResult]:
+        ``window``: the fractions of the steps (as for the blend start) whose maps count.
+        """
+        start, stop = window
+        if not 0 <= start < stop <= 1:
+            raise ValueError(f"the attention window must be two fractions 0 <= start < stop <= 1, got {window}")
+        return self.maps.mean(self.record.threshold(start), self.record.threshold(stop))
+
+    def attention_masks(self, *, dilation: int = 0, feather: int = 0, groups=None, order: str = "left_to_right",
+                        labels=None, window: tuple[float, float] = (0.0, 1.0)) -> list[MaskResult]:
         """Masks from the captured attention, one result per image, at latent resolution."""
-        maps, hw = self.maps.mean(), self.record.latent_hw()
+        maps, hw = self.attention_maps(window), self.record.latent_hw()
         return [
             masks_from_attention(maps[b], hw, groups=groups, dilation=dilation, feather=feather, order=order, labels=labels)
             for b in range(self.images)

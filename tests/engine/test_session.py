@@ -327,3 +327,26 @@ def test_hires_pass_blends_with_resized_masks_or_runs_plain(unet, concepts):
     c = concepts[0]
     alone = unet_fn(merged(unet, c.deltas))(x, t, {"context": torch.cat([c.cond["context"], c.uncond["context"]])})
     torch.testing.assert_close(blended, alone, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_attention_window_averages_exactly_the_calls_in_it(unet, concepts):
+    """Four pass-1 calls at falling timesteps, each image captured once per call: a window is the mean of its calls."""
+    session = OmgSession(unet, concepts, images=2)
+    g = torch.Generator().manual_seed(3)
+    cond = {"context": torch.cat([_ctx(1), _ctx(2), _ctx(3), _ctx(4)])}
+    singles = []
+    with session.installed():
+        session.begin_pass1()
+        for step, time in enumerate((900.0, 700.0, 400.0, 100.0)):
+            x = torch.randn(4, 4, 16, 12, generator=g)  # non-square
+            session(unet_fn(unet), x, torch.full((4,), time), cond, roles_cond_then_uncond(2))
+            singles.append(session.maps.calls[-1][1].clone())
+    per_call = torch.stack(singles)  # each call captured each image once
+    torch.testing.assert_close(session.attention_maps(), per_call.mean(0))
+    torch.testing.assert_close(session.attention_maps((0.0, 0.5)), per_call[:2].mean(0))
+    torch.testing.assert_close(session.attention_maps((0.5, 1.0)), per_call[2:].mean(0))
+    torch.testing.assert_close(session.attention_maps((0.25, 0.75)), per_call[1:3].mean(0))
+    assert not torch.allclose(per_call[0], per_call[3])
+    with pytest.raises(ValueError, match="attention window must be two fractions"):
+        session.attention_maps((0.5, 0.5))
