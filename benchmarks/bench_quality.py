@@ -83,13 +83,14 @@ def table(title: str, rows: dict[str, dict[str, list[float]]]) -> None:
 
 
 def save_grid(path: Path, rows: dict[str, torch.Tensor], columns: int, scale: int = 4) -> None:
-    """One row per method (and OMG's masks), ``columns`` seeds; a 2-pixel gap between images."""
-    tiles = []
-    for images in rows.values():
-        row = [np.pad((images[i].numpy() * 255).astype(np.uint8), ((1, 1), (1, 1), (0, 0)), constant_values=255)
-               for i in range(columns)]
-        tiles.append(np.concatenate(row, axis=1))
-    grid = np.concatenate(tiles, axis=0)
+    """One row per method (and OMG's masks), ``columns`` seeds; every image in a cell of the largest one's size."""
+    h = max(images.shape[1] for images in rows.values()) + 2
+    w = max(images.shape[2] for images in rows.values()) + 2
+    grid = np.full((h * len(rows), w * columns, 3), 255, np.uint8)
+    for r, images in enumerate(rows.values()):
+        for c in range(columns):
+            image = (images[c].numpy() * 255).astype(np.uint8)
+            grid[r * h + 1:r * h + 1 + image.shape[0], c * w + 1:c * w + 1 + image.shape[1]] = image
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
@@ -138,8 +139,10 @@ def main() -> None:
                                                       for b in range(min(args.columns, len(seeds)))])
             shown[method] = images
             kinds, looks = world.scorer.labels(images)
+            reference = layout_kinds if kinds.shape == layout_kinds.shape else \
+                torch.nn.functional.interpolate(layout_kinds[:, None].float(), size=kinds.shape[-2:])[:, 0].long()
             for b in range(len(seeds)):
-                for name, value in image_measures(kinds[b], looks[b], case.looks, layout_kinds[b]).items():
+                for name, value in image_measures(kinds[b], looks[b], case.looks, reference[b]).items():
                     every[method][name].append(value)
                     if case.in_front:
                         occluded[method][name].append(value)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from omg_ext.config import OmgConfig
 from omg_ext.engine.lora import RowRoutedLoRA
@@ -30,7 +31,7 @@ from omg_ext.engine.session import Concept
 from omg_ext.masks.regions import parse_regions
 from omg_ext.masks.sources import MaskInputs, concept_masks
 from tests.support.omg_run import run_omg
-from tests.support.sampling import generate
+from tests.support.sampling import CFGDenoiser, generate, initial_noise, sample_euler
 
 from .lora_files import read_kohya, text_router
 from .measures import ConceptLook
@@ -145,36 +146,58 @@ def halves(case: Case) -> str:
                        "boxes": {"1": [0, 0, SIZE // 2, SIZE], "2": [SIZE // 2, 0, SIZE, SIZE]}})
 
 
-def omg(world: ToyWorld, case: Case, seeds: list[int], settings: Settings | None = None) -> Generated:
-    """The engine's two passes on the toy model, with the concepts' LoRAs and prompts."""
-    s = settings or Settings()
+def _mask_maker(case: Case, s: Settings, images: int):
+    """The function of the session after pass 1 that gives the masks the settings ask for."""
+    if s.masks == "attention":
+        return lambda session: torch.stack([m.masks for m in session.attention_masks(
+            dilation=s.dilation, feather=s.feather, window=s.window)])
+    regions = parse_regions(halves(case), len(case.identities))
+    labels = [IDENTITIES[k - 1].figure for k in case.identities]
+    return lambda session: torch.stack([
+        concept_masks("regions", MaskInputs(session.attention_maps()[b], (SIZE, SIZE), labels, regions=regions,
+                                            dilation=s.dilation, feather=s.feather)).masks
+        for b in range(images)])
+
+
+def _omg_run(world: ToyWorld, case: Case, seeds: list[int], s: Settings):
+    """The engine's two passes on the toy model: (result, host cond rows, host uncond rows)."""
     prompt = case.prompt()
     concepts = [
         Concept(world.encode(case.concept_prompt(j), (k,), s.lora_weight), world.encode("", (k,), s.lora_weight),
                 world.lora(k, s.lora_weight)["unet"], word_positions(prompt, IDENTITIES[k - 1].figure))
         for j, k in enumerate(case.identities)
     ]
-    def masks(session):
-        return torch.stack([m.masks for m in session.attention_masks(dilation=s.dilation, feather=s.feather,
-                                                                     window=s.window)])
-
-    if s.masks == "halves":
-        regions = parse_regions(halves(case), len(concepts))
-        labels = [IDENTITIES[k - 1].figure for k in case.identities]
-
-        def masks(session):
-            maps = session.attention_maps()
-            return torch.stack([
-                concept_masks("regions", MaskInputs(maps[b], (SIZE, SIZE), labels, regions=regions,
-                                                    dilation=s.dilation, feather=s.feather)).masks
-                for b in range(len(seeds))])
-    cond, uncond = world.encode(prompt), world.encode("")
     rows = len(seeds)
-    result = run_omg(world.model.unet, concepts, _rows(cond, rows), _rows(uncond, rows), steps=STEPS,
-                     latent_shape=(rows, 3, SIZE, SIZE), cfg_scale=CFG, seeds=seeds, blend_start=s.blend_start,
-                     layout=s.layout, self_attention_until=s.self_attention_until, masks=masks,
-                     dilation=s.dilation, feather=s.feather)
+    cond, uncond = _rows(world.encode(prompt), rows), _rows(world.encode(""), rows)
+    result = run_omg(world.model.unet, concepts, cond, uncond, steps=STEPS, latent_shape=(rows, 3, SIZE, SIZE),
+                     cfg_scale=CFG, seeds=seeds, blend_start=s.blend_start, layout=s.layout,
+                     self_attention_until=s.self_attention_until, masks=_mask_maker(case, s, rows))
+    return result, cond, uncond
+
+
+def omg(world: ToyWorld, case: Case, seeds: list[int], settings: Settings | None = None) -> Generated:
+    """OMG with the given settings (this project's defaults unless changed)."""
+    result, _, _ = _omg_run(world, case, seeds, settings or Settings())
     return Generated(to_images(result.final), result.masks)
+
+
+HIRES_SCALE, HIRES_DENOISE = 1.5, 0.5
+"""The hires fix users run: the latent upscaled 1.5x, then half of the steps again."""
+
+
+@torch.no_grad()
+def omg_hires(world: ToyWorld, case: Case, seeds: list[int], blend: bool) -> Generated:
+    """OMG, then a hires pass as the WebUIs run it: the plain model (``blend=False``, this
+    project's default) or OMG's blend continued with the masks resized (``hires_blend``)."""
+    result, cond, uncond = _omg_run(world, case, seeds, Settings())
+    x = F.interpolate(result.final, scale_factor=HIRES_SCALE, mode="bilinear", align_corners=False)
+    sigmas = SCHEDULE.get_sigmas(STEPS)[round(STEPS * (1 - HIRES_DENOISE)):]
+    x = x + initial_noise(tuple(x.shape), 0, [seed + 1 for seed in seeds]) * sigmas[0]
+    session, raw = result.session, world.model.unet_fn()
+    with session.installed():
+        session.begin_hires(blend)
+        denoiser = CFGDenoiser(lambda x_, t, c, rows: session(raw, x_, t, c, rows), SCHEDULE, cond, uncond, CFG)
+        return Generated(to_images(sample_euler(denoiser, x, sigmas)), result.masks)
 
 
 METHODS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
@@ -194,5 +217,7 @@ ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG maps 0-0.3": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, 0.3))),
     "OMG maps 0-0.5": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, 0.5))),
     "OMG maps 0.5-1": lambda w, c, s: omg(w, c, s, Settings(window=(0.5, 1.0))),
+    "OMG + hires": lambda w, c, s: omg_hires(w, c, s, blend=False),
+    "OMG + hires blend": lambda w, c, s: omg_hires(w, c, s, blend=True),
 }
 """OMG with one setting changed at a time: ``bench_quality.py --ablations`` decides the defaults by them."""
