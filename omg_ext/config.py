@@ -140,7 +140,7 @@ class OmgConfig:
     mask_dilation: int = 8
     mask_feather: int = 8
     show_masks: bool = True
-    hires_blend: bool = False
+    hires_blend: bool = True  # measured in the toy world: a plain hires pass erases the identities (README, "Does it work?")
     sam_model: str = "vit_b"
     detector: str = "auto"
     instance_order: str = "attention"

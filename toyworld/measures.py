@@ -8,6 +8,8 @@ scorer's per-pixel labels, per image:
 - leakage: the share of the concept's figure drawn in *another concept's* look, averaged;
 - background: the share of background pixels drawn in any identity look;
 - both present: every concept's class has a connected figure of at least ``MIN_FIGURE`` pixels;
+- identities kept: both present, and every concept's figure drawn mostly (over half) in its
+  own look: the picture the user asked for;
 - layout IoU: figure pixels (any class) against those of the layout image (pass 1, no LoRA).
 
 The pairs this benchmark uses have one man and one woman, so a figure's class says which
@@ -27,7 +29,7 @@ from .scenes import CLASSES, IDENTITIES
 MIN_FIGURE = 12
 """Pixels of the smallest figure that counts as present (a head alone has about 10)."""
 
-MEASURES = ("fidelity", "leakage", "background", "both_present", "layout_iou")
+MEASURES = ("fidelity", "leakage", "background", "both_present", "identities_kept", "layout_iou")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ def image_measures(kinds: torch.Tensor, looks: torch.Tensor, concepts: list[Conc
         "background": float((looks[background] != 0).float().mean()) if bool(background.any()) else 0.0,
         "both_present": float(all(_largest_component(kinds == c.kind) >= MIN_FIGURE for c in concepts)),
     }
+    result["identities_kept"] = float(result["both_present"] == 1.0 and all(f > 0.5 for f in fidelity))
     if layout_kinds is not None:
         a, b = kinds > 0, layout_kinds > 0
         union = int((a | b).sum())

@@ -7,6 +7,8 @@
   concept's, the right half the second's, from the first step (OMG's blend through the
   ``regions`` mask source, blend start 0, no layout pass);
 - ``OMG``: this project's defaults (attention masks, layout preservation, blend start 0.3);
+- ``OMG grounded``: the same with masks from the paper's route, a detector and a segmenter
+  on the layout image (``toyworld.grounding``, through the ``detector+sam`` mask source);
 - ``official``: the official code's settings where they differ from this project's, as far
   as they change the picture: concept LoRA weight 0.8 and self-attention taken from pass 1
   for the first 40 % of the steps (its cost schedule, a duplicate image in pass 1 and one
@@ -29,10 +31,11 @@ from omg_ext.config import OmgConfig
 from omg_ext.engine.lora import RowRoutedLoRA
 from omg_ext.engine.session import Concept
 from omg_ext.masks.regions import parse_regions
-from omg_ext.masks.sources import MaskInputs, concept_masks
+from omg_ext.masks.sources import MaskInputs, MaskModels, concept_masks
 from tests.support.omg_run import run_omg
 from tests.support.sampling import CFGDenoiser, generate, initial_noise, sample_euler
 
+from .grounding import ToyDetector, ToySegmenter
 from .lora_files import read_kohya, text_router
 from .measures import ConceptLook
 from .model import SCHEDULE, WEIGHTS, ToyModel, to_images
@@ -80,7 +83,8 @@ class Settings:
     window: tuple[float, float] = (0.0, 1.0)
     """The fractions of pass 1's steps whose attention makes the masks."""
     masks: str = "attention"
-    """A mask source: ``attention`` or ``halves`` (fixed left/right regions)."""
+    """``attention``, ``halves`` (fixed left/right regions) or ``grounded`` (the toy detector and
+    segmenter through the ``detector+sam`` source: the paper's route)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -146,17 +150,29 @@ def halves(case: Case) -> str:
                        "boxes": {"1": [0, 0, SIZE // 2, SIZE], "2": [SIZE // 2, 0, SIZE, SIZE]}})
 
 
-def _mask_maker(case: Case, s: Settings, images: int):
-    """The function of the session after pass 1 that gives the masks the settings ask for."""
+def _mask_maker(world: ToyWorld, case: Case, s: Settings, images: int):
+    """The function of (session, layout latent) after pass 1 that gives the masks the settings ask for."""
     if s.masks == "attention":
-        return lambda session: torch.stack([m.masks for m in session.attention_masks(
+        return lambda session, layout: torch.stack([m.masks for m in session.attention_masks(
             dilation=s.dilation, feather=s.feather, window=s.window)])
-    regions = parse_regions(halves(case), len(case.identities))
     labels = [IDENTITIES[k - 1].figure for k in case.identities]
-    return lambda session: torch.stack([
-        concept_masks("regions", MaskInputs(session.attention_maps()[b], (SIZE, SIZE), labels, regions=regions,
-                                            dilation=s.dilation, feather=s.feather)).masks
-        for b in range(images)])
+    if s.masks == "halves":
+        source, extra = "regions", dict(regions=parse_regions(halves(case), len(case.identities)))
+        models = None
+    elif s.masks == "grounded":
+        source, extra = "detector+sam", {}
+        models = MaskModels(sam=lambda: ToySegmenter(world.scorer).segment, detector=lambda: ToyDetector(world.scorer))
+    else:
+        raise ValueError(f"unknown toy mask source {s.masks!r}")
+
+    def masks(session, layout):
+        pictures = (to_images(layout) * 255).round().to(torch.uint8).numpy()
+        maps = session.attention_maps(s.window)
+        return torch.stack([
+            concept_masks(source, MaskInputs(maps[b], (SIZE, SIZE), labels, image=pictures[b], dilation=s.dilation,
+                                             feather=s.feather, **extra), models).masks
+            for b in range(images)])
+    return masks
 
 
 def _omg_run(world: ToyWorld, case: Case, seeds: list[int], s: Settings):
@@ -171,7 +187,7 @@ def _omg_run(world: ToyWorld, case: Case, seeds: list[int], s: Settings):
     cond, uncond = _rows(world.encode(prompt), rows), _rows(world.encode(""), rows)
     result = run_omg(world.model.unet, concepts, cond, uncond, steps=STEPS, latent_shape=(rows, 3, SIZE, SIZE),
                      cfg_scale=CFG, seeds=seeds, blend_start=s.blend_start, layout=s.layout,
-                     self_attention_until=s.self_attention_until, masks=_mask_maker(case, s, rows))
+                     self_attention_until=s.self_attention_until, masks=_mask_maker(world, case, s, rows))
     return result, cond, uncond
 
 
@@ -209,6 +225,7 @@ METHODS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
 }
 
 ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
+    "OMG grounded": lambda w, c, s: omg(w, c, s, Settings(masks="grounded")),
     "OMG self-attn 0.4": lambda w, c, s: omg(w, c, s, Settings(self_attention_until=0.4)),
     "OMG weight 0.8": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8)),
     "OMG no layout": lambda w, c, s: omg(w, c, s, Settings(layout=False)),
@@ -220,4 +237,4 @@ ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG + hires": lambda w, c, s: omg_hires(w, c, s, blend=False),
     "OMG + hires blend": lambda w, c, s: omg_hires(w, c, s, blend=True),
 }
-"""OMG with one setting changed at a time: ``bench_quality.py --ablations`` decides the defaults by them."""
+"""OMG with one setting changed at a time (and the grounded masks): ``bench_quality.py --ablations``."""

@@ -26,8 +26,8 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
             fail_at=None, seeds=None) -> OmgResult:
     """Pass 1, masks, pass 2. ``fail_at`` injects an exception at a stage.
 
-    ``masks``: a tensor [images, concepts, H, W], a function of the session after pass 1
-    giving one, or None for the session's attention masks. ``seeds``: one per image.
+    ``masks``: a tensor [images, concepts, H, W], a function of the session and the layout
+    latent after pass 1 giving one, or None for the session's attention masks. ``seeds``: one per image.
     """
     session = OmgSession(unet, concepts, images=latent_shape[0], layout=layout, max_rows=max_rows)
     raw = unet_fn(unet)
@@ -54,7 +54,7 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
         if masks is None:
             masks = torch.stack([m.masks for m in session.attention_masks(dilation=dilation, feather=feather, groups=groups)])
         elif callable(masks):
-            masks = masks(session)
+            masks = masks(session, layout_latent)
         stage("masks")
         session.begin_pass2(masks, blend_start=blend_start, self_attention_until=self_attention_until)
         final = generate(model_fn, SCHEDULE, sampler, cond, uncond, **kwargs)

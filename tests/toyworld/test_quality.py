@@ -1,0 +1,37 @@
+"""OMG against both LoRAs loaded globally, in the trained toy world (committed weights, 16 images).
+
+Measured on these seeds (``benchmarks/bench_quality.py`` gives the same on 200 images):
+OMG leakage 0.0125 vs 0.0385 (ratio 0.32), both figures present 0.56 vs 0.31, OMG's
+identity fidelity 0.475 (no LoRA: 0.004). The assertions keep those facts with room for
+noise (one image of 16 is 0.0625); they fail when the concepts' LoRAs go to each other's
+rows, or when the masks stop mattering (OMG then draws no identity).
+"""
+import pytest
+import torch
+
+from toyworld.measures import image_measures
+from toyworld.methods import Case, ToyWorld, global_loras, omg
+
+SEEDS = list(range(1000, 1008))
+CASES = (Case((1, 2), "on grass"), Case((3, 4), "at night", in_front=True))
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ToyWorld()
+
+
+def _pooled(world, method) -> dict[str, float]:
+    values = []
+    for case in CASES:
+        kinds, looks = world.scorer.labels(method(world, case, SEEDS).images)
+        values += [image_measures(kinds[b], looks[b], case.looks) for b in range(len(SEEDS))]
+    return {m: sum(v[m] for v in values) / len(values) for m in values[0]}
+
+
+@torch.no_grad()
+def test_omg_keeps_identities_apart_where_global_loras_mix_or_drop_them(world):
+    ours, theirs = _pooled(world, omg), _pooled(world, global_loras)
+    assert ours["leakage"] <= 0.6 * theirs["leakage"], (ours, theirs)
+    assert ours["both_present"] >= theirs["both_present"] + 0.125, (ours, theirs)
+    assert ours["fidelity"] >= 0.3, ours
