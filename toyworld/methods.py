@@ -20,7 +20,7 @@ Every method samples with Euler, 20 steps, CFG 5, one seed per image.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -85,7 +85,6 @@ class Settings:
     masks: str = "attention"
     """``attention``, ``halves`` (fixed left/right regions) or ``grounded`` (the toy detector and
     segmenter through the ``detector+sam`` source: the paper's route)."""
-    extra: dict = field(default_factory=dict)
 
 
 class ToyWorld:
@@ -112,9 +111,10 @@ class ToyWorld:
         with router.installed(), router.route([(j, 0, None) for j in range(len(identities))], batch=None):
             return self.model.encode([prompt])
 
-    def sample(self, cond: dict, uncond: dict, seeds: list[int], model_fn=None) -> torch.Tensor:
+    def sample(self, cond: dict, uncond: dict, seeds: list[int]) -> torch.Tensor:
+        """A plain generation of one image per seed (Euler, ``STEPS``, CFG ``CFG``)."""
         raw = self.model.unet_fn()
-        fn = model_fn or (lambda x, t, c, rows: raw(x, t, c))
+        fn = lambda x, t, c, rows: raw(x, t, c)  # noqa: E731
         rows = len(seeds)
         return generate(fn, SCHEDULE, "euler", _rows(cond, rows), _rows(uncond, rows), seed=0, steps=STEPS,
                         latent_shape=(rows, 3, SIZE, SIZE), cfg_scale=CFG, seeds=seeds)
