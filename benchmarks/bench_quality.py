@@ -11,7 +11,8 @@ figures present and the layout kept (IoU against the no-LoRA image, OMG's pass 1
 
 Printed: the measures on ground-truth scenes (the scorer's own check, near-perfect), the
 table method × measure (mean ± 95 % interval over images) for all cases and for the
-occlusion cases alone, and last ``omg/global leakage ratio: X``. Sample grids (one row per
+occlusion cases alone, the precision of each masked method's masks (the share on the
+concept's own figure in the layout image), and last ``omg/global leakage ratio: X``. Sample grids (one row per
 method and one of OMG's masks over the layout image, the same seeds in each column) go to ``--grids`` as PNG.
 
 OMG with SAM or detector masks cannot be measured here: their weights cannot be
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from omg_ext.engine.masks import overlay  # noqa: E402
-from toyworld.measures import MEASURES, image_measures, summarise  # noqa: E402
+from toyworld.measures import MEASURES, image_measures, mask_precision, summarise  # noqa: E402
 from toyworld.methods import ABLATIONS, METHODS, Case, ToyWorld, no_lora  # noqa: E402
 from toyworld.model import WEIGHTS  # noqa: E402
 from toyworld.scenes import random_scene, render  # noqa: E402
@@ -119,6 +120,7 @@ def main() -> None:
     every = {m: {name: [] for name in MEASURES} for m in args.methods}
     occluded = {m: {name: [] for name in MEASURES} for m in args.methods}
     seconds: dict[str, float] = {}
+    precision: dict[str, list[float]] = {}
     args.grids.mkdir(parents=True, exist_ok=True)
     for case in CASES:
         start = time.perf_counter()
@@ -134,6 +136,10 @@ def main() -> None:
                 generated = runners[method](world, case, seeds)
                 seconds[method] = seconds.get(method, 0.0) + time.perf_counter() - start
                 images = generated.images
+                if generated.masks is not None and generated.masks.shape[-2:] == layout_kinds.shape[-2:]:
+                    precision.setdefault(method, []).extend(
+                        value for b in range(len(seeds))
+                        for value in mask_precision(generated.masks[b], layout_kinds[b], case.looks))
                 if method == "OMG":  # its masks over the layout image, for a person to judge them
                     shown["OMG masks"] = torch.stack([overlay(generated.masks[b], layout[b].permute(2, 0, 1)).permute(1, 2, 0)
                                                       for b in range(min(args.columns, len(seeds)))])
@@ -152,7 +158,9 @@ def main() -> None:
 
     table(f"all cases ({len(CASES)} prompts x {len(seeds)} seeds)", every)
     table("occlusion cases only ('in front of')", occluded)
-    print("\nwall seconds per method (all cases): "
+    print("\nmask precision (share of each concept's mask on its own figure in the layout image): " + ", ".join(
+        "{} {:.3f} ±{:.3f}".format(m, *summarise(v)) for m, v in precision.items()))
+    print("wall seconds per method (all cases): "
           + ", ".join(f"{m} {t:.1f}" for m, t in seconds.items()))
     print(f"grids: {args.grids}  ({time.perf_counter() - started:.0f} s in all)")
     if "OMG" in every and "global LoRAs" in every:

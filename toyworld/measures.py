@@ -86,3 +86,16 @@ def summarise(values: list[float]) -> tuple[float, float]:
         return mean, float("nan")
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return mean, 1.96 * std / math.sqrt(n)
+
+
+def mask_precision(masks: torch.Tensor, layout_kinds: torch.Tensor, concepts: list[ConceptLook]) -> list[float]:
+    """Per concept, the share of its mask [k, H, W] lying on its own figure in the layout image's labels [H, W].
+
+    How right a method's masks are, independently of what the LoRAs then draw: 1 when each
+    mask covers only its own character.
+    """
+    shares = []
+    for j, concept in enumerate(concepts):
+        mass = float(masks[j].sum())
+        shares.append(float((masks[j] * (layout_kinds == concept.kind)).sum()) / mass if mass else 0.0)
+    return shares

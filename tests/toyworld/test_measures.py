@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from toyworld.measures import ConceptLook, image_measures, summarise
+from toyworld.measures import ConceptLook, image_measures, mask_precision, summarise
 from toyworld.scenes import random_scene, render
 from toyworld.scorer import Scorer
 
@@ -53,3 +53,13 @@ def test_the_committed_scorer_reads_rendered_scenes_almost_perfectly():
         scores.append(image_measures(kinds[0], looks[0], [ZORB_MAN, QUIX_WOMAN]))
     assert np.mean([s["fidelity"] for s in scores]) > 0.97
     assert np.mean([s["leakage"] for s in scores]) < 0.01
+
+
+def test_mask_precision_is_the_share_of_each_mask_on_its_own_figure():
+    kinds, _ = _labels()
+    masks = torch.zeros(2, 24, 20)
+    masks[0, 2:14, 2:6] = 1.0    # exactly the man
+    masks[1, 10:22, 12:18] = 0.5  # the woman, at half strength...
+    masks[1, 0:2, 0:6] = 0.5      # ...and 12 px of background
+    assert mask_precision(masks, kinds, [ZORB_MAN, QUIX_WOMAN]) == pytest.approx([1.0, 36 / 42])
+    assert mask_precision(torch.zeros(2, 24, 20), kinds, [ZORB_MAN, QUIX_WOMAN]) == [0.0, 0.0]
