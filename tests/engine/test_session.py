@@ -350,3 +350,34 @@ def test_attention_window_averages_exactly_the_calls_in_it(unet, concepts):
     assert not torch.allclose(per_call[0], per_call[3])
     with pytest.raises(ValueError, match="attention window must be two fractions"):
         session.attention_maps((0.5, 0.5))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("hw", [(12, 20), (20, 12)])
+def test_each_image_is_blended_with_its_own_masks_in_its_own_orientation(hw):
+    """Rows answer with a constant naming their conditioning, so the blend's result is known exactly per pixel:
+    ``(1 - Σ M_j)·host + Σ M_j·concept_j`` with image b's masks, never image 0's, never transposed."""
+    h, w = hw
+    value = lambda v: torch.full((1, 2, 4), float(v))  # noqa: E731  a conditioning that names itself
+    concepts = [Concept({"context": value(10 + j)}, {"context": value(20 + j)}, tokens=[1]) for j in range(2)]
+    session = OmgSession(torch.nn.Linear(1, 1), concepts, images=2)
+
+    def unet_fn(x, t, cond):
+        return cond["context"][:, 0, 0].view(-1, 1, 1, 1).expand(-1, *x.shape[1:]).clone()
+
+    masks = torch.zeros(2, 2, h, w)
+    masks[0, 0, : h // 3] = 1.0              # image 0: concept 1 on the top rows
+    masks[0, 1, :, : w // 4] = 0.5           # ... concept 2 at half strength on the left columns
+    masks[0, 1, : h // 3, : w // 4] = 0.0
+    masks[1, 1, h // 2:, w // 2:] = 1.0      # image 1: concept 2 in the bottom-right quarter only
+    cond = {"context": torch.cat([value(1), value(2), value(3), value(4)])}  # cond 1, 2; uncond 3, 4
+    x, t = torch.zeros(4, 3, h, w), torch.full((4,), 500.0)
+    with session.installed():
+        session.begin_pass1()
+        session(unet_fn, x, t, cond, roles_cond_then_uncond(2))
+        session.begin_pass2(masks, blend_start=0.0)
+        out = session(unet_fn, x, t, cond, roles_cond_then_uncond(2))
+    for row, (host, image, concept_values) in enumerate([(1, 0, (10, 11)), (2, 1, (10, 11)), (3, 0, (20, 21)), (4, 1, (20, 21))]):
+        m = masks[image]
+        expected = host * (1 - m.sum(0)) + concept_values[0] * m[0] + concept_values[1] * m[1]
+        torch.testing.assert_close(out[row, 0], expected, rtol=0, atol=1e-6)
