@@ -381,3 +381,33 @@ def test_each_image_is_blended_with_its_own_masks_in_its_own_orientation(hw):
         m = masks[image]
         expected = host * (1 - m.sum(0)) + concept_values[0] * m[0] + concept_values[1] * m[1]
         torch.testing.assert_close(out[row, 0], expected, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("until, replaced_calls", [(0.5, 2), (0.25, 1), (0.75, 3)])
+def test_self_attention_is_taken_from_the_reference_exactly_until_its_cut_off(unet, concepts, monkeypatch, until, replaced_calls):
+    """Four calls at falling timesteps, all blended: quarter-resolution self-attention is replaced in the first
+    ``until`` of them and in none after (values between 0 and 1, not just the ends)."""
+    from omg_ext.engine.attention import OmgAttention
+    replaced = []
+    original = OmgAttention._replaced
+
+    def counting(self, x, context, call):
+        replaced[-1] += 0 if self.is_cross else 1
+        return original(self, x, context, call)
+
+    monkeypatch.setattr(OmgAttention, "_replaced", counting)
+    session = OmgSession(unet, concepts, images=1)
+    cond = {"context": torch.cat([_ctx(1), _ctx(2)])}
+    x, times = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(2)), (900.0, 700.0, 400.0, 100.0)
+    with session.installed():
+        session.begin_pass1()
+        for time in times:
+            session(unet_fn(unet), x, torch.full((2,), time), cond, roles_cond_then_uncond(1))
+        session.begin_pass2(_half_masks(hw=(16, 12)), blend_start=0.0, self_attention_until=until)
+        for time in times:
+            replaced.append(0)
+            session(unet_fn(unet), x + 0.1, torch.full((2,), time), cond, roles_cond_then_uncond(1))
+    quarter = replaced[0]
+    assert quarter >= 1
+    assert replaced == [quarter] * replaced_calls + [0] * (len(times) - replaced_calls)
