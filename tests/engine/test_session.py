@@ -219,8 +219,9 @@ def test_layout_replacement_gives_host_cond_rows_the_reference_probabilities(une
 
 
 @torch.no_grad()
-def test_pass1_captures_class_word_attention_at_half_and_quarter_resolution(unet, concepts):
-    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+@pytest.mark.parametrize("latent", [(16, 16), (16, 12), (12, 20)])
+def test_pass1_captures_class_word_attention_at_half_and_quarter_resolution(unet, concepts, latent):
+    x = torch.randn(2, 4, *latent, generator=torch.Generator().manual_seed(7))
     t = torch.full((2,), 600.0)
     cond = {"context": torch.cat([_ctx(1), _ctx(2)])}
     session = OmgSession(unet, concepts, images=1)
@@ -233,20 +234,21 @@ def test_pass1_captures_class_word_attention_at_half_and_quarter_resolution(unet
         finally:
             probe.remove()
     torch.testing.assert_close(plain_out, unet_fn(unet)(x, t, cond), rtol=0, atol=0)  # pass 1 is the host's own image
-    expected = torch.zeros(2, 8, 8)
+    maps_hw = ((latent[0] + 1) // 2, (latent[1] + 1) // 2)
+    expected = torch.zeros(2, *maps_hw)
     layers = 0
     for name, seen in probe.seen.items():
         if not name.endswith("attn2"):
             continue
         q, k = seen["to_q"][0], seen["to_k"][0]
-        factor, hw = layer_factor(q.shape[1], (16, 16))
+        factor, hw = layer_factor(q.shape[1], latent)
         if factor not in CAPTURE_FACTORS:
             continue
         layers += 1
         p = _probs(q[:1], k[:1], modules[name].heads, modules[name].scale).mean(1)[0]
         for j, c in enumerate(concepts):
             word = p[:, list(c.tokens)].sum(-1).view(1, 1, *hw)
-            expected[j] += torch.nn.functional.interpolate(word, size=(8, 8), mode="bilinear", align_corners=False)[0, 0]
+            expected[j] += torch.nn.functional.interpolate(word, size=maps_hw, mode="bilinear", align_corners=False)[0, 0]
     assert layers >= 4
     torch.testing.assert_close(session.attention_maps()[0], expected, rtol=1e-4, atol=1e-6)
 
