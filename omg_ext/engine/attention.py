@@ -48,8 +48,8 @@ class AttentionCall:
     replace_self: bool = False
     capture_rows: Sequence[tuple[int, int]] = ()
     """(row, image) whose class-word probabilities are added to ``maps[image]``."""
-    capture_tokens: Sequence[Sequence[int]] = ()
-    """Per concept, the token positions of its class word in the capture rows' context."""
+    capture_tokens: Sequence[Sequence[Sequence[int]]] = ()
+    """Per image, per concept: the token positions of its class word in that image's context."""
     maps: torch.Tensor | None = None
     """[images, concepts, h, w] accumulator at 1/2 latent resolution, added to in place."""
 
@@ -73,8 +73,9 @@ class WordMaps:
     latent resolution) and lets the masks come from any window of the steps.
     """
 
-    def __init__(self, images: int, tokens: Sequence[Sequence[int]]) -> None:
-        self.images, self.tokens = images, [list(t) for t in tokens]
+    def __init__(self, tokens: Sequence[Sequence[Sequence[int]]]) -> None:
+        self.images, self.tokens = len(tokens), [[list(t) for t in image] for image in tokens]
+        """Per image, per concept: the class word's token positions in that image's prompt."""
         self.calls: list[tuple[float, torch.Tensor, torch.Tensor]] = []
         """(timestep, sums [images, concepts, h, w], captured rows per image) of each pass-1 call."""
 
@@ -83,7 +84,7 @@ class WordMaps:
         capture = [(i, r.image) for i, r in enumerate(rows) if r.is_cond]
         if not capture:
             return None
-        sums = torch.zeros(self.images, len(self.tokens), *capture_size(tuple(x.shape[-2:])), device=x.device)
+        sums = torch.zeros(self.images, len(self.tokens[0]), *capture_size(tuple(x.shape[-2:])), device=x.device)
         counts = torch.zeros(self.images)
         for _, image in capture:
             counts[image] += 1
@@ -192,8 +193,12 @@ class OmgAttention:
 def add_word_maps(probs: torch.Tensor, call: AttentionCall, hw: tuple[int, int]) -> None:
     """Add the capture rows' class-word probabilities ([rows, heads, n, tokens]) to ``call.maps``."""
     probs = probs.mean(dim=1)
-    words = torch.stack([probs[:, :, list(tokens)].sum(-1) for tokens in call.capture_tokens], dim=1)
-    words = words.view(probs.shape[0], len(call.capture_tokens), *hw)
+    rows, concepts = probs.shape[0], call.maps.shape[1]
+    words_of_row = torch.zeros(rows, probs.shape[-1], concepts, dtype=probs.dtype, device=probs.device)
+    for i, (_, image) in enumerate(call.capture_rows):  # each row sums its own image's class-word tokens
+        for j, tokens in enumerate(call.capture_tokens[image]):
+            words_of_row[i, list(tokens), j] = 1
+    words = torch.bmm(probs, words_of_row).transpose(1, 2).reshape(rows, concepts, *hw)
     words = F.interpolate(words, size=call.maps.shape[-2:], mode="bilinear", align_corners=False)
     for i, (_, image) in enumerate(call.capture_rows):
         call.maps[image] += words[i].to(call.maps.dtype)

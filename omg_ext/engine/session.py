@@ -66,7 +66,10 @@ class OmgSession:
     def __init__(
         self, unet: nn.Module, concepts: Sequence[Concept], *, images: int,
         layout: bool = True, max_rows: int | None = None,
+        image_tokens: Sequence[Sequence[Sequence[int]]] | None = None,
     ) -> None:
+        """``image_tokens[image][concept]``: class-word positions where the images' prompts
+        differ (wildcards, a prompt matrix); by default every image uses ``Concept.tokens``."""
         if not concepts:
             raise ValueError("OMG needs at least one concept")
         if max_rows is not None and max_rows < 2:
@@ -76,7 +79,11 @@ class OmgSession:
         self.router = RowRoutedLoRA(dict(unet.named_modules()), [c.deltas for c in concepts])
         self.conds = [ConceptCond(c.cond, c.uncond) for c in concepts]
         self.record = PassRecord()
-        self.maps = WordMaps(images, [c.tokens for c in concepts])
+        if image_tokens is None:
+            image_tokens = [[c.tokens for c in concepts]] * images
+        if len(image_tokens) != images or any(len(t) != len(concepts) for t in image_tokens):
+            raise ValueError(f"image_tokens must list {len(concepts)} concepts' positions for each of {images} images")
+        self.maps = WordMaps(image_tokens)
         self.counters = {"pass1": PassCounters(), "pass2": PassCounters(), "hires_blend": PassCounters()}
         self.mode: str | None = None
         self.masks: BlendMasks | None = None

@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy
 import torch
 
-from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
+from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, OmgConfigError, compact, to_infotext, top_tags
 from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.masks import overlay
 from ..engine.rows import RowRole
@@ -312,9 +312,10 @@ class A1111Generation:
 
         p = self.p
         if self.prepared is None:
-            self.prepared = self.prepare(prompts[0])
+            self.prepared = self.prepare()
         images = len(prompts)
-        self.session = session = OmgSession(self.unet, self.prepared.concepts, images=images)
+        self.session = session = OmgSession(self.unet, self.prepared.concepts, images=images,
+                                            image_tokens=self.image_tokens(prompts))
         enable_hr = getattr(p, "enable_hr", False)
         rng_state = (p.rng.shape, p.seeds, p.subseeds, p.subseed_strength, p.seed_resize_from_h, p.seed_resize_from_w)
         try:
@@ -380,22 +381,42 @@ class A1111Generation:
             script_callbacks.remove_callbacks_for_function(tracker.on_denoiser)
 
     # -- concepts: LoRA deltas, conditioning, class-word tokens
-    def prepare(self, prompt: str) -> Prepared:
-        self.cfg.validate(prompt)
+    def prepare(self) -> Prepared:
+        """The concepts of the job (loaded once: they do not depend on the images' prompts)."""
+        self.cfg.validate()
         concepts, labels = [], []
-        for n, spec in enumerate(self.cfg.concepts, start=1):
+        for spec in self.cfg.concepts:
             negative = spec.negative_prompt or self.p.negative_prompts[0]
             deltas, cond, uncond = self.load_concept(spec, negative)
-            tokens = class_word_tokens(self.text_engine(), prompt, spec.class_word)
-            if not tokens:
-                raise OmgUserError(f"OMG concept {n}: class word {spec.class_word!r} was not found among the prompt's tokens")
-            concepts.append(Concept(cond, uncond, deltas, tokens))
+            concepts.append(Concept(cond, uncond, deltas))
             labels.append(spec.class_word)
         try:
             regions = parse_regions(self.cfg.regions, len(concepts)) if self.cfg.regions.strip() else None
         except ValueError as e:
             raise OmgUserError(str(e)) from e
         return Prepared(concepts, labels, regions)
+
+    def image_tokens(self, prompts: list[str]) -> list[list[list[int]]]:
+        """Per image, per concept: the class word's positions in that image's own prompt.
+
+        A batch's prompts differ with wildcards, a prompt matrix or Dynamic Prompts, and so
+        do the class words' positions; each image's attention maps use its own.
+        """
+        positions = []
+        for i, prompt in enumerate(prompts):
+            where = f" of image {i + 1} of the batch ({prompt!r})" if len(set(prompts)) > 1 else ""
+            try:
+                self.cfg.validate(prompt)
+            except OmgConfigError as e:
+                raise OmgUserError(f"{e}{where}") from e
+            image = []
+            for n, spec in enumerate(self.cfg.concepts, start=1):
+                tokens = class_word_tokens(self.text_engine(), prompt, spec.class_word)
+                if not tokens:
+                    raise OmgUserError(f"OMG concept {n}: class word {spec.class_word!r} was not found among the tokens of the prompt{where}")
+                image.append(tokens)
+            positions.append(image)
+        return positions
 
     def load_concept(self, spec, negative: str) -> tuple[dict, dict, dict]:
         """(UNet deltas, cond, uncond) of one concept: its prompts encoded with its text-encoder LoRA."""

@@ -220,22 +220,24 @@ def test_layout_replacement_gives_host_cond_rows_the_reference_probabilities(une
 
 @torch.no_grad()
 @pytest.mark.parametrize("latent", [(16, 16), (16, 12), (12, 20)])
-def test_pass1_captures_class_word_attention_at_half_and_quarter_resolution(unet, concepts, latent):
-    x = torch.randn(2, 4, *latent, generator=torch.Generator().manual_seed(7))
-    t = torch.full((2,), 600.0)
-    cond = {"context": torch.cat([_ctx(1), _ctx(2)])}
-    session = OmgSession(unet, concepts, images=1)
+def test_pass1_captures_each_images_class_word_attention_at_half_and_quarter_resolution(unet, concepts, latent):
+    # two images whose prompts differ (wildcards): image 1's class words sit elsewhere
+    image_tokens = [[c.tokens for c in concepts], [[11], [2, 3]]]
+    x = torch.randn(4, 4, *latent, generator=torch.Generator().manual_seed(7))
+    t = torch.full((4,), 600.0)
+    cond = {"context": torch.cat([_ctx(1, 2), _ctx(2, 2)])}
+    session = OmgSession(unet, concepts, images=2, image_tokens=image_tokens)
     modules = dict(unet.named_modules())
     with session.installed():
         session.begin_pass1()
         probe = _AttentionProbe(unet)
         try:
-            plain_out = session(unet_fn(unet), x, t, cond, roles_cond_then_uncond(1))
+            plain_out = session(unet_fn(unet), x, t, cond, roles_cond_then_uncond(2))
         finally:
             probe.remove()
     torch.testing.assert_close(plain_out, unet_fn(unet)(x, t, cond), rtol=0, atol=0)  # pass 1 is the host's own image
     maps_hw = ((latent[0] + 1) // 2, (latent[1] + 1) // 2)
-    expected = torch.zeros(2, *maps_hw)
+    expected = torch.zeros(2, 2, *maps_hw)
     layers = 0
     for name, seen in probe.seen.items():
         if not name.endswith("attn2"):
@@ -245,12 +247,15 @@ def test_pass1_captures_class_word_attention_at_half_and_quarter_resolution(unet
         if factor not in CAPTURE_FACTORS:
             continue
         layers += 1
-        p = _probs(q[:1], k[:1], modules[name].heads, modules[name].scale).mean(1)[0]
-        for j, c in enumerate(concepts):
-            word = p[:, list(c.tokens)].sum(-1).view(1, 1, *hw)
-            expected[j] += torch.nn.functional.interpolate(word, size=maps_hw, mode="bilinear", align_corners=False)[0, 0]
+        for image in range(2):  # rows 0 and 1 are the images' cond rows
+            p = _probs(q[image:image + 1], k[image:image + 1], modules[name].heads, modules[name].scale).mean(1)[0]
+            for j, tokens in enumerate(image_tokens[image]):
+                word = p[:, list(tokens)].sum(-1).view(1, 1, *hw)
+                expected[image, j] += torch.nn.functional.interpolate(word, size=maps_hw, mode="bilinear", align_corners=False)[0, 0]
     assert layers >= 4
-    torch.testing.assert_close(session.attention_maps()[0], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(session.attention_maps(), expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="image_tokens must list 2 concepts' positions for each of 2 images"):
+        OmgSession(unet, concepts, images=2, image_tokens=image_tokens[:1])
 
 
 def _snapshot(unet):

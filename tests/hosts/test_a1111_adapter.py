@@ -92,11 +92,15 @@ def test_host_modules_become_low_rank_or_dense_deltas():
 
 
 class _Clip(nn.Module):
-    """A text encoder with A1111's ``tokenize`` / ``tokenize_line`` and a Linear layer a LoRA can target."""
+    """A text encoder with A1111's ``tokenize`` / ``tokenize_line`` and a Linear layer a LoRA can target.
+
+    The vocabulary is shared by all instances, so a word has one id in every model a test builds.
+    """
+
+    vocab: dict = {}
 
     def __init__(self):
         super().__init__()
-        self.vocab = {}
         self.embed = nn.Embedding(100, CTX)
         self.proj = nn.Linear(CTX, CTX)
 
@@ -148,13 +152,14 @@ class _Model:
 class _Job:
     """Enough of ``StableDiffusionProcessingTxt2Img`` for the adapter, with an A1111-style CFG denoiser."""
 
-    def __init__(self, modules, model, prompt, negative, steps=6, sampler="euler"):
+    def __init__(self, modules, model, prompt, negative, steps=6, sampler="euler", seeds=(7,), latent=(16, 16)):
         self.modules, self.sd_model = modules, model
-        self.prompts, self.negative_prompts = [prompt], [negative]
-        self.width = self.height = 128
-        self.seeds, self.subseeds, self.subseed_strength = [7], [7], 0.0
+        self.prompts = [prompt] * len(seeds) if isinstance(prompt, str) else list(prompt)
+        self.negative_prompts = [negative] * len(self.prompts)
+        self.height, self.width = latent[0] * 8, latent[1] * 8
+        self.seeds, self.subseeds, self.subseed_strength = list(seeds), list(seeds), 0.0
         self.seed_resize_from_h = self.seed_resize_from_w = 0
-        self.rng = modules.rng.ImageRNG((4, 16, 16), self.seeds)
+        self.rng = modules.rng.ImageRNG((4, *latent), self.seeds)
         self.enable_hr, self.extra_generation_params = False, {}
         self.steps, self.sampler_name, self.calls = steps, sampler, 0
 
@@ -169,11 +174,12 @@ class _Job:
             c_in = 1 / (sigma_in ** 2 + 1) ** 0.5
             eps = unet(x_in * c_in[:, None, None, None], SCHEDULE.sigma_to_t(sigma_in), context=torch.cat([cond, uncond]))
             self.calls += 1
-            d = x_in - eps * sigma_in[:, None, None, None]
-            return d[1:] + (d[:1] - d[1:]) * 7.0
+            d, n = x_in - eps * sigma_in[:, None, None, None], x.shape[0]
+            return d[n:] + (d[:n] - d[n:]) * 7.0
 
         sigmas = SCHEDULE.get_sigmas(self.steps)
-        return SAMPLERS[self.sampler_name](denoiser, self.rng.next() * sigmas[0], sigmas)
+        x = self.rng.next() * sigmas[0]
+        return SAMPLERS[self.sampler_name](lambda x, s: denoiser(x, s.expand(x.shape[0])), x, sigmas)
 
     def sample_hr_pass(self, *args, **kwargs):
         raise AssertionError("no hires in this job")
@@ -264,3 +270,45 @@ def test_lora_for_another_architecture_is_named_and_text_encoder_deltas_reach_at
     assert torch.equal(attention.in_proj_weight, before)  # restored exactly, also after an error
     with pytest.raises(a1111.OmgUserError, match="LoRA 'nope' is not in the WebUI's LoRA list"):
         a1111.load_concept_lora("nope", 1.0, 1.0, unet_modules, te_modules)
+
+
+def _run_job(modules, model, cfg, prompts, seeds, latent):
+    """One txt2img job through the adapter; the session it ran with."""
+    sessions = []
+
+    class RecordedSession(a1111.OmgSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sessions.append(self)
+
+    job = _Job(modules, model, prompts, "blurry", seeds=seeds, latent=latent)
+    generation = a1111.A1111Generation(job, cfg)
+    generation.attach()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(a1111, "OmgSession", RecordedSession)
+        c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
+        final = job.sample(c, uc, job.seeds, job.seeds, 0, job.prompts)
+    return final, sessions[0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("latent", [(12, 16), (16, 10)])
+def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(monkeypatch, latent):
+    """A batch whose prompts differ (wildcards): each image is the image it would be alone."""
+    model = _Model()
+    networks, _ = _networks(model)
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    cfg = OmgConfig(enabled=True, blend_start=0.5, mask_dilation=0, mask_feather=0, concepts=[
+        ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape"),
+        ConceptSpec(class_word="woman", prompt="a woman, blue dress"),
+    ])
+    prompts = ["a man and a woman", "on grass a woman hugs a tall man"]
+    with fake_a1111.installed() as modules:
+        batch, session = _run_job(modules, model, cfg, prompts, [7, 8], latent)
+        assert session.maps.tokens == [[[2], [5]], [[8], [4]]]
+        assert batch.shape == (2, 4, *latent)
+        for i in range(2):
+            alone, _ = _run_job(modules, model, cfg, prompts[i:i + 1], [7 + i], latent)
+            torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-3, atol=1e-3)  # float noise of a batch ~1e-4
+        with pytest.raises(a1111.OmgUserError, match=r"class word 'woman' does not appear in the prompt of image 2 of the batch \('a tall man'\)"):
+            _run_job(modules, model, cfg, ["a man and a woman", "a tall man"], [7, 8], latent)

@@ -67,13 +67,14 @@ class _ForgeModel:
 class _Job:
     """Forge's ``StableDiffusionProcessingTxt2Img.sample``: reset forge_objects, the scripts' hook, sample."""
 
-    def __init__(self, modules, model, steps=6, split=False):
+    def __init__(self, modules, model, steps=6, split=False, prompts=("a man and a woman",), seeds=(7,), latent=(16, 16)):
         self.modules, self.sd_model = modules, model
-        self.prompts, self.negative_prompts = ["a man and a woman"], ["blurry"]
-        self.width = self.height = 128
-        self.seeds, self.subseeds, self.subseed_strength = [7], [7], 0.0
+        self.prompts, self.negative_prompts = list(prompts), ["blurry"] * len(prompts)
+        self.height, self.width = latent[0] * 8, latent[1] * 8
+        self.seeds, self.subseeds, self.subseed_strength = list(seeds), list(seeds), 0.0
         self.seed_resize_from_h = self.seed_resize_from_w = 0
-        self.rng = modules.rng.ImageRNG((4, 16, 16), self.seeds)
+        self.rng_shape = (4, *latent)
+        self.rng = modules.rng.ImageRNG(self.rng_shape, self.seeds)
         self.enable_hr, self.extra_generation_params = False, {}
         self.steps, self.split, self.fail_at_call, self.calls = steps, split, None, 0
         self.hooks = []
@@ -140,7 +141,7 @@ def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, fp8=False, **job_args):
         job = _Job(modules, model, **job_args)
         c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
         plain = job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
-        job.rng, job.calls, job.fail_at_call = modules.rng.ImageRNG((4, 16, 16), job.seeds), 0, fail_at_call
+        job.rng, job.calls, job.fail_at_call = modules.rng.ImageRNG(job.rng_shape, job.seeds), 0, fail_at_call
         generation = forge.ForgeGeneration(job, cfg)
         generation.attach()
         job.hooks.append(lambda p, **kwargs: generation.patch_unet())
@@ -149,6 +150,19 @@ def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, fp8=False, **job_args):
         except RuntimeError as e:
             final = e
     return plain, final, job, model, generation, weights
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("latent", [(12, 16), (16, 10)])
+def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(tmp_path, monkeypatch, latent):
+    """A batch whose prompts differ (wildcards): each image is the image it would be alone."""
+    cfg = OmgConfig(blend_start=0.5, **CFG)
+    prompts = ["a man and a woman", "on grass a woman hugs a tall man"]
+    _, batch, job, _, generation, _ = _run(tmp_path, monkeypatch, cfg, prompts=prompts, seeds=[7, 8], latent=latent)
+    assert batch.shape == (2, 4, *latent) and len(generation.layout_images) == 2
+    for i in range(2):
+        _, alone, *_ = _run(tmp_path, monkeypatch, cfg, prompts=prompts[i:i + 1], seeds=[7 + i], latent=latent)
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-3, atol=1e-3)  # float noise of a batch ~1e-4
 
 
 def _assert_untouched(model, weights, original_unet):
@@ -290,9 +304,9 @@ def test_patching_is_idempotent_and_survives_forges_deep_copies(tmp_path, monkey
     with fake_forge.installed() as modules:
         job = _Job(modules, model)
         generation = forge.ForgeGeneration(job, OmgConfig(self_attention_until=0.3, **CFG))
-        generation.prepared = generation.prepare(job.prompts[0])
+        generation.prepared = generation.prepare()
         from omg_ext.engine.session import OmgSession
-        session = OmgSession(generation.unet, generation.prepared.concepts, images=1)
+        session = OmgSession(generation.unet, generation.prepared.concepts, images=1, image_tokens=generation.image_tokens(job.prompts))
         with generation.patched(session):
             generation.patch_unet()
             clone = model.forge_objects.unet
