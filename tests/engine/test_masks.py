@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from omg_ext.engine.masks import (LATENT_SCALE, MaskResult, connected_components, dilate, feather, latent_radius,
-                           masks_from_attention, normalize_map, otsu_threshold, overlay, split_instances)
+from omg_ext.engine.masks import (LATENT_SCALE, MaskResult, _bands, concept_name, connected_components, dilate, feather,
+                                  latent_radius, masks_from_attention, normalize_map, otsu_threshold, overlay,
+                                  split_instances)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -115,8 +116,14 @@ def test_dilate_square_disc_and_identity():
     disc = dilate(b, 2, shape="disc")
     assert disc.sum() == 13 and not disc[2, 2] and disc[2, 4] and disc[3, 3]  # x²+y² ≤ 4
     assert dilate(b.float(), 1).dtype == torch.float32
-    with pytest.raises(ValueError, match="radius"):
+    assert dilate(b, 3, shape="disc").sum() == 29  # x²+y² ≤ 9
+    corner = torch.zeros(5, 7, dtype=torch.bool)
+    corner[0, 6] = True
+    assert torch.equal(dilate(corner, 1), _box(5, 7, 0, 2, 5, 7).bool())  # same size out, clipped at the border
+    with pytest.raises(ValueError, match="radius must be >= 0, got -1"):
         dilate(b, -1)
+    with pytest.raises(ValueError, match="shape must be 'square' or 'disc', got 'star'"):
+        dilate(b, 1, shape="star")
 
 
 def test_feather_zero_gives_binary_masks():
@@ -264,6 +271,30 @@ def test_band_split_in_the_pipeline_is_reported():
                             "split into bands left to right"]
 
 
+@pytest.mark.parametrize("column_mass,n,expected", [
+    ([1, 1, 1, 1, 1, 1], 2, [0, 0, 0, 1, 1, 1]),  # the median of the mass
+    ([1, 5, 2], 2, [0, 0, 1]),                    # a line belongs to the band its mass centre falls in
+    ([1, 2, 1], 2, [0, 1, 1]),                    # a centre exactly at the quantile goes to the later band
+    ([100, 1, 1, 1], 3, [0, 1, 2, 2]),            # heavy first line: later bands still get a line each
+    ([1, 1, 1, 100], 3, [0, 0, 1, 2]),            # heavy last line: earlier bands still get a line each
+    ([0, 1, 1, 0, 1, 1], 2, [-1, 0, 0, -1, 1, 1]),  # background columns belong to no band
+])
+def test_bands_cut_at_the_quantiles_of_the_evidence_mass_and_are_never_empty(column_mass, n, expected):
+    mass = torch.tensor(column_mass, dtype=torch.float32)
+    binary = (mass > 0).expand(3, -1).clone()
+    bands = _bands(binary, mass.expand(3, -1), n, dim=1)
+    band_of_column = [next((i for i, b in enumerate(bands) if b[0, c]), -1) for c in range(len(column_mass))]
+    assert band_of_column == expected
+    rows = _bands(binary.T.contiguous(), mass.expand(3, -1).T.contiguous(), n, dim=0)  # the same along rows
+    assert all(torch.equal(r, b.T) for r, b in zip(rows, bands))
+    assert _bands(binary, mass.expand(3, -1), len(column_mass) + 1, dim=1) is None  # fewer lines than bands
+
+
+def test_concept_names_use_labels_where_given():
+    assert concept_name(0, ["man", "woman"]) == "concept 1 ('man')"
+    assert concept_name(2, ["man", "woman"]) == "concept 3" and concept_name(1, None) == "concept 2"
+
+
 def test_a_narrow_foreground_is_cut_into_horizontal_bands():
     column = _box(16, 16, 2, 14, 8, 9)
     regions = split_instances(column, 2)
@@ -348,3 +379,22 @@ def test_overlay_colours_each_concept_over_the_image():
     dark = overlay(m)
     assert torch.equal(dark[:, 0, 3], torch.zeros(3)) and dark[:, 0, 0].sum() > 0
     assert not torch.equal(overlay(torch.eye(9).view(9, 3, 3))[:, 0, 0], overlay(torch.eye(9).view(9, 3, 3))[:, 0, 1])
+
+
+def test_overlay_values_are_the_alpha_blend_of_the_palette():
+    red, blue = torch.tensor([1.00, 0.25, 0.25]), torch.tensor([0.20, 0.50, 1.00])
+    m = torch.zeros(2, 2, 3)
+    m[0, :, 0] = 1
+    m[1, :, 1] = 0.5
+    m[:, :, 2] = 1  # both: coverage is capped at 1, colours add, the result is clipped to [0, 1]
+    pic = overlay(m, torch.full((3, 5, 4), 0.4), alpha=0.5)
+    torch.testing.assert_close(pic[:, 0, 0], 0.4 * 0.5 + 0.5 * red)
+    torch.testing.assert_close(pic[:, 1, 1], 0.4 * 0.75 + 0.25 * blue)
+    torch.testing.assert_close(pic[:, 0, 2], 0.4 * 0.5 + 0.5 * (red + blue))
+    torch.testing.assert_close(overlay(m, alpha=1.0)[:, 0, 2], torch.tensor([1.0, 0.75, 1.0]))
+    with pytest.raises(ValueError, match=r"masks must be \[concepts, H, W\], got shape \(2, 3\)"):
+        overlay(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"image must be \[3, h, w\], got shape \(4, 2, 3\)"):
+        overlay(m, torch.zeros(4, 2, 3))
+    with pytest.raises(ValueError, match=r"image must be \[3, h, w\], got shape \(2, 3\)"):
+        overlay(m, torch.zeros(2, 3))
