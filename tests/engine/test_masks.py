@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from omg_ext.engine.masks import (LATENT_SCALE, MaskResult, _bands, concept_name, connected_components, dilate, feather,
+from omg_ext.engine.masks import (LATENT_SCALE, MaskResult, _bands, _exact_cap, attention_cores, concept_name, connected_components, dilate, feather,
                                   latent_radius, masks_from_attention, normalize_map, otsu_threshold, overlay,
                                   split_instances)
 
@@ -239,6 +239,45 @@ def test_attention_order_keeps_left_to_right_when_the_maps_do_not_differ():
     slight = torch.stack([left + 1.03 * right, shared])  # concept 0 leans right by ~1.5% of the total: noise
     r = masks_from_attention(slight, (32, 32), groups=[[0, 1]], order="attention")
     assert r.masks[0, 16, 7] == 1 and r.masks[1, 16, 25] == 1
+
+
+def test_attention_order_with_more_instances_than_brute_force_takes():
+    """Six same-word instances: the greedy assignment follows each concept's own map."""
+    blobs = [_blob(16, 96, 8, 8 + 16 * i, 2) for i in range(6)]
+    wanted = [3, 0, 5, 1, 4, 2]  # concept j looks at blob wanted[j]
+    own = [blobs[i] + 0.2 * sum(blobs) for i in wanted]
+    regions = split_instances(normalize_map(sum(blobs)), 6, "attention", own)
+    assert [int(torch.nonzero(r)[:, 1].float().mean().round()) for r in regions] == [8 + 16 * i for i in wanted]
+    assert [int(torch.nonzero(r)[:, 1].float().mean().round()) for r in split_instances(normalize_map(sum(blobs)), 6)] \
+        == [8 + 16 * i for i in range(6)]
+
+
+def test_split_instances_edge_cases():
+    one = _blob(16, 16, 8, 8, 3)
+    assert torch.equal(split_instances(one, 1)[0], one > otsu_threshold(one))  # one concept: the foreground
+    empty = split_instances(torch.zeros(8, 8), 3)
+    assert len(empty) == 3 and all(r.dtype == torch.bool and not r.any() for r in empty)
+    speck = torch.zeros(8, 8)
+    speck[3, 5] = 1.0
+    regions = split_instances(speck, 3)  # fewer pixels than concepts in both directions: the first gets it
+    assert regions[0][3, 5] and regions[0].sum() == 1 and len(regions) == 3 and not regions[1].any() and not regions[2].any()
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        split_instances(one, 0)
+    with pytest.raises(ValueError, match="order must be one of .*, got 'random'"):
+        split_instances(one, 2, "random")
+
+
+def test_exact_cap_brings_sums_to_at_most_one_and_leaves_the_rest():
+    masks = torch.tensor([[[0.6, 0.3]], [[0.5, 0.7]]])
+    capped = _exact_cap(masks)
+    assert capped.sum(0).max() <= 1 and torch.equal(capped[:, 0, 1], masks[:, 0, 1])  # 0.3 + 0.7 ≤ 1: untouched
+    torch.testing.assert_close(capped[:, 0, 0], torch.tensor([0.6, 0.5]) / 1.1)
+    assert _exact_cap(torch.zeros(0, 2, 3)).shape == (0, 2, 3)
+
+
+def test_no_concepts_give_empty_cores_at_the_latent_size():
+    binary, evidence, notes = attention_cores(torch.zeros(0, 8, 6), (16, 12))
+    assert binary.shape == (0, 16, 12) and binary.dtype == torch.bool and evidence.shape == (0, 16, 12) and notes == []
 
 
 def test_attention_order_with_three_instances():
