@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from omg_ext.engine.attention import CAPTURE_FACTORS, layer_factor
+from omg_ext.engine.masks import masks_from_attention
 from omg_ext.engine.session import Concept, OmgSession
 from omg_ext.engine.rows import RowRole, roles_cond_then_uncond
 from tests.support.loras import merged, random_concept_deltas
@@ -418,3 +419,29 @@ def test_self_attention_is_taken_from_the_reference_exactly_until_its_cut_off(un
     quarter = replaced[0]
     assert quarter >= 1
     assert replaced == [quarter] * replaced_calls + [0] * (len(times) - replaced_calls)
+
+
+@torch.no_grad()
+def test_attention_masks_are_the_mask_pipeline_on_each_images_maps(unet, concepts):
+    """Every setting reaches the mask pipeline, per image, at the latent's (non-square) size."""
+    cond, uncond = _global(2)
+    r = run_omg(unet, concepts, cond, uncond, steps=4, latent_shape=(2, 4, 12, 20), blend_start=1.0, masks=_half_masks(2, (12, 20)))
+    session, maps = r.session, r.session.attention_maps()
+    settings = dict(dilation=8, feather=16, groups=[[0, 1]], order="attention", labels=["man", "man"])
+    got = session.attention_masks(**settings)
+    for b in range(2):
+        expected = masks_from_attention(maps[b], (12, 20), **settings)
+        assert torch.equal(got[b].masks, expected.masks) and got[b].warnings() == expected.warnings()
+        assert torch.equal(session.attention_masks()[b].masks, masks_from_attention(maps[b], (12, 20)).masks)
+    assert not torch.equal(got[0].masks, got[1].masks)  # each image its own maps
+    assert not torch.equal(got[0].masks, session.attention_masks(dilation=8, feather=16, labels=["man", "man"])[0].masks)
+    with pytest.raises(ValueError, match="^OMG: no pass-1 step lies in the attention window$"):
+        session.attention_maps(window=(0.9, 0.95))
+
+
+def test_masks_before_pass1_name_the_cause(unet, concepts):
+    session = OmgSession(unet, concepts, images=1)
+    with pytest.raises(RuntimeError, match=r"^OMG: pass 1 captured no attention \(no cond rows reached the UNet\)$"):
+        session.maps.mean()
+    with pytest.raises(RuntimeError, match="^OMG: pass 1 made no UNet call$"):
+        session.record.latent_hw()
