@@ -32,6 +32,7 @@ from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.masks import overlay
 from ..engine.rows import RowRole
 from ..engine.session import Concept, OmgSession
+from ..lora_file import BadLoraFile, check_lora_file
 from ..masks.regions import Regions, parse_regions
 from ..masks.sources import MaskInputs, concept_masks
 from .mask_models import DOWNLOAD_OPTION, KEEP_OPTION, mask_models, release_mask_models
@@ -136,13 +137,20 @@ def lora_names() -> list[str]:
 # ---------------------------------------------------------------- LoRA files -> deltas
 
 def lora_on_disk(name: str):
-    """The WebUI's entry for a LoRA name (the folder re-read once if it is new); a clear error if absent."""
+    """The WebUI's entry for a LoRA name (the folder re-read once if it is new), its file checked
+    (``lora_file``); a clear error if absent or bad."""
     networks = _networks()
     if name not in networks.available_networks:
         networks.list_available_networks()
     on_disk = networks.available_networks.get(name)
     if on_disk is None:
         raise OmgUserError(f"OMG: LoRA {name!r} is not in the WebUI's LoRA list")
+    filename = getattr(on_disk, "filename", None)
+    if filename:  # before the host's loader can half-apply it or rename it (Forge: ".corrupted")
+        try:
+            check_lora_file(filename)
+        except BadLoraFile as e:
+            raise OmgUserError(f"OMG: LoRA {name!r}: {e}") from e
     return on_disk
 
 

@@ -165,6 +165,35 @@ def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(tmp_p
         torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-3, atol=1e-3)  # float noise of a batch ~1e-4
 
 
+@torch.no_grad()
+def test_a_truncated_lora_is_named_before_forge_reads_it_and_the_folder_is_untouched(tmp_path, monkeypatch):
+    """Forge's own loader would fail with "File corrupted" and rename the file to .corrupted."""
+    model = _ForgeModel()
+    path = tmp_path / "hero.safetensors"
+    _write_lora(path, model)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    listing = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.iterdir())
+    networks, read = _networks(path), []
+    networks.load_lora_state_dict = read.append
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    original = model.forge_objects.unet
+    with fake_forge.installed() as modules:
+        job, generation, c, uc = _omg_job(modules, model, OmgConfig(**CFG))
+        with pytest.raises(forge.OmgUserError, match=r"^OMG: LoRA 'hero': hero.safetensors is truncated: \d+ bytes of \d+ bytes — download it again$"):
+            job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
+    assert read == [] and model.forge_objects.unet is original
+    assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.iterdir()) == listing
+
+
+def _omg_job(modules, model, cfg, **job_args):
+    """A Forge job with OMG attached as the Script does it: (job, generation, cond, uncond)."""
+    job = _Job(modules, model, **job_args)
+    generation = forge.ForgeGeneration(job, cfg)
+    generation.attach()
+    job.hooks.append(lambda p, **kwargs: generation.patch_unet())
+    return job, generation, model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
+
+
 def _assert_untouched(model, weights, original_unet):
     unet_model = model.forge_objects.unet.model
     assert model.forge_objects.unet is original_unet and model.forge_objects_after_applying_lora.unet is original_unet
@@ -331,11 +360,7 @@ def test_conflicts_and_unsupported_models_fail_with_a_clear_message(tmp_path, mo
 
     model.forge_objects_after_applying_lora.unet.set_model_unet_function_wrapper(tiled)
     with fake_forge.installed() as modules:
-        job = _Job(modules, model)
-        generation = forge.ForgeGeneration(job, OmgConfig(**CFG))
-        generation.attach()
-        job.hooks.append(lambda p, **kwargs: generation.patch_unet())
-        c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
+        job, generation, c, uc = _omg_job(modules, model, OmgConfig(**CFG))
         with pytest.raises(forge.OmgUserError, match="another extension that wraps Forge's UNet function .*tiled"):
             job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
         generation.session = object()
