@@ -16,6 +16,7 @@ attention core, and ``MaskResult.sources`` / ``notes`` say so for the infotext.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -79,6 +80,10 @@ def concept_masks(source: str, inputs: MaskInputs, models: MaskModels | None = N
         except MissingModelFile as e:
             found = None
             notes.append(f"{e} — attention masks used instead")
+        except Exception as e:  # noqa: BLE001 - a model failing at run time (out of memory, a bad file) must not lose the image
+            logging.getLogger("sd-webui-omg").exception("OMG: mask source %s failed", source)
+            found = None
+            notes.append(f"OMG: {source} failed ({type(e).__name__}: {e}) — attention masks used instead")
         for j in range(k):
             name = concept_name(j, inputs.labels)
             core = found.get(j) if found is not None else None

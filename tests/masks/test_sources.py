@@ -128,6 +128,24 @@ def test_a_missing_model_falls_back_to_attention_with_the_message():
     assert any("place it in /m/sam" in n and "attention masks used instead" in n for n in result.notes)
 
 
+class _FailingDetector:
+    def detect(self, image, words):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("source, models", [
+    ("detector+sam", MaskModels(sam=lambda: BoxSam(), detector=lambda: _FailingDetector())),
+    ("attention+sam", MaskModels(sam=lambda: (lambda image, prompts: [][0]))),  # SAM itself raises IndexError
+])
+def test_a_model_failing_at_run_time_falls_back_to_attention_and_says_so(source, models, caplog):
+    result = concept_masks(source, _inputs(), models)
+    assert torch.equal(result.masks, concept_masks("attention", _inputs()).masks)
+    assert result.sources == ["attention (fallback)"] * 2
+    error = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" if source == "detector+sam" else "IndexError: list index out of range"
+    assert f"OMG: {source} failed ({error}) — attention masks used instead" in result.warnings()
+    assert f"OMG: mask source {source} failed" in caplog.text and "Traceback" in caplog.text  # the console has the details
+
+
 def test_regions_as_they_are_and_as_sam_prompts():
     drawn = regions.parse_regions(json.dumps({"width": 192, "height": 128, "boxes": {"2": [96, 0, 192, 128], "1": [0, 32, 64, 96]}}), 2)
     result = concept_masks("regions", _inputs(regions=drawn))
