@@ -66,7 +66,9 @@ def expand(
         units.append(unit)
         for j, concept in enumerate(concepts):
             own = concept.cond if role.is_cond else concept.uncond
-            units.append([ExpandedRow(x[i], t[i], {**host_cond, **{k: v[0] for k, v in own.items()}}, j, i)])
+            # the concept's conditioning in the host's dtype and device (half precision, offloading)
+            own_cond = {k: v[0].to(host_cond[k]) if k in host_cond else v[0] for k, v in own.items()}
+            units.append([ExpandedRow(x[i], t[i], {**host_cond, **own_cond}, j, i)])
     return units
 
 

@@ -23,11 +23,13 @@ class OmgResult:
 def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, latent_shape=(1, 4, 16, 16),
             blend_start=0.3, layout=True, self_attention_until=0.0, max_rows=None, masks=None,
             dilation=0, feather=0, groups=None, batch_cond_uncond=True, cfg_scale=7.0,
-            fail_at=None, seeds=None) -> OmgResult:
+            fail_at=None, seeds=None, dtype=None) -> OmgResult:
     """Pass 1, masks, pass 2. ``fail_at`` injects an exception at a stage.
 
     ``masks``: a tensor [images, concepts, H, W], a function of the session and the layout
     latent after pass 1 giving one, or None for the session's attention masks. ``seeds``: one per image.
+    ``dtype``: the UNet's half precision; its calls (and so the engine) see latents and
+    conditioning in it, the sampler keeps float32, as the WebUIs do.
     """
     session = OmgSession(unet, concepts, images=latent_shape[0], layout=layout, max_rows=max_rows)
     raw = unet_fn(unet)
@@ -40,7 +42,9 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
         invocations[0] += 1
         if fail_at == f"call{invocations[0]}":
             raise RuntimeError(f"injected failure at {fail_at}")
-        return session(raw, x, t, c, rows)
+        if dtype is None:
+            return session(raw, x, t, c, rows)
+        return session(raw, x.to(dtype), t, {k: v.to(dtype) for k, v in c.items()}, rows).float()
 
     def stage(name):
         if fail_at == name:

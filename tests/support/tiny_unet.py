@@ -192,7 +192,8 @@ class TinyUNet(nn.Module):
                 p.copy_(0.02 * noise)
 
     def forward(self, x, timesteps, context=None, y=None, **kwargs):
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        t_emb = timestep_embedding(timesteps, self.model_channels)
+        emb = self.time_embed(t_emb.to(x.dtype))  # as Forge (and A1111 for its UNet dtype) cast it
         if hasattr(self, "label_emb"):
             emb = emb + self.label_emb(y)
         hs, h = [], x
