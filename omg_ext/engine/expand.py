@@ -10,11 +10,14 @@ For a host call with rows ``0..R-1`` the expanded batch holds
 
 Rows run in as few UNet calls as possible: rows whose conditioning has different shapes
 (prompts of different token lengths) cannot share a call, a reference row must share
-its call with its host row, and an optional row limit bounds memory. Within a call the
+its call with its host row, and an optional row limit bounds memory (halved when a call
+runs out of memory). Within a call the
 rows of each concept are contiguous, so LoRA routing is a slice per concept.
 """
 from __future__ import annotations
 
+import gc
+import logging
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Callable, Sequence
@@ -26,6 +29,8 @@ from .rows import RowRole
 
 GLOBAL = -1
 """Concept index of rows that carry no concept LoRA."""
+
+log = logging.getLogger("sd-webui-omg")
 
 
 @dataclass
@@ -72,21 +77,51 @@ def expand(
     return units
 
 
-def chunk(units: list[list[ExpandedRow]], max_rows: int | None) -> list[list[ExpandedRow]]:
-    """Pack units into calls: one shape signature per call, at most ``max_rows`` rows, concepts contiguous."""
+def chunk(units: list[list[ExpandedRow]], max_rows: int | None) -> list[list[list[ExpandedRow]]]:
+    """Pack units into calls: one shape signature per call, at most ``max_rows`` rows, concepts contiguous.
+
+    A call is a list of units (a unit never splits: a reference row runs beside its host row).
+    """
     by_shape: dict[tuple, list[list[ExpandedRow]]] = {}
     for unit in units:
         by_shape.setdefault(unit[0].signature(), []).append(unit)
     calls = []
     for same_shape in by_shape.values():
-        current: list[ExpandedRow] = []
+        current: list[list[ExpandedRow]] = []
         for unit in sorted(same_shape, key=lambda u: u[0].concept):
-            if max_rows is not None and current and len(current) + len(unit) > max_rows:
+            if max_rows is not None and current and _rows(current) + len(unit) > max_rows:
                 calls.append(current)
                 current = []
-            current.extend(unit)
+            current.append(unit)
         calls.append(current)
     return calls
+
+
+def _rows(call: list[list[ExpandedRow]]) -> int:
+    return sum(len(unit) for unit in call)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's ``OutOfMemoryError``, or another backend's RuntimeError saying so (MPS, DirectML, ROCm)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+class RowLimit:
+    """The most rows one UNet call may take: the user's ``max_rows``, lowered for good (for the
+    rest of the job) each time a call runs out of memory."""
+
+    def __init__(self, max_rows: int | None) -> None:
+        self.rows = max_rows
+
+    def lower(self, failed_rows: int, smallest_unit: int) -> bool:
+        """Halve below a call of ``failed_rows`` rows; False when it cannot go lower."""
+        if failed_rows <= smallest_unit:
+            return False
+        self.rows = max(failed_rows // 2, smallest_unit)
+        log.warning("OMG: out of memory in a UNet call of %d rows; running calls of at most %d rows from now on",
+                    failed_rows, self.rows)
+        return True
 
 
 def stack(rows: list[ExpandedRow]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -114,25 +149,45 @@ def replace_pairs(rows: list[ExpandedRow]) -> list[tuple[int, list[int]]]:
     return [(p, [host_pos[r.host]]) for p, r in enumerate(rows) if r.is_reference]
 
 
-def run_units(units: list[list[ExpandedRow]], max_rows: int | None,
+def run_units(units: list[list[ExpandedRow]], limit: RowLimit,
               run: Callable[[list[ExpandedRow]], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the expanded batch in calls (``run(rows) -> out``); return host and concept outputs.
 
     Host outputs [R, C, H, W] in host-row order, concept outputs [k, R, C, H, W]; the
-    reference rows' outputs are dropped.
+    reference rows' outputs are dropped. A call that runs out of memory is split in halves
+    (``limit`` lowered) and run again, down to one unit; the job is never lost for it.
     """
     concepts = max(r.concept for unit in units for r in unit) + 1
     hosts = 1 + max(r.host for unit in units for r in unit)
     host_out: list = [None] * hosts
     concept_out: list = [[None] * hosts for _ in range(concepts)]
-    for call_rows in chunk(units, max_rows):
-        out = run(call_rows)
+    pending = chunk(units, limit.rows)
+    while pending:
+        call = pending.pop(0)
+        call_rows = [row for unit in call for row in unit]
+        try:
+            out = run(call_rows)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(e) or not limit.lower(len(call_rows), min(len(u) for u in call)):
+                raise
+            out = None
+        if out is None:  # outside the except block: the error's frames (and their tensors) are gone
+            free_memory()
+            pending = chunk([unit for c in [call, *pending] for unit in c], limit.rows)  # all that is left, smaller
+            continue
         for p, row in enumerate(call_rows):
             if row.concept == GLOBAL and not row.is_reference:
                 host_out[row.host] = out[p]
             elif row.concept != GLOBAL:
                 concept_out[row.concept][row.host] = out[p]
     return torch.stack(host_out), torch.stack([torch.stack(c) for c in concept_out])
+
+
+def free_memory() -> None:
+    """Give the failed call's cached blocks back before the retry."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class BlendMasks:

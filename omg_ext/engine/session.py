@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionCall, AttentionState, WordMaps, installed_attention
-from .expand import BlendMasks, ConceptCond, blend, concept_spans, expand, replace_pairs, run_units, stack
+from .expand import BlendMasks, ConceptCond, RowLimit, blend, concept_spans, expand, replace_pairs, run_units, stack
 from .lora import Delta, RowRoutedLoRA
 from .masks import MaskResult, masks_from_attention
 from .record import PassRecord, RecordedCall
@@ -75,7 +75,7 @@ class OmgSession:
         if max_rows is not None and max_rows < 2:
             raise ValueError(f"max_rows must be at least 2 (a reference row runs beside its host row), got {max_rows}")
         self.unet, self.concepts, self.images = unet, list(concepts), images
-        self.layout, self.max_rows = layout, max_rows
+        self.layout, self.row_limit = layout, RowLimit(max_rows)
         self.router = RowRoutedLoRA(dict(unet.named_modules()), [c.deltas for c in concepts])
         self.conds = [ConceptCond(c.cond, c.uncond) for c in concepts]
         self.record = PassRecord()
@@ -165,7 +165,7 @@ class OmgSession:
             call = AttentionCall(tuple(x.shape[-2:]), replace=replace_pairs(call_rows), replace_self=replace_self)
             return self._run(unet_fn, *stack(call_rows), call, concept_spans(call_rows))
 
-        host_out, concept_out = run_units(expand(x, t, cond, rows, self.conds, reference), self.max_rows, run)
+        host_out, concept_out = run_units(expand(x, t, cond, rows, self.conds, reference), self.row_limit, run)
         return blend(host_out, concept_out, self.masks.for_rows(x, rows))
 
     def _run(self, unet_fn: UnetFn, x, t, cond, call: AttentionCall | None, spans=()) -> torch.Tensor:

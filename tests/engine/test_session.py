@@ -84,9 +84,9 @@ def test_full_mask_from_step_zero_equals_plain_run_with_merged_lora(unet, concep
     torch.testing.assert_close(r.final, reference, rtol=1e-3, atol=1e-3)  # merged vs unmerged rounding, 6 steps
 
 
-def _one_blended_call(unet, concepts, x, t, cond, rows, masks, max_rows=None, layout=True):
+def _one_blended_call(unet, concepts, x, t, cond, rows, masks, max_rows=None, layout=True, raw=None):
     session = OmgSession(unet, concepts, images=masks.shape[0], layout=layout, max_rows=max_rows)
-    raw = unet_fn(unet)
+    raw = raw or unet_fn(unet)
     with session.installed():
         session.begin_pass1()
         session(raw, x, t, cond, rows)
@@ -278,6 +278,52 @@ def test_no_patch_survives_a_run_and_weights_are_bitwise_unchanged(unet, concept
         assert not module._forward_hooks and not module._forward_pre_hooks, name
     after = unet.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+class _SmallGpu:
+    """A UNet call that runs out of memory above ``fits`` rows, as CUDA (or another backend) says it."""
+
+    def __init__(self, unet, fits, error=torch.OutOfMemoryError):
+        self.raw, self.fits, self.error, self.sizes = unet_fn(unet), fits, error, []
+
+    def __call__(self, x, t, cond):
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.fits:
+            raise self.error("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return self.raw(x, t, cond)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, RuntimeError], ids=["cuda", "other backend"])
+def test_a_call_out_of_memory_is_halved_until_it_fits_and_stays_so(unet, concepts, error, caplog):
+    x = torch.randn(4, 4, 12, 16, generator=torch.Generator().manual_seed(4))
+    t = torch.full((4,), 300.0)
+    cond = {"context": torch.cat([_ctx(1, 2), _ctx(2, 2)])}
+    masks = _half_masks(2, (12, 16))
+    whole, _ = _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(2), masks)
+    gpu = _SmallGpu(unet, fits=4, error=error)
+    chunked, session = _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(2), masks, raw=gpu)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    # pass 1's 4 rows fit; pass 2's 14 rows fail, then 7, then calls of at most 3 rows (a reference beside its host)
+    assert gpu.sizes[:3] == [4, 14, 7] and max(gpu.sizes[3:]) <= 3 and sum(gpu.sizes[3:]) == 14
+    assert session.row_limit.rows == 3  # the session's next calls start there
+    assert caplog.text.count("OMG: out of memory in a UNet call of") == 2  # one line per lowering
+
+
+@torch.no_grad()
+def test_out_of_memory_with_one_unit_left_or_another_error_is_raised(unet, concepts):
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 300.0)
+    cond = {"context": torch.cat([_ctx(1), _ctx(2)])}
+    with pytest.raises(torch.OutOfMemoryError):  # a host row and its reference need 2 rows
+        _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(1), _half_masks(1, (8, 8)), raw=_SmallGpu(unet, fits=1))
+
+    def broken(x, t, cond):
+        raise RuntimeError("expected scalar type Half but found Float")
+    session = OmgSession(unet, concepts, images=1)
+    with session.installed(), pytest.raises(RuntimeError, match="expected scalar type Half"):
+        session.begin_pass2(_half_masks(1, (8, 8)), blend_start=0.0)
+        session(broken, x, t, cond, roles_cond_then_uncond(1))
+    assert session.row_limit.rows is None
 
 
 def test_bad_session_input_is_named(unet, concepts):
