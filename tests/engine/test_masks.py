@@ -191,6 +191,13 @@ def test_connected_components_eight_and_four():
     assert sorted(labels.unique().tolist()) == [0, 1, 2]
     labels4, n4 = connected_components(b, connectivity=4)
     assert n4 == 3 and labels4[2, 2] != labels4[0, 0]
+    edge = torch.zeros(3, 5, dtype=torch.bool)
+    edge[0, 0] = edge[2, 4] = True  # components in opposite corners: labelled in raster order, 1 then 2
+    assert connected_components(edge)[0].tolist() == [[1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 2]]
+    with pytest.raises(ValueError, match="connectivity must be 4 or 8, got 6"):
+        connected_components(b, connectivity=6)
+    with pytest.raises(ValueError, match=r"binary must be \[h, w\], got shape \(1, 8, 8\)"):
+        connected_components(b[None])
 
 
 def test_connected_components_follows_a_long_snake():
