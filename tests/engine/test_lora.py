@@ -16,30 +16,38 @@ class Layers(nn.Module):
         self.conv3 = nn.Conv2d(8, 12, 3, stride=2, padding=1)
         self.conv1 = nn.Conv2d(8, 8, 1)
         self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
 
 
 def _inputs(rows):
     g = torch.Generator().manual_seed(1)
     return {"fc": torch.randn(rows, 5, 16, generator=g), "conv3": torch.randn(rows, 8, 9, 9, generator=g),
-            "conv1": torch.randn(rows, 8, 6, 6, generator=g), "grouped": torch.randn(rows, 8, 6, 6, generator=g)}
+            "conv1": torch.randn(rows, 8, 6, 6, generator=g), "grouped": torch.randn(rows, 8, 6, 6, generator=g),
+            "dilated": torch.randn(rows, 8, 7, 7, generator=g)}
 
 
 def _concepts(model):
     a = {"fc": random_lowrank(model.fc, seed=1), "conv3": random_lowrank(model.conv3, seed=2),
          "conv1": LowRankDelta(torch.randn(8, 2), torch.randn(2, 8), scale=0.7),  # 2-D factors on a 1x1 conv
-         "grouped": random_dense(model.grouped, seed=3)}
-    b = {"fc": random_dense(model.fc, seed=4), "conv3": random_lowrank(model.conv3, seed=5, mid=True),
-         "conv1": random_lowrank(model.conv1, seed=6)}
+         "grouped": random_dense(model.grouped, seed=3, bias=True), "dilated": random_lowrank(model.dilated, seed=7)}
+    b = {"fc": random_dense(model.fc, seed=4, bias=True), "conv3": random_lowrank(model.conv3, seed=5, mid=True),
+         "conv1": random_lowrank(model.conv1, seed=6), "dilated": random_dense(model.dilated, seed=8)}
     return [a, b]
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("layer", ["fc", "conv3", "conv1", "grouped"])
-def test_each_concept_row_equals_its_merged_layer(layer):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("layer", ["fc", "conv3", "conv1", "grouped", "dilated"])
+def test_each_concept_row_equals_its_merged_layer(layer, channels_last):
+    """Also with A1111's --opt-channelslast: conv outputs that are not contiguous in NCHW."""
     model = Layers()
     concepts = _concepts(model)
     router = RowRoutedLoRA(dict(model.named_modules()), concepts)
     x = _inputs(5)[layer]
+    if channels_last:
+        if layer == "fc":
+            pytest.skip("a Linear has no channels")
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     # rows: 0 global, 1-2 concept a, 3 concept b, 4 global
     with router.installed(), router.route([(0, 1, 3), (1, 3, 4)], batch=5):
         routed = getattr(model, layer)(x)

@@ -27,11 +27,12 @@ def random_lowrank(module: nn.Module, *, rank: int = 4, seed: int = 0, scale: fl
     return LowRankDelta(up, _randn(g, rank, in_ch, kh, kw, std=std / (kh * kw) ** 0.5), scale=scale)
 
 
-def random_dense(module: nn.Module, *, seed: int = 0, scale: float = 0.5) -> DenseDelta:
-    """A dense weight delta (what LoHa, LoKr or DoRA reduce to) for one layer."""
+def random_dense(module: nn.Module, *, seed: int = 0, scale: float = 0.5, bias: bool = False) -> DenseDelta:
+    """A dense weight delta (what LoHa, LoKr or DoRA reduce to) for one layer; ``bias`` adds a bias delta."""
     g = torch.Generator().manual_seed(seed)
     weight = module.weight
-    return DenseDelta(_randn(g, *weight.shape, std=weight.std().item()), scale=scale)
+    bias_delta = _randn(g, weight.shape[0], std=0.5) if bias else None
+    return DenseDelta(_randn(g, *weight.shape, std=weight.std().item()), bias_delta, scale=scale)
 
 
 def random_concept_deltas(model: nn.Module, *, seed: int, dense_every: int = 0, rank: int = 4) -> dict:
