@@ -491,3 +491,44 @@ def test_masks_before_pass1_name_the_cause(unet, concepts):
         session.maps.mean()
     with pytest.raises(RuntimeError, match="^OMG: pass 1 made no UNet call$"):
         session.record.latent_hw()
+
+
+@torch.no_grad()
+def test_a_call_at_another_time_than_pass_1s_has_no_layout_reference(unet, concepts):
+    """The reference row is the pass-1 latent of the same call; a call at another timestep (a
+    sampler that diverged, a hires pass) must blend without one, not borrow a wrong layout."""
+    x = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(5))
+    cond, rows, masks = {"context": torch.cat([_ctx(1), _ctx(2)])}, roles_cond_then_uncond(1), _half_masks(1, (8, 12))
+    raw = unet_fn(unet)
+
+    def pass2_output(layout, pass1_t, **pass2):
+        session = OmgSession(unet, concepts, images=1, layout=layout)
+        with session.installed():
+            session.begin_pass1()
+            session(raw, x, torch.full((2,), pass1_t), cond, rows)
+            session.begin_pass2(masks, blend_start=0.0, **pass2)
+            return session(raw, x, torch.full((2,), 300.0), cond, rows), session
+
+    shifted, session = pass2_output(True, 500.0)
+    assert session.counters["pass2"].rows == 6  # no reference row ran
+    assert torch.equal(shifted, pass2_output(False, 500.0)[0])
+    same, session = pass2_output(True, 300.0)
+    assert session.counters["pass2"].rows == 7 and not torch.equal(same, shifted)
+    # self-attention preservation is off unless asked for
+    assert torch.equal(same, pass2_output(True, 300.0, self_attention_until=0.0)[0])
+    assert not torch.equal(same, pass2_output(True, 300.0, self_attention_until=1.0)[0])
+
+
+def test_blend_masks_follow_a_hires_latent_bilinearly_per_image():
+    from omg_ext.engine.expand import BlendMasks
+    masks = torch.zeros(2, 2, 4, 6)
+    masks[0, 0, :, :3], masks[0, 1, :, 3:], masks[1, 0, :2], masks[1, 1, 2:] = 1, 1, 1, 1
+    blend_masks = BlendMasks(masks, images=2, concepts=2)
+    rows = [RowRole(True, 1), RowRole(True, 0), RowRole(False, 1)]
+    big = blend_masks.for_rows(torch.zeros(3, 4, 8, 12), rows)
+    expected = torch.nn.functional.interpolate(masks, size=(8, 12), mode="bilinear", align_corners=False)
+    assert torch.equal(big, expected[[1, 0, 1]])
+    assert big.sum(1).max() <= 1 + 1e-6 and big[0, 0, 0, 5] == 1 and big[1, 0, 7, 0] == 1  # image 1 top, image 0 left
+    assert torch.equal(blend_masks.for_rows(torch.zeros(1, 4, 4, 6), rows[1:2]), masks[[0]])
+    with pytest.raises(ValueError, match=r"^masks must be non-negative and sum to at most 1 at every pixel$"):
+        BlendMasks(masks * 1.1, images=2, concepts=2)
