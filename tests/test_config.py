@@ -148,3 +148,37 @@ def test_trigger_words_and_prompt_prefill():
     assert top_tags(None) == "" and top_tags("{}") == ""
     assert prefill_prompt("a man and a woman, <lora:style:0.5> beach", "hero, red cape") == "a man and a woman, beach, hero, red cape"
     assert prefill_prompt("a man", "") == "a man"
+
+
+BAD_VALUES = {  # per parser: values of the wrong type or out of any range, as an API request may send them
+    "_bool": ["maybe", 2, None, [True]],
+    "_float": ["abc", None, [0.3], True, float("nan"), "inf"],
+    "_int": ["x", 1.5, None, True],
+    "_str": [5, None, ["man"], {"a": 1}],
+}
+OUT_OF_RANGE = {"blend_start": [-0.1, 1.01], "self_attention_until": [-1, 2], "mask_dilation": [-1, 257],
+                "mask_feather": [-8, 1000], "mask_source": ["sam", ""], "sam_model": ["vit_x"], "detector": ["yolo"],
+                "instance_order": ["random"], "unet_weight": [-100, 1e6], "te_weight": [float("-inf")],
+                "class_word": ["", "   "], "prompt": [""]}
+
+
+def _bad_cases():
+    base = to_dict(_cfg())
+    for table, where in ((FIELDS, "{}"), (CONCEPT_FIELDS, "concepts[1].{}")):
+        for f in table:
+            for bad in BAD_VALUES[f.parse.__name__] + OUT_OF_RANGE.get(f.attr, []):
+                request = {**base, "concepts": [dict(c) for c in base["concepts"]]}
+                if table is FIELDS:
+                    request[f.attr] = bad
+                else:
+                    request["concepts"][0][f.attr] = bad
+                yield pytest.param(request, where.format(f.attr), id=f"{where.format(f.attr)}={bad!r}")
+
+
+@pytest.mark.parametrize("request_args, field", list(_bad_cases()))
+def test_every_bad_api_value_is_refused_naming_its_field(request_args, field):
+    """Generated from the field table: a new setting gets these cases without a new test."""
+    with pytest.raises(OmgConfigError) as e:
+        from_dict(request_args).validate(PROMPT)
+    assert e.value.field == field
+    assert field.rsplit(".", 1)[-1].replace("_", " ") in str(e.value).replace("_", " ")
