@@ -259,6 +259,12 @@ def test_attention_order_with_more_instances_than_brute_force_takes():
         == [8 + 16 * i for i in range(6)]
 
 
+def test_more_components_than_instances_keep_the_largest():
+    regions = split_instances(_box(12, 40, 2, 10, 1, 9) + _box(12, 40, 3, 9, 14, 20) + _box(12, 40, 4, 8, 26, 38), 2)
+    assert [int(r.sum()) for r in regions] == [64, 48]  # the 8x8 and 4x12 boxes; the 6x6 one (36 px) goes to no one
+    assert regions[0][5, 4] and regions[1][5, 30] and not any(r[5, 16] for r in regions)
+
+
 def test_split_instances_edge_cases():
     one = _blob(16, 16, 8, 8, 3)
     assert torch.equal(split_instances(one, 1)[0], one > otsu_threshold(one))  # one concept: the foreground
