@@ -112,6 +112,11 @@ def test_deltas_follow_the_input_dtype():
     assert out.dtype == torch.float64
     expected = model.fc(x) + (x @ delta.down.double().T @ delta.up.double().T) * delta.scale
     torch.testing.assert_close(out, expected)
+    model.float()  # the same delta, later in another dtype (a host casting its model between jobs)
+    with router.installed(), router.route([(0, 0, 2)], batch=2):
+        again = model.fc(x.float())
+    assert again.dtype == torch.float32
+    torch.testing.assert_close(again, expected.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_deltas_are_named():
