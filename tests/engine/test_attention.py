@@ -65,3 +65,23 @@ def test_projected_attention_equals_the_module_processor(is_cross, factor, actio
     if action == "capture" and is_cross:
         assert module_call.maps.abs().sum() > 0
         torch.testing.assert_close(projected_call.maps, module_call.maps, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("latent, tokens, expected", [
+    ((16, 12), 192, (1, (16, 12))),
+    ((16, 12), 48, (2, (8, 6))),
+    ((16, 12), 12, (4, (4, 3))),
+    ((15, 9), 40, (2, (8, 5))),   # ldm's stride-2 convolutions round odd sizes up
+    ((15, 9), 12, (4, (4, 3))),
+    ((13, 21), 4 * 6, (4, (4, 6))),
+    ((2, 64), 32, (2, (1, 32))),  # a wide strip reaches height 1
+])
+def test_layer_factor_is_the_downsampling_of_the_layer(latent, tokens, expected):
+    from omg_ext.engine.attention import layer_factor
+    assert layer_factor(tokens, latent) == expected
+
+
+def test_a_layer_that_matches_no_downsampling_is_named():
+    from omg_ext.engine.attention import layer_factor
+    with pytest.raises(ValueError, match=r"^attention over 50 positions does not match latent \(16, 12\)$"):
+        layer_factor(50, (16, 12))
