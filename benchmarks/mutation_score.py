@@ -11,7 +11,7 @@ the changed function; results are kept there, so a stopped run continues where i
 Survivors judged equivalent (no test can tell them apart on this CPU-only machine, or the
 change does not alter behaviour) are listed with the reason in
 ``tests/mutation_equivalent.txt`` and leave the denominator. The still-unexplained
-survivors are written to ``mutants/survivors.txt``. Last line: ``mutation score: X%``.
+survivors are written to ``tests/mutation_survivors.txt``. Last line: ``mutation score: X%``.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT = ROOT / "tests" / "mutation_equivalent.txt"
+SURVIVORS = ROOT / "tests" / "mutation_survivors.txt"
 DETECTED = ("killed", "timeout", "segfault", "caught by type check")
 
 
@@ -55,7 +56,8 @@ def report() -> float:
         sys.exit("no mutation results under mutants/: run without --report first")
     counts = Counter(found.values())
     survivors = [n for n, s in found.items() if s in ("survived", "no tests") and n not in equivalent]
-    (ROOT / "mutants" / "survivors.txt").write_text("".join(f"{n} {found[n]}\n" for n in survivors))
+    SURVIVORS.write_text("# Engine mutants no test kills yet, not judged equivalent (written by benchmarks/mutation_score.py).\n"
+                         + "".join(f"{n} {found[n]}\n" for n in survivors))
     checked = {n: s for n, s in found.items() if s != "not checked"}
     detected = sum(1 for s in checked.values() if s in DETECTED)
     counted = [n for n in checked if not (n in equivalent and checked[n] not in DETECTED)]
@@ -66,7 +68,7 @@ def report() -> float:
     print(f"killed: {detected}")
     print(f"survived: {len(checked) - detected}")
     print(f"equivalent (tests/mutation_equivalent.txt): {sum(1 for n in checked if n in equivalent and checked[n] not in DETECTED)}")
-    print(f"unexplained survivors: {len(survivors)} (mutants/survivors.txt)")
+    print(f"unexplained survivors: {len(survivors)} (tests/mutation_survivors.txt)")
     score = 100.0 * detected / max(len(counted), 1)
     print(f"mutation score: {score:.1f}%")
     return score
