@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy
 import torch
 
-from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, OmgConfigError, compact, to_infotext, top_tags
+from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
 from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.masks import overlay
 from ..engine.rows import RowRole
@@ -410,18 +410,14 @@ class A1111Generation:
         A batch's prompts differ with wildcards, a prompt matrix or Dynamic Prompts, and so
         do the class words' positions; each image's attention maps use its own.
         """
-        positions = []
+        clip, positions = self.text_engine(), []
         for i, prompt in enumerate(prompts):
             where = f" of image {i + 1} of the batch ({prompt!r})" if len(set(prompts)) > 1 else ""
-            try:
-                self.cfg.validate(prompt)
-            except OmgConfigError as e:
-                raise OmgUserError(f"{e}{where}") from e
             image = []
             for n, spec in enumerate(self.cfg.concepts, start=1):
-                tokens = class_word_tokens(self.text_engine(), prompt, spec.class_word)
+                tokens = class_word_tokens(clip, prompt, spec.class_word)
                 if not tokens:
-                    raise OmgUserError(f"OMG concept {n}: class word {spec.class_word!r} was not found among the tokens of the prompt{where}")
+                    raise OmgUserError(f"OMG concept {n}: class word {spec.class_word.strip()!r} does not appear in the prompt{where}")
                 image.append(tokens)
             positions.append(image)
         return positions
