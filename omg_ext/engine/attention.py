@@ -52,6 +52,21 @@ class AttentionCall:
     """Per image, per concept: the token positions of its class word in that image's context."""
     maps: torch.Tensor | None = None
     """[images, concepts, h, w] accumulator at 1/2 latent resolution, added to in place."""
+    _word_selection: dict = field(default_factory=dict, repr=False)
+
+    def word_selection(self, probs: torch.Tensor) -> torch.Tensor:
+        """[capture rows, tokens, concepts]: 1 where a row's own image has the concept's class word.
+
+        Built once per call (and context length), shared by every capture layer of it.
+        """
+        key = (probs.shape[-1], probs.dtype, probs.device)
+        if key not in self._word_selection:
+            select = torch.zeros(len(self.capture_rows), probs.shape[-1], self.maps.shape[1], dtype=probs.dtype)
+            for i, (_, image) in enumerate(self.capture_rows):
+                for j, tokens in enumerate(self.capture_tokens[image]):
+                    select[i, list(tokens), j] = 1
+            self._word_selection[key] = select.to(probs.device)
+        return self._word_selection[key]
 
     def action(self, is_cross: bool, tokens: int) -> tuple[str, tuple[int, int]]:
         """What a layer with ``tokens`` positions does: "replace", "capture" or "plain", and its (h, w)."""
@@ -194,11 +209,7 @@ def add_word_maps(probs: torch.Tensor, call: AttentionCall, hw: tuple[int, int])
     """Add the capture rows' class-word probabilities ([rows, heads, n, tokens]) to ``call.maps``."""
     probs = probs.mean(dim=1)
     rows, concepts = probs.shape[0], call.maps.shape[1]
-    words_of_row = torch.zeros(rows, probs.shape[-1], concepts, dtype=probs.dtype, device=probs.device)
-    for i, (_, image) in enumerate(call.capture_rows):  # each row sums its own image's class-word tokens
-        for j, tokens in enumerate(call.capture_tokens[image]):
-            words_of_row[i, list(tokens), j] = 1
-    words = torch.bmm(probs, words_of_row).transpose(1, 2).reshape(rows, concepts, *hw)
+    words = torch.bmm(probs, call.word_selection(probs)).transpose(1, 2).reshape(rows, concepts, *hw)
     words = F.interpolate(words, size=call.maps.shape[-2:], mode="bilinear", align_corners=False)
     for i, (_, image) in enumerate(call.capture_rows):
         call.maps[image] += words[i].to(call.maps.dtype)
