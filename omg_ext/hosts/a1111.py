@@ -145,12 +145,10 @@ def lora_on_disk(name: str):
     on_disk = networks.available_networks.get(name)
     if on_disk is None:
         raise OmgUserError(f"OMG: LoRA {name!r} is not in the WebUI's LoRA list")
-    filename = getattr(on_disk, "filename", None)
-    if filename:  # before the host's loader can half-apply it or rename it (Forge: ".corrupted")
-        try:
-            check_lora_file(filename)
-        except BadLoraFile as e:
-            raise OmgUserError(f"OMG: LoRA {name!r}: {e}") from e
+    try:  # before the host's loader can half-apply it or rename it (Forge: ".corrupted")
+        check_lora_file(on_disk.filename)
+    except BadLoraFile as e:
+        raise OmgUserError(f"OMG: LoRA {name!r}: {e}") from e
     return on_disk
 
 

@@ -4,6 +4,7 @@ import types
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from omg_ext.config import ConceptSpec, OmgConfig
@@ -185,7 +186,15 @@ class _Job:
         raise AssertionError("no hires in this job")
 
 
-def _networks(model):
+@pytest.fixture(scope="module")
+def hero_file(tmp_path_factory):
+    """A LoRA file on disk for the WebUI's list entry (OMG checks it before the host's loader runs)."""
+    path = tmp_path_factory.mktemp("Lora") / "hero.safetensors"
+    save_file({"lora_unet_x.lora_up.weight": torch.zeros(4, 2), "lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, str(path))
+    return str(path)
+
+
+def _networks(model, filename):
     """The built-in Lora extension's ``networks`` module, with one LoRA on a UNet and a text-encoder layer."""
     unet = model.model.diffusion_model
     target = unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k
@@ -196,18 +205,18 @@ def _networks(model):
         nn.init.normal_(m.up_model.weight, std=0.5)
     net.dyn_dim = None
     mod = types.ModuleType("networks")
-    mod.available_networks = {"hero": types.SimpleNamespace(shorthash="0123456789ab", read_hash=lambda: None)}
+    mod.available_networks = {"hero": types.SimpleNamespace(filename=filename, shorthash="0123456789ab", read_hash=lambda: None)}
     mod.list_available_networks = lambda: None
     mod.load_network = lambda name, on_disk: net
     return mod, net
 
 
 @torch.no_grad()
-def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch):
+def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch, hero_file):
     model = _Model()
     unet = model.model.diffusion_model
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    networks, net = _networks(model)
+    networks, net = _networks(model, hero_file)
     monkeypatch.setitem(sys.modules, "networks", networks)
     cfg = OmgConfig(enabled=True, blend_start=0.5, mask_dilation=0, mask_feather=0, concepts=[
         ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape"),
@@ -239,14 +248,14 @@ def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch)
     assert list(concept.deltas) == ["input_blocks.1.1.transformer_blocks.0.attn2.to_k"]
 
 
-def test_lora_for_another_architecture_is_named_and_text_encoder_deltas_reach_attention(monkeypatch):
+def test_lora_for_another_architecture_is_named_and_text_encoder_deltas_reach_attention(monkeypatch, hero_file):
     unet_layer, attention = nn.Linear(8, 6), nn.MultiheadAttention(8, 2)
     wrong = _LoraModule(unet_layer)
     wrong.down_model = nn.Linear(5, 2, bias=False)  # an SD1.5 LoRA's 768-wide factor on an SDXL 2048-wide layer
     net = types.SimpleNamespace(modules={"unet_layer": wrong}, te_multiplier=0.5, unet_multiplier=1.0, dyn_dim=None)
     wrong.network = net
     networks = types.ModuleType("networks")
-    networks.available_networks, networks.load_network = {"hero": object()}, lambda name, on_disk: net
+    networks.available_networks, networks.load_network = {"hero": types.SimpleNamespace(filename=hero_file)}, lambda name, on_disk: net
     networks.list_available_networks = lambda: None
     monkeypatch.setitem(sys.modules, "networks", networks)
     unet_modules, te_modules = {id(unet_layer): ("layer", unet_layer)}, {id(attention): ("attn", attention)}
@@ -293,10 +302,10 @@ def _run_job(modules, model, cfg, prompts, seeds, latent):
 
 @torch.no_grad()
 @pytest.mark.parametrize("latent", [(12, 16), (16, 10)])
-def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(monkeypatch, latent):
+def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(monkeypatch, latent, hero_file):
     """A batch whose prompts differ (wildcards): each image is the image it would be alone."""
     model = _Model()
-    networks, _ = _networks(model)
+    networks, _ = _networks(model, hero_file)
     monkeypatch.setitem(sys.modules, "networks", networks)
     cfg = OmgConfig(enabled=True, blend_start=0.5, mask_dilation=0, mask_feather=0, concepts=[
         ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape"),
