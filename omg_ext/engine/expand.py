@@ -10,8 +10,8 @@ For a host call with rows ``0..R-1`` the expanded batch holds
 
 Rows run in as few UNet calls as possible: rows whose conditioning has different shapes
 (prompts of different token lengths) cannot share a call, a reference row must share
-its call with its host row, and an optional row limit bounds memory (halved when a call
-runs out of memory). Within a call the
+its call with its host row, and a row limit bounds memory (the rows the free memory holds,
+halved when a call still runs out of memory). Within a call the
 rows of each concept are contiguous, so LoRA routing is a slice per concept.
 """
 from __future__ import annotations
@@ -108,19 +108,26 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 class RowLimit:
-    """The most rows one UNet call may take: the user's ``max_rows``, lowered for good (for the
-    rest of the job) each time a call runs out of memory."""
+    """The most rows one UNet call may take: the smaller of the user's ``max_rows`` (lowered for
+    good, for the rest of the job, each time a call runs out of memory) and ``budget``, the rows
+    the memory free right now holds (``MemoryBudget``, set before each call)."""
 
     def __init__(self, max_rows: int | None) -> None:
-        self.rows = max_rows
+        self.cap = max_rows
+        self.budget: int | None = None
+
+    @property
+    def rows(self) -> int | None:
+        limits = [n for n in (self.cap, self.budget) if n is not None]
+        return min(limits) if limits else None
 
     def lower(self, failed_rows: int, smallest_unit: int) -> bool:
         """Halve below a call of ``failed_rows`` rows; False when it cannot go lower."""
         if failed_rows <= smallest_unit:
             return False
-        self.rows = max(failed_rows // 2, smallest_unit)
+        self.cap = max(failed_rows // 2, smallest_unit)
         log.warning("OMG: out of memory in a UNet call of %d rows; running calls of at most %d rows from now on",
-                    failed_rows, self.rows)
+                    failed_rows, self.cap)
         return True
 
 

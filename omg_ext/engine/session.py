@@ -30,6 +30,7 @@ from torch import nn
 from .attention import AttentionCall, AttentionState, WordMaps, installed_attention
 from .expand import BlendMasks, ConceptCond, RowLimit, blend, concept_spans, expand, replace_pairs, run_units, stack
 from .lora import Delta, RowRoutedLoRA
+from .memory import MemoryBudget
 from .masks import MaskResult, masks_from_attention
 from .record import PassRecord, RecordedCall
 from .rows import RowRole
@@ -66,16 +67,19 @@ class OmgSession:
     def __init__(
         self, unet: nn.Module, concepts: Sequence[Concept], *, images: int,
         layout: bool = True, max_rows: int | None = None,
-        image_tokens: Sequence[Sequence[Sequence[int]]] | None = None,
+        image_tokens: Sequence[Sequence[Sequence[int]]] | None = None, memory: MemoryBudget | None = None,
     ) -> None:
         """``image_tokens[image][concept]``: class-word positions where the images' prompts
-        differ (wildcards, a prompt matrix); by default every image uses ``Concept.tokens``."""
+        differ (wildcards, a prompt matrix); by default every image uses ``Concept.tokens``.
+        ``memory``: how pass 2's calls are sized to the free memory (default: CUDA's free memory,
+        no limit elsewhere)."""
         if not concepts:
             raise ValueError("OMG needs at least one concept")
         if max_rows is not None and max_rows < 2:
             raise ValueError(f"max_rows must be at least 2 (a reference row runs beside its host row), got {max_rows}")
         self.unet, self.concepts, self.images = unet, list(concepts), images
         self.layout, self.row_limit = layout, RowLimit(max_rows)
+        self.memory = memory or MemoryBudget()
         self.router = RowRoutedLoRA(dict(unet.named_modules()), [c.deltas for c in concepts])
         self.conds = [ConceptCond(c.cond, c.uncond) for c in concepts]
         self.record = PassRecord()
@@ -141,7 +145,11 @@ class OmgSession:
         if len(rows) != x.shape[0]:
             raise ValueError(f"{len(rows)} row roles for a call of {x.shape[0]} rows")
         if self.mode == "pass1":
-            out = self._run(unet_fn, x, t, cond, self.maps.capture(x, t, rows))
+            capture = self.maps.capture(x, t, rows)
+            if self.memory.wants_measure(x.device):
+                out = self.memory.measure(lambda: self._run(unet_fn, x, t, cond, capture), x)
+            else:
+                out = self._run(unet_fn, x, t, cond, capture)
             self.record.add(x, t, out)
             return out
         if self.mode == "pass2":
@@ -165,7 +173,9 @@ class OmgSession:
             call = AttentionCall(tuple(x.shape[-2:]), replace=replace_pairs(call_rows), replace_self=replace_self)
             return self._run(unet_fn, *stack(call_rows), call, concept_spans(call_rows))
 
-        host_out, concept_out = run_units(expand(x, t, cond, rows, self.conds, reference), self.row_limit, run)
+        units = expand(x, t, cond, rows, self.conds, reference)
+        self.row_limit.budget = self.memory.rows(x, smallest=max(len(u) for u in units))
+        host_out, concept_out = run_units(units, self.row_limit, run)
         return blend(host_out, concept_out, self.masks.for_rows(x, rows))
 
     def _run(self, unet_fn: UnetFn, x, t, cond, call: AttentionCall | None, spans=()) -> torch.Tensor:

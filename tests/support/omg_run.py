@@ -23,16 +23,17 @@ class OmgResult:
 def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, latent_shape=(1, 4, 16, 16),
             blend_start=0.3, layout=True, self_attention_until=0.0, max_rows=None, masks=None,
             dilation=0, feather=0, groups=None, batch_cond_uncond=True, cfg_scale=7.0,
-            fail_at=None, seeds=None, dtype=None) -> OmgResult:
+            fail_at=None, seeds=None, dtype=None, memory=None, raw=None) -> OmgResult:
     """Pass 1, masks, pass 2. ``fail_at`` injects an exception at a stage.
 
     ``masks``: a tensor [images, concepts, H, W], a function of the session and the layout
     latent after pass 1 giving one, or None for the session's attention masks. ``seeds``: one per image.
     ``dtype``: the UNet's half precision; its calls (and so the engine) see latents and
-    conditioning in it, the sampler keeps float32, as the WebUIs do.
+    conditioning in it, the sampler keeps float32, as the WebUIs do. ``memory``: the session's
+    ``MemoryBudget``; ``raw``: the host's UNet call (default: the tiny UNet's).
     """
-    session = OmgSession(unet, concepts, images=latent_shape[0], layout=layout, max_rows=max_rows)
-    raw = unet_fn(unet)
+    session = OmgSession(unet, concepts, images=latent_shape[0], layout=layout, max_rows=max_rows, memory=memory)
+    raw = raw or unet_fn(unet)
     kwargs = dict(seed=seed, steps=steps, latent_shape=latent_shape, cfg_scale=cfg_scale, batch_cond_uncond=batch_cond_uncond,
                   seeds=seeds)
 
