@@ -30,6 +30,7 @@ import torch
 from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
 from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.masks import overlay
+from ..engine.memory import MemoryBudget, free_device_bytes
 from ..engine.rows import RowRole
 from ..engine.session import Concept, OmgSession
 from ..lora_file import BadLoraFile, check_lora_file
@@ -91,10 +92,12 @@ def lora_trigger_words(name: str) -> str:
 
 
 SAVE_OPTION = "omg_save_layout"
+MEMORY_OPTION = "omg_pass2_memory_mb"
 
 
 def add_settings() -> None:
-    """OMG's WebUI settings: saving layout images and mask overlays (off by default), and the mask models."""
+    """OMG's WebUI settings: saving layout images and mask overlays (off by default), the mask models, pass 2's memory."""
+    import gradio as gr
     from modules import shared
 
     section = ("omg", "OMG multi-concept")
@@ -105,6 +108,17 @@ def add_settings() -> None:
     shared.opts.add_option(KEEP_OPTION, shared.OptionInfo(
         True, "Keep OMG mask models in RAM between jobs (off: free them after each job; never on the GPU while the UNet runs)",
         section=section))
+    shared.opts.add_option(MEMORY_OPTION, shared.OptionInfo(
+        0, "Most memory one OMG pass-2 UNet call may use, in MB (0: what is free on the GPU; no limit on a CPU)",
+        gr.Number, {"precision": 0, "minimum": 0}, section=section))
+
+
+def memory_budget(free_bytes=free_device_bytes) -> MemoryBudget:
+    """Pass 2's memory: the user's cap from the settings, else the free memory ``free_bytes`` reads."""
+    from modules import shared
+
+    megabytes = int(shared.opts.data.get(MEMORY_OPTION, 0) or 0)
+    return MemoryBudget(budget_bytes=megabytes << 20 if megabytes > 0 else None, free_bytes=free_bytes)
 
 
 def save_layout_images(p, generation: "A1111Generation", infotext: str) -> None:
@@ -321,7 +335,7 @@ class A1111Generation:
             self.prepared = self.prepare()
         images = len(prompts)
         self.session = session = OmgSession(self.unet, self.prepared.concepts, images=images,
-                                            image_tokens=self.image_tokens(prompts))
+                                            image_tokens=self.image_tokens(prompts), memory=self.memory_budget())
         enable_hr = getattr(p, "enable_hr", False)
         rng_state = (p.rng.shape, p.seeds, p.subseeds, p.subseed_strength, p.seed_resize_from_h, p.seed_resize_from_w)
         try:
@@ -438,6 +452,11 @@ class A1111Generation:
         p = self.p
         return p.sd_model.get_learned_conditioning(
             prompt_parser.SdConditioning([text], width=p.width, height=p.height, is_negative_prompt=negative))
+
+    def memory_budget(self) -> MemoryBudget:
+        """A1111 keeps no memory bookkeeping of its own: torch's free memory (``--medvram`` and
+        ``--lowvram`` move weights off the GPU between modules, which that reading sees)."""
+        return memory_budget()
 
     def text_engine(self):
         """The host object that tokenizes prompts into 77-token chunks (CLIP-L's for SDXL)."""

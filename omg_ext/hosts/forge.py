@@ -33,7 +33,8 @@ from ..engine.attention import ProjectedAttention
 from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.rows import RowRole
 from ..engine.session import OmgSession
-from .a1111 import A1111Generation, OmgUserError, _networks, lora_on_disk
+from ..engine.memory import MemoryBudget
+from .a1111 import A1111Generation, OmgUserError, _networks, lora_on_disk, memory_budget
 
 COND = 0
 """Forge's mark of a cond chunk in ``cond_or_uncond`` (uncond is 1)."""
@@ -185,6 +186,13 @@ class ForgeGeneration(A1111Generation):
         with clip_patched(self.p.sd_model, clip_patches, filename, spec.te_weight):
             cond, uncond = self.encode(spec.prompt, False), self.encode(negative, True)
         return deltas, as_forge_cond(cond), as_forge_cond(uncond)
+
+    def memory_budget(self) -> MemoryBudget:
+        """Forge's own reading of free memory (CUDA, XPU, DirectML; the RAM on a CPU), the one its
+        model loader plans with."""
+        from backend import memory_management
+
+        return memory_budget(lambda device: int(memory_management.get_free_memory(device)))
 
     def text_engine(self):
         model = self.p.sd_model

@@ -301,6 +301,29 @@ def _run_job(modules, model, cfg, prompts, seeds, latent):
 
 
 @torch.no_grad()
+def test_the_memory_setting_caps_pass2_calls_and_the_image_stays_the_same(monkeypatch, hero_file):
+    model = _Model()
+    networks, _ = _networks(model, hero_file)
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    cfg = OmgConfig(enabled=True, blend_start=0.5, mask_dilation=0, mask_feather=0, concepts=[
+        ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape"),
+        ConceptSpec(class_word="woman", prompt="a woman, blue dress"),
+    ])
+    prompts = ["a man and a woman"] * 2
+    with fake_a1111.installed() as modules:
+        whole, free = _run_job(modules, model, cfg, prompts, [7, 8], (12, 16))
+        assert free.memory.budget_bytes is None and free.row_limit.rows is None  # on a CPU: no limit, nothing measured
+        modules.shared.opts.data[a1111.MEMORY_OPTION] = 2
+        try:
+            cut, capped = _run_job(modules, model, cfg, prompts, [7, 8], (12, 16))
+        finally:
+            del modules.shared.opts.data[a1111.MEMORY_OPTION]
+    assert capped.memory.budget_bytes == 2 << 20
+    assert capped.row_limit.budget == max(int((2 << 20) * 0.8) // capped.memory.row_bytes((12, 16)), 2) < 14
+    torch.testing.assert_close(cut, whole, rtol=1e-3, atol=1e-3)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("latent", [(12, 16), (16, 10)])
 def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(monkeypatch, latent, hero_file):
     """A batch whose prompts differ (wildcards): each image is the image it would be alone."""

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from omg_ext.config import ConceptSpec, OmgConfig
-from omg_ext.hosts import forge
+from omg_ext.hosts import a1111, forge
 from omg_ext.engine.lora import DenseDelta, LowRankDelta, RowRoutedLoRA
 from omg_ext.engine.rows import RowRole
 from tests.support import fake_forge
@@ -163,6 +163,28 @@ def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(tmp_p
     for i in range(2):
         _, alone, *_ = _run(tmp_path, monkeypatch, cfg, prompts=prompts[i:i + 1], seeds=[7 + i], latent=latent)
         torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-3, atol=1e-3)  # float noise of a batch ~1e-4
+
+
+@torch.no_grad()
+def test_pass2_is_cut_to_what_forges_free_memory_holds_and_makes_the_same_image(tmp_path, monkeypatch):
+    from tests.support.fake_forge import memory
+    sessions = []
+
+    class RecordedSession(a1111.OmgSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sessions.append(self)
+
+    monkeypatch.setattr(a1111, "OmgSession", RecordedSession)
+    cfg = OmgConfig(blend_start=0.5, **CFG)
+    _, whole, *_ = _run(tmp_path, monkeypatch, cfg, prompts=["a man and a woman"] * 2, seeds=[7, 8])
+    monkeypatch.setattr(memory, "FREE_BYTES", 1 << 20)  # 1 MB "free": a few tiny-UNet rows per call
+    _, cut, *_ = _run(tmp_path, monkeypatch, cfg, prompts=["a man and a woman"] * 2, seeds=[7, 8])
+    big, small = sessions
+    per_row = small.memory.row_bytes(cut.shape[-2:])
+    assert small.row_limit.budget == max(int((1 << 20) * 0.8) // per_row, 2) < 10
+    assert big.row_limit.budget > 10  # 2 images x (2 + 1 + 2 x 2) rows fit in 8 GB
+    torch.testing.assert_close(cut, whole, rtol=1e-3, atol=1e-3)
 
 
 @torch.no_grad()
