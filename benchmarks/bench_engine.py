@@ -1,8 +1,8 @@
 """Benchmark: plain generation vs this engine vs the official OMG schedule, side by side.
 
-    python benchmarks/bench_engine.py [--sizes 32 48] [--steps 20] [--runs 3]
+    python benchmarks/bench_engine.py [--sizes 32 48] [--steps 20] [--runs 3] [--device cuda --dtype float16]
 
-On the tiny ldm-shaped test UNet (CPU, random weights), 2 concepts with LoRAs on every
+On the tiny ldm-shaped test UNet (CPU by default, random weights), 2 concepts with LoRAs on every
 Linear and Conv2d layer, blend start 0.32, Euler, CFG 7, one image. For each method it
 prints row evaluations, the median wall time over ``--runs`` runs, the peak resident
 memory of a fresh process running it, and the most bytes the pass-1 record held; then the
@@ -41,6 +41,8 @@ from tests.support.tiny_unet import TinyUNet, unet_fn  # noqa: E402
 
 METHODS = ("plain", "engine", "official")
 CONCEPTS, BLEND_START, CTX = 2, 0.32, 128
+DEVICE, DTYPE = torch.device("cpu"), torch.float32
+"""Where the UNet runs (``--device``, ``--dtype``); the sampler stays on the CPU in float32."""
 
 
 def _ctx(seed: int, rows: int = 1) -> torch.Tensor:
@@ -50,10 +52,18 @@ def _ctx(seed: int, rows: int = 1) -> torch.Tensor:
 def setup():
     unet = TinyUNet(model_channels=64, channel_mult=(1, 2, 3, 4), context_dim=CTX, num_heads=8, seed=0)
     concepts = [
-        Concept({"context": _ctx(10 + j)}, {"context": _ctx(20 + j)}, random_concept_deltas(unet, seed=j + 1, rank=4), tokens=[4 + j])
+        Concept({"context": _ctx(10 + j).to(DEVICE, DTYPE)}, {"context": _ctx(20 + j).to(DEVICE, DTYPE)},
+                random_concept_deltas(unet, seed=j + 1, rank=4), tokens=[4 + j])
         for j in range(CONCEPTS)
     ]
-    return unet, concepts
+    return unet.to(DEVICE, DTYPE), concepts
+
+
+def on_device(raw):
+    """A UNet call taking the sampler's CPU float32 tensors: moved to the UNet's device and dtype, and back."""
+    if DEVICE.type == "cpu" and DTYPE == torch.float32:
+        return raw
+    return lambda x, t, c: raw(x.to(DEVICE, DTYPE), t.to(DEVICE), {k: v.to(DEVICE, DTYPE) for k, v in c.items()}).float().cpu()
 
 
 def half_masks(hw: tuple[int, int]) -> torch.Tensor:
@@ -64,7 +74,7 @@ def half_masks(hw: tuple[int, int]) -> torch.Tensor:
 
 
 def run_plain(unet, concepts, size: int, steps: int) -> dict:
-    raw = unet_fn(unet)
+    raw = on_device(unet_fn(unet))
     calls = []
 
     def model_fn(x, t, c, rows):
@@ -77,14 +87,14 @@ def run_plain(unet, concepts, size: int, steps: int) -> dict:
 
 def run_engine(unet, concepts, size: int, steps: int) -> dict:
     r = run_omg(unet, concepts, {"context": _ctx(1)}, {"context": _ctx(2)}, steps=steps, latent_shape=(1, 4, size, size),
-                blend_start=BLEND_START, dilation=8, feather=8)
+                blend_start=BLEND_START, dilation=8, feather=8, device=DEVICE, dtype=None if DTYPE == torch.float32 else DTYPE)
     c = r.session.counters
     return {"rows": c["pass1"].rows + c["pass2"].rows, "record_bytes": r.session.record.peak_nbytes}
 
 
 def run_official(unet, concepts, size: int, steps: int) -> dict:
     """The reference code's schedule: duplicate image in pass 1, full pass 2, a call per concept."""
-    raw = unet_fn(unet)
+    raw = on_device(unet_fn(unet))
     router = RowRoutedLoRA(dict(unet.named_modules()), [c.deltas for c in concepts])
     masks = half_masks((size, size))[0]
     rows, timesteps = [0], []
@@ -105,7 +115,7 @@ def run_official(unet, concepts, size: int, steps: int) -> dict:
         pair = [i for i, r in enumerate(roles) if r.image == 0]  # image 0's cond and uncond rows
         blended = out[pair] * (1 - masks.sum(0))
         for j, concept in enumerate(concepts):
-            context = torch.cat([(concept.cond if roles[i].is_cond else concept.uncond)["context"] for i in pair])
+            context = torch.cat([(concept.cond if roles[i].is_cond else concept.uncond)["context"] for i in pair]).float().cpu()
             with router.route_all(j):
                 blended = blended + masks[j] * unet_call(x[pair], t[pair], {"context": context})
         out[pair] = blended
@@ -138,18 +148,24 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 48], help="latent sizes (pixels / 8)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="where the UNet runs, e.g. cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]), args.steps, args.runs)))
         return
-    print(f"tiny ldm UNet on CPU ({torch.get_num_threads()} threads), {args.steps} steps Euler, {CONCEPTS} concepts, "
+    where = f"CPU ({torch.get_num_threads()} threads)" if DEVICE.type == "cpu" else str(DEVICE)
+    print(f"tiny ldm UNet on {where} in {args.dtype}, {args.steps} steps Euler, {CONCEPTS} concepts, "
           f"blend start {BLEND_START}, median of {args.runs} runs, each method in a fresh process")
     for size in args.sizes:
         results = {}
         for method in METHODS:
             out = subprocess.run([sys.executable, __file__, "--child", method, str(size), "--steps", str(args.steps),
-                                  "--runs", str(args.runs)], check=True, capture_output=True, text=True).stdout
+                                  "--runs", str(args.runs), "--device", args.device, "--dtype", args.dtype],
+                                 check=True, capture_output=True, text=True).stdout
             results[method] = json.loads(out.strip().splitlines()[-1])
         plain = results["plain"]
         print(f"\nlatent {size}x{size} ({size * 8} px)")

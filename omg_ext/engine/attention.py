@@ -146,10 +146,17 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(b, n, heads, c // heads).transpose(1, 2)
 
 
+def no_autocast(like: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Float32 that stays float32: A1111 runs the UNet under ``torch.autocast`` (fp16 on CUDA),
+    which would turn the engine's float32 matmuls back into half precision (and large logits into inf)."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
 def probabilities(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """softmax(q kᵀ · scale) per head, in float32: [rows, heads, n, m]."""
-    sim = _heads(q, heads).float() @ _heads(k, heads).float().transpose(-1, -2)
-    return (sim * scale).softmax(dim=-1)
+    """softmax(q kᵀ · scale) per head, in float32 also under autocast: [rows, heads, n, m]."""
+    with no_autocast(q):
+        sim = _heads(q, heads).float() @ _heads(k, heads).float().transpose(-1, -2)
+        return (sim * scale).softmax(dim=-1)
 
 
 def attend_with_replacement(
@@ -165,7 +172,8 @@ def attend_with_replacement(
     for ref, targets in replace:
         probs = probabilities(q[ref:ref + 1], k[ref:ref + 1], heads, scale)
         idx = list(targets)
-        out[idx] = (probs @ _heads(v[idx], heads).float()).to(out.dtype)
+        with no_autocast(v):
+            out[idx] = (probs @ _heads(v[idx], heads).float()).to(out.dtype)
     b, h, n, d = out.shape
     return out.transpose(1, 2).reshape(b, n, h * d)
 
@@ -209,8 +217,9 @@ def add_word_maps(probs: torch.Tensor, call: AttentionCall, hw: tuple[int, int])
     """Add the capture rows' class-word probabilities ([rows, heads, n, tokens]) to ``call.maps``."""
     probs = probs.mean(dim=1)
     rows, concepts = probs.shape[0], call.maps.shape[1]
-    words = torch.bmm(probs, call.word_selection(probs)).transpose(1, 2).reshape(rows, concepts, *hw)
-    words = F.interpolate(words, size=call.maps.shape[-2:], mode="bilinear", align_corners=False)
+    with no_autocast(probs):
+        words = torch.bmm(probs, call.word_selection(probs)).transpose(1, 2).reshape(rows, concepts, *hw)
+        words = F.interpolate(words, size=call.maps.shape[-2:], mode="bilinear", align_corners=False)
     for i, (_, image) in enumerate(call.capture_rows):
         call.maps[image] += words[i].to(call.maps.dtype)
 

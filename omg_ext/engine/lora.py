@@ -174,7 +174,9 @@ class _RouteHook:
         spans, batch = self.router.spans, self.router.batch
         if not spans:
             return None
-        x = inputs[0]
+        # in the output's dtype: under autocast (A1111 on CUDA) or a host's manual cast the layer's
+        # input can be float32 (after a GroupNorm) while it computes and returns half precision
+        x = inputs[0].to(output.dtype)
         if batch is not None and x.shape[0] != batch:
             raise RuntimeError(
                 f"OMG LoRA routing: {self.name} got {x.shape[0]} rows, the routed call has {batch}; "

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from omg_ext.engine.attention import SELF_REPLACE_FACTOR, AttentionCall, ProjectedAttention, installed_attention
+from omg_ext.engine.attention import SELF_REPLACE_FACTOR, AttentionCall, ProjectedAttention, installed_attention, probabilities
 from tests.support.tiny_unet import CrossAttention
 
 HEADS, DIM_HEAD, CTX = 2, 8, 12
@@ -85,3 +85,16 @@ def test_a_layer_that_matches_no_downsampling_is_named():
     from omg_ext.engine.attention import layer_factor
     with pytest.raises(ValueError, match=r"^attention over 50 positions does not match latent \(16, 12\)$"):
         layer_factor(50, (16, 12))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_probabilities_are_float32_inside_the_hosts_autocast(dtype):
+    """A1111 samples inside ``torch.autocast``: its matmuls in half precision would overflow (fp16)
+    or round (bf16) the logits of the masks' probabilities."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 24, 64, generator=g) * 40, torch.randn(2, 77, 64, generator=g) * 40
+    exact = probabilities(q, k, 4, 0.25)  # no autocast: float32
+    with torch.autocast("cpu", dtype=dtype):
+        probs = probabilities(q, k, 4, 0.25)
+    assert probs.dtype == torch.float32 and torch.isfinite(probs).all()
+    torch.testing.assert_close(probs, exact, rtol=0, atol=1e-6)

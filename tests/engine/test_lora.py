@@ -119,6 +119,26 @@ def test_deltas_follow_the_input_dtype():
     torch.testing.assert_close(again, expected.float(), rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def test_deltas_follow_the_layers_device_and_compute_dtype():
+    """--lowvram / --medvram and Forge move layers between devices while the job runs; A1111's
+    autocast makes a layer take float32 and return half precision."""
+    model = Layers()
+    delta = random_lowrank(model.fc, seed=1)
+    router = RowRoutedLoRA(dict(model.named_modules()), [{"fc": delta}])
+    x, weights = torch.randn(2, 16), {k: v.clone() for k, v in model.state_dict().items()}
+    with router.installed(), router.route([(0, 0, 2)], batch=2):
+        on_cpu = model.fc(x)
+        model.to("meta")  # offloaded: the next call runs wherever the layer now is
+        assert model.fc(x.to("meta")).device.type == "meta"
+        model.to_empty(device="cpu").load_state_dict(weights)
+        torch.testing.assert_close(model.fc(x), on_cpu)  # and back
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model.fc(x)  # float32 in, bfloat16 out: the delta in bfloat16 too
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), on_cpu, rtol=2e-2, atol=2e-2)
+
+
 def test_bad_deltas_are_named():
     model = Layers()
     with pytest.raises(ValueError, match="concept 2 targets 'nope'"):

@@ -23,13 +23,14 @@ class OmgResult:
 def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, latent_shape=(1, 4, 16, 16),
             blend_start=0.3, layout=True, self_attention_until=0.0, max_rows=None, masks=None,
             dilation=0, feather=0, groups=None, batch_cond_uncond=True, cfg_scale=7.0,
-            fail_at=None, seeds=None, dtype=None, memory=None, raw=None) -> OmgResult:
+            fail_at=None, seeds=None, dtype=None, device=None, memory=None, raw=None) -> OmgResult:
     """Pass 1, masks, pass 2. ``fail_at`` injects an exception at a stage.
 
     ``masks``: a tensor [images, concepts, H, W], a function of the session and the layout
     latent after pass 1 giving one, or None for the session's attention masks. ``seeds``: one per image.
     ``dtype``: the UNet's half precision; its calls (and so the engine) see latents and
-    conditioning in it, the sampler keeps float32, as the WebUIs do. ``memory``: the session's
+    conditioning in it, the sampler keeps float32, as the WebUIs do. ``device``: where the UNet
+    (and concepts) are: the calls move there and back. ``memory``: the session's
     ``MemoryBudget``; ``raw``: the host's UNet call (default: the tiny UNet's).
     """
     session = OmgSession(unet, concepts, images=latent_shape[0], layout=layout, max_rows=max_rows, memory=memory)
@@ -43,9 +44,10 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
         invocations[0] += 1
         if fail_at == f"call{invocations[0]}":
             raise RuntimeError(f"injected failure at {fail_at}")
-        if dtype is None:
+        if dtype is None and device is None:
             return session(raw, x, t, c, rows)
-        return session(raw, x.to(dtype), t, {k: v.to(dtype) for k, v in c.items()}, rows).float()
+        to = dict(device=device, dtype=dtype)
+        return session(raw, x.to(**to), t.to(device), {k: v.to(**to) for k, v in c.items()}, rows).float().cpu()
 
     def stage(name):
         if fail_at == name:

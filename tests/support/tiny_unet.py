@@ -104,11 +104,11 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels: int, heads: int, context_dim: int):
+    def __init__(self, channels: int, heads: int, context_dim: int, depth: int = 1):
         super().__init__()
         self.norm = norm(channels)
         self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x, context=None):
@@ -142,8 +142,18 @@ class Upsample(nn.Module):
 
 class TinyUNet(nn.Module):
     def __init__(self, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1, channel_mult=(1, 2, 2, 2),
-                 attention_levels=(0, 1, 2), num_heads=4, context_dim=64, adm_in_channels=None, seed=0):
+                 attention_levels=(0, 1, 2), num_heads=4, context_dim=64, adm_in_channels=None, seed=0,
+                 transformer_depth=1, num_head_channels=None):
+        """``transformer_depth``: blocks per spatial transformer, one number or one per level (SDXL: 0, 2, 10);
+        ``num_head_channels``: heads of 64 channels as SDXL instead of ``num_heads``; ``seed=None``: weights
+        left as built (a memory benchmark on a meta device)."""
         super().__init__()
+        depths = [transformer_depth] * len(channel_mult) if isinstance(transformer_depth, int) else list(transformer_depth)
+
+        def transformer(ch, level):
+            heads = ch // num_head_channels if num_head_channels else num_heads
+            return SpatialTransformer(ch, heads, context_dim, depths[level])
+
         emb = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.model_channels = model_channels
@@ -156,25 +166,26 @@ class TinyUNet(nn.Module):
                 layers = [ResBlock(ch, emb, mult * model_channels)]
                 ch = mult * model_channels
                 if level in attention_levels:
-                    layers.append(SpatialTransformer(ch, num_heads, context_dim))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skips.append(ch)
             if level != len(channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skips.append(ch)
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb, ch), SpatialTransformer(ch, num_heads, context_dim), ResBlock(ch, emb, ch))
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb, ch), transformer(ch, len(channel_mult) - 1), ResBlock(ch, emb, ch))
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(num_res_blocks + 1):
                 layers = [ResBlock(ch + skips.pop(), emb, mult * model_channels)]
                 ch = mult * model_channels
                 if level in attention_levels:
-                    layers.append(SpatialTransformer(ch, num_heads, context_dim))
+                    layers.append(transformer(ch, level))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
-        self._randomise(seed)
+        if seed is not None:
+            self._randomise(seed)
         self.eval()
 
     @torch.no_grad()
