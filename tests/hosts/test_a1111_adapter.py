@@ -301,6 +301,26 @@ def _run_job(modules, model, cfg, prompts, seeds, latent):
 
 
 @torch.no_grad()
+def test_a_job_inside_a1111s_autocast_runs_in_half_precision_and_stays_close(monkeypatch, hero_file):
+    """A1111 on CUDA samples inside ``devices.autocast()`` = ``torch.autocast("cuda")`` (fp16): layers take
+    float32 from a GroupNorm and return half. CPU autocast in fp16 stands in for it here."""
+    model = _Model()
+    networks, _ = _networks(model, hero_file)
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    cfg = OmgConfig(enabled=True, blend_start=0.5, mask_dilation=0, mask_feather=0, concepts=[
+        ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape"),
+        ConceptSpec(class_word="woman", prompt="a woman, blue dress"),
+    ])
+    prompts = ["a man and a woman"] * 2
+    with fake_a1111.installed() as modules:
+        full, _ = _run_job(modules, model, cfg, prompts, [7, 8], (12, 16))
+        with torch.autocast("cpu", dtype=torch.float16):
+            half, session = _run_job(modules, model, cfg, prompts, [7, 8], (12, 16))
+    assert torch.isfinite(half).all() and session.attention_maps().dtype == torch.float32
+    assert float((half - full).norm() / full.norm()) < 0.02
+
+
+@torch.no_grad()
 def test_the_memory_setting_caps_pass2_calls_and_the_image_stays_the_same(monkeypatch, hero_file):
     model = _Model()
     networks, _ = _networks(model, hero_file)
