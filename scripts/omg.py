@@ -52,7 +52,7 @@ class OmgScript(scripts.Script):
                 return
             if not isinstance(p, StableDiffusionProcessingTxt2Img):
                 raise OmgUserError("OMG works in txt2img only")
-            cfg.validate(p.prompt if isinstance(p.prompt, str) else p.prompt[0])
+            cfg.validate()
             p._omg = Generation(p, cfg)
         except (OmgConfigError, OmgUserError) as e:
             fail_job(p, str(e))

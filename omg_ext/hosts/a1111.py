@@ -110,7 +110,7 @@ def add_settings() -> None:
         section=section))
     shared.opts.add_option(MEMORY_OPTION, shared.OptionInfo(
         0, "Most memory one OMG pass-2 UNet call may use, in MB (0: what is free on the GPU; no limit on a CPU)",
-        gr.Number, {"precision": 0, "minimum": 0}, section=section))
+        gr.Number, {"precision": 0}, section=section))
 
 
 def memory_budget(free_bytes=free_device_bytes) -> MemoryBudget:
@@ -350,10 +350,10 @@ class A1111Generation:
                 self.check_pass1(session)
                 shared.state.nextjob()
                 results = self.concept_masks(session, layout)
+                masks = self.skip_missing(results)
                 for r in results:
                     self.warnings += r.warnings()
                 p.extra_generation_params["OMG mask sources used"] = ", ".join(results[0].sources)
-                masks = torch.stack([r.masks for r in results])
                 session.begin_pass2(masks, blend_start=self.cfg.blend_start, self_attention_until=self.cfg.self_attention_until)
                 shape, seeds_, subseeds_, strength, h, w = rng_state
                 p.rng = rng.ImageRNG(shape, seeds_, subseeds=subseeds_, subseed_strength=strength,
@@ -420,19 +420,32 @@ class A1111Generation:
         """Per image, per concept: the class word's positions in that image's own prompt.
 
         A batch's prompts differ with wildcards, a prompt matrix or Dynamic Prompts, and so
-        do the class words' positions; each image's attention maps use its own.
+        do the class words' positions; each image's attention maps use its own. A concept
+        whose class word an image's prompt lacks is skipped in that image (no positions, an
+        empty mask: ``skip_missing``), with a warning; the other concepts are still made.
+        (Its rows still run in pass 2: what a skipped concept adds is masked to nothing.)
         """
-        clip, positions = self.text_engine(), []
+        clip, positions, self.missing = self.text_engine(), [], set()
         for i, prompt in enumerate(prompts):
             where = f" of image {i + 1} of the batch ({prompt!r})" if len(set(prompts)) > 1 else ""
             image = []
             for n, spec in enumerate(self.cfg.concepts, start=1):
                 tokens = class_word_tokens(clip, prompt, spec.class_word)
                 if not tokens:
-                    raise OmgUserError(f"OMG concept {n}: class word {spec.class_word.strip()!r} does not appear in the prompt{where}")
+                    self.missing.add((i, n - 1))
+                    self.warnings.append(f"OMG concept {n} skipped: class word {spec.class_word.strip()!r} "
+                                         f"does not appear in the prompt{where}")
                 image.append(tokens)
             positions.append(image)
         return positions
+
+    def skip_missing(self, results: list) -> torch.Tensor:
+        """Masks [images, concepts, H, W] with each skipped concept's mask emptied in the images whose
+        prompt lacks its class word (already named in a warning: not again as "empty mask")."""
+        for i, j in self.missing:
+            results[i].masks[j] = 0
+            results[i].empty = [e for e in results[i].empty if e != j]
+        return torch.stack([r.masks for r in results])
 
     def load_concept(self, spec, negative: str) -> tuple[dict, dict, dict]:
         """(UNet deltas, cond, uncond) of one concept: its prompts encoded with its text-encoder LoRA."""
