@@ -77,6 +77,8 @@ class Settings:
     blend_start: float = OmgConfig.blend_start
     layout: bool = OmgConfig.layout_preservation
     self_attention_until: float = OmgConfig.self_attention_until
+    layout_until: float = 1.0
+    """Fraction of the steps after which pass 2 runs without reference rows (1: layout to the end)."""
     dilation: int = OmgConfig.mask_dilation
     feather: int = OmgConfig.mask_feather
     lora_weight: float = 1.0
@@ -187,7 +189,8 @@ def _omg_run(world: ToyWorld, case: Case, seeds: list[int], s: Settings):
     cond, uncond = _rows(world.encode(prompt), rows), _rows(world.encode(""), rows)
     result = run_omg(world.model.unet, concepts, cond, uncond, steps=STEPS, latent_shape=(rows, 3, SIZE, SIZE),
                      cfg_scale=CFG, seeds=seeds, blend_start=s.blend_start, layout=s.layout,
-                     self_attention_until=s.self_attention_until, masks=_mask_maker(world, case, s, rows))
+                     self_attention_until=s.self_attention_until, layout_until=s.layout_until,
+                     masks=_mask_maker(world, case, s, rows))
     return result, cond, uncond
 
 
@@ -229,6 +232,7 @@ ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG self-attn 0.4": lambda w, c, s: omg(w, c, s, Settings(self_attention_until=0.4)),
     "OMG weight 0.8": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8)),
     "OMG no layout": lambda w, c, s: omg(w, c, s, Settings(layout=False)),
+    "OMG layout to 0.6": lambda w, c, s: omg(w, c, s, Settings(layout_until=0.6)),
     "OMG blend 0.2": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.2)),
     "OMG blend 0.4": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.4)),
     "OMG maps 0-0.3": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, 0.3))),

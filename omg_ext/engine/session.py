@@ -91,7 +91,7 @@ class OmgSession:
         self.counters = {"pass1": PassCounters(), "pass2": PassCounters(), "hires_blend": PassCounters()}
         self.mode: str | None = None
         self.masks: BlendMasks | None = None
-        self.blend_from_t = self.self_attention_until_t = math.inf
+        self.blend_from_t = self.self_attention_until_t = self.layout_until_t = math.inf
         self._attention: AttentionState | None = None
 
     @contextlib.contextmanager
@@ -119,19 +119,24 @@ class OmgSession:
     def begin_pass1(self) -> None:
         self.mode = "pass1"
 
-    def begin_pass2(self, masks: torch.Tensor, *, blend_start: float, self_attention_until: float = 0.0) -> None:
+    def begin_pass2(self, masks: torch.Tensor, *, blend_start: float, self_attention_until: float = 0.0,
+                    layout_until: float = 1.0) -> None:
         """Start pass 2 with masks [images, concepts, H, W], exclusive (Σ ≤ 1 per pixel).
 
         ``blend_start``: fraction of the steps before which pass 2 replays pass 1;
         ``self_attention_until``: fraction of the steps before which self-attention at
-        1/4 resolution is also taken from the reference (0: never).
+        1/4 resolution is also taken from the reference (0: never); ``layout_until``:
+        fraction of the steps after which the reference rows stop (1: to the end) — the
+        late steps draw detail, not layout, and each reference row costs a row.
         """
         self.masks = BlendMasks(masks, self.images, len(self.concepts))
-        for name, value in (("blend_start", blend_start), ("self_attention_until", self_attention_until)):
+        for name, value in (("blend_start", blend_start), ("self_attention_until", self_attention_until),
+                            ("layout_until", layout_until)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be a fraction of the steps in [0, 1], got {value}")
         self.blend_from_t = self.record.threshold(blend_start)
         self.self_attention_until_t = self.record.threshold(self_attention_until)
+        self.layout_until_t = self.record.threshold(layout_until)
         self.record.drop_outputs_from(self.blend_from_t)
         self.record.start_replay()
         self.mode = "pass2"
@@ -166,7 +171,8 @@ class OmgSession:
 
     def _blended(self, unet_fn: UnetFn, x, t, cond, rows: Sequence[RowRole], recorded: RecordedCall | None) -> torch.Tensor:
         """The expanded batch (host, reference and concept rows) of one call, blended by the masks."""
-        reference = recorded.x if (recorded is not None and self.layout) else None
+        with_reference = self.layout and float(t.max()) > self.layout_until_t
+        reference = recorded.x if (recorded is not None and with_reference) else None
         replace_self = float(t.max()) > self.self_attention_until_t
 
         def run(call_rows):

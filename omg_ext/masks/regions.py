@@ -25,6 +25,9 @@ PALETTE_RGB = (_PALETTE * 255).round().to(torch.uint8)
 """Concept n's colour is row n-1, the colour the mask overlay shows it in."""
 
 COLOUR_TOLERANCE = 48
+MAX_CANVAS_SIDE = 8192
+"""The largest canvas side a request may give (the WebUIs' images stop at 2048 in the UI, 8192
+via the API); beyond it a mask (a bool per pixel) would be a decompression bomb of run lengths."""
 """Largest per-channel distance at which a pixel still counts as a palette colour (JPEG, antialiasing)."""
 
 
@@ -48,6 +51,8 @@ def parse_regions(text: str, concepts: int) -> Regions:
     width, height = data.get("width"), data.get("height")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (width, height)):
         raise ValueError(f"OMG regions: width and height must be positive numbers, got {width!r} and {height!r}")
+    if max(width, height) > MAX_CANVAS_SIDE:
+        raise ValueError(f"OMG regions: the canvas is {width}x{height}; at most {MAX_CANVAS_SIDE} pixels a side")
     regions = Regions((int(height), int(width)))
     for key, box in data.get("boxes", {}).items():
         j = _concept(key, concepts)
@@ -61,6 +66,8 @@ def parse_regions(text: str, concepts: int) -> Regions:
         size = data.get("mask_size")
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
             raise ValueError(f"OMG regions: mask_size must be [h, w], got {size!r}")
+        if size[0] > height or size[1] > width:
+            raise ValueError(f"OMG regions: mask_size {size} is larger than the {width}x{height} canvas")
         for key, runs in data["masks"].items():
             regions.masks[_concept(key, concepts)] = decode_runs(runs, tuple(size), key)
     return regions

@@ -532,3 +532,19 @@ def test_blend_masks_follow_a_hires_latent_bilinearly_per_image():
     assert torch.equal(blend_masks.for_rows(torch.zeros(1, 4, 4, 6), rows[1:2]), masks[[0]])
     with pytest.raises(ValueError, match=r"^masks must be non-negative and sum to at most 1 at every pixel$"):
         BlendMasks(masks * 1.1, images=2, concepts=2)
+
+
+@torch.no_grad()
+def test_layout_until_drops_the_reference_rows_for_the_last_steps(unet, concepts):
+    cond, uncond = _global()
+    run = dict(steps=8, blend_start=0.5, masks=_half_masks())
+    full = run_omg(unet, concepts, cond, uncond, **run)
+    window = run_omg(unet, concepts, cond, uncond, layout_until=0.75, **run)
+    none = run_omg(unet, concepts, cond, uncond, layout=False, **run)
+    # steps 4 and 5 with a reference row (2 + 1 + 2 x 2 rows), steps 6 and 7 without (2 + 2 x 2)
+    assert [r.session.counters["pass2"].rows for r in (full, window, none)] == [4 * 7, 2 * 7 + 2 * 6, 4 * 6]
+    assert not torch.equal(window.final, full.final) and not torch.equal(window.final, none.final)
+    at_blend_start = run_omg(unet, concepts, cond, uncond, layout_until=0.5, **run)
+    assert torch.equal(at_blend_start.final, none.final)
+    with pytest.raises(ValueError, match=r"layout_until must be a fraction of the steps in \[0, 1\], got -0.1"):
+        run_omg(unet, concepts, cond, uncond, layout_until=-0.1, **run)

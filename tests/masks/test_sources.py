@@ -335,7 +335,12 @@ def test_region_json_and_mask_images_parse_exactly_or_say_what_is_wrong():
     for text, message in (("{", "not valid JSON"), ('{"width": 0, "height": 5, "boxes": {}}', "width and height must be positive"),
                           ('{"width": 8, "height": 8, "boxes": {"7": [0, 0, 1, 1]}}', "'7' is not a concept number"),
                           ('{"width": 8, "height": 8, "boxes": {"1": [4, 0, 2, 1]}}', "empty or outside the 8x8 canvas"),
-                          ('{"width": 8, "height": 8, "boxes": {"1": [0, 0, 9, 1]}}', "empty or outside")):
+                          ('{"width": 8, "height": 8, "boxes": {"1": [0, 0, 9, 1]}}', "empty or outside"),
+                          # decompression bombs: a few bytes of run lengths that would become gigabytes of pixels
+                          ('{"width": 100000, "height": 100000, "mask_size": [100000, 100000], "masks": {"1": "0 10000000000"}}',
+                           "the canvas is 100000x100000; at most 8192 pixels a side"),
+                          ('{"width": 64, "height": 64, "mask_size": [60000, 60000], "masks": {"1": "0 3600000000"}}',
+                           r"mask_size \[60000, 60000\] is larger than the 64x64 canvas")):
         with pytest.raises(ValueError, match=message):
             regions.parse_regions(text, 2)
     image = numpy.zeros((16, 24, 4), numpy.uint8)
