@@ -148,7 +148,11 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 def no_autocast(like: torch.Tensor) -> contextlib.AbstractContextManager:
     """Float32 that stays float32: A1111 runs the UNet under ``torch.autocast`` (fp16 on CUDA),
-    which would turn the engine's float32 matmuls back into half precision (and large logits into inf)."""
+    which would turn the engine's float32 matmuls back into half precision (and large logits into inf).
+    Only CUDA and CPU have autocast to switch off (A1111 uses a manual cast on MPS/XPU, and torch 2.1
+    refuses ``torch.autocast`` for device types it does not know, even disabled)."""
+    if like.device.type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=like.device.type, enabled=False)
 
 

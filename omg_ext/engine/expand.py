@@ -101,9 +101,13 @@ def _rows(call: list[list[ExpandedRow]]) -> int:
     return sum(len(unit) for unit in call)
 
 
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+"""``torch.OutOfMemoryError`` exists from torch 2.5; A1111 1.10 ships torch 2.1, Forge 2.3 (``torch.cuda``'s, the same class)."""
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """CUDA's ``OutOfMemoryError``, or another backend's RuntimeError saying so (MPS, DirectML, ROCm)."""
-    return isinstance(error, torch.OutOfMemoryError) or (
+    return isinstance(error, OUT_OF_MEMORY) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 

@@ -1,11 +1,15 @@
 """The two faces of the engine's attention agree: ``ProjectedAttention`` (a host hands over
 projected q, k, v, as Forge's replace patches do) gives exactly what ``OmgAttention`` (the
 engine's processor on an ldm attention module) gives, in every action and on a non-square layer."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
-from omg_ext.engine.attention import SELF_REPLACE_FACTOR, AttentionCall, ProjectedAttention, installed_attention, probabilities
+from omg_ext.engine.attention import (
+    SELF_REPLACE_FACTOR, AttentionCall, ProjectedAttention, installed_attention, no_autocast, probabilities,
+)
 from tests.support.tiny_unet import CrossAttention
 
 HEADS, DIM_HEAD, CTX = 2, 8, 12
@@ -98,3 +102,9 @@ def test_probabilities_are_float32_inside_the_hosts_autocast(dtype):
         probs = probabilities(q, k, 4, 0.25)
     assert probs.dtype == torch.float32 and torch.isfinite(probs).all()
     torch.testing.assert_close(probs, exact, rtol=0, atol=1e-6)
+
+
+def test_autocast_is_switched_off_only_where_torch_has_it():
+    """torch 2.1 (A1111's) raises for ``torch.autocast("mps")`` even disabled; MPS has no autocast to undo."""
+    assert isinstance(no_autocast(torch.empty(1, device="meta")), contextlib.nullcontext)
+    assert isinstance(no_autocast(torch.empty(1)), torch.autocast)
