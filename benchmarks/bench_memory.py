@@ -42,7 +42,7 @@ from tests.support.omg_run import SCHEDULE, run_omg  # noqa: E402
 from tests.support.sampling import generate  # noqa: E402
 from tests.support.tiny_unet import TinyUNet, unet_fn  # noqa: E402
 
-CTX, MARGIN = 128, 0.8
+CTX, MARGIN = 128, MemoryBudget().margin
 CONCEPT_COUNTS = (0, 2, 3, 5)  # 0: plain
 GB = 1 << 30
 CARDS_GB = (6, 8, 12, 24)

@@ -15,7 +15,7 @@ from omg_ext.engine.session import Concept
 from tests.support.loras import random_concept_deltas
 from tests.support.omg_run import SCHEDULE, run_omg
 from tests.support.sampling import generate
-from tests.support.tiny_unet import TinyUNet, unet_fn
+from tests.support.tiny_unet import TinyUNet, text_context as _ctx, unet_fn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
 
@@ -24,9 +24,6 @@ LATENT = (2, 4, 48, 40)  # two images of 384x320 pixels
 RUN = dict(steps=6, latent_shape=LATENT, blend_start=0.3, seeds=[1, 2])
 CUDA = torch.device("cuda")
 
-
-def _ctx(seed, rows=1):
-    return torch.randn(rows, 77, CTX, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,13 @@ from omg_ext.engine.session import Concept
 from tests.support.loras import random_concept_deltas
 from tests.support.omg_run import SCHEDULE, run_omg
 from tests.support.sampling import generate
-from tests.support.tiny_unet import TinyUNet, unet_fn
+from tests.support.tiny_unet import TinyUNet, text_context as _ctx, unet_fn
 
 CTX = 64
 LATENT = (2, 4, 12, 16)
 DTYPES = [torch.bfloat16, torch.float16]
 RUN = dict(steps=6, latent_shape=LATENT, blend_start=0.3, self_attention_until=0.5, dilation=8, feather=8)
 
-
-def _ctx(seed, rows=1):
-    return torch.randn(rows, 77, CTX, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

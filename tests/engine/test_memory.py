@@ -8,13 +8,10 @@ from omg_ext.engine.memory import LiveBytes, MemoryBudget, measure_peak
 from omg_ext.engine.session import Concept, OmgSession
 from tests.support.loras import random_concept_deltas
 from tests.support.omg_run import run_omg
-from tests.support.tiny_unet import TinyUNet, unet_fn
+from tests.support.tiny_unet import TinyUNet, text_context as _ctx, unet_fn
 
 CTX = 64
 
-
-def _ctx(seed, rows=1):
-    return torch.randn(rows, 77, CTX, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

@@ -281,6 +281,19 @@ def test_lora_for_another_architecture_is_named_and_text_encoder_deltas_reach_at
         a1111.load_concept_lora("nope", 1.0, 1.0, unet_modules, te_modules)
 
 
+@pytest.fixture
+def two_concepts(monkeypatch, hero_file):
+    """(model, settings): the stand-in model with the WebUI's LoRA list installed, and two concepts
+    (a man with the hero LoRA, a woman without one)."""
+    model = _Model()
+    networks, _ = _networks(model, hero_file)
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    return model, OmgConfig(enabled=True, blend_start=0.5, mask_dilation=0, mask_feather=0, concepts=[
+        ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape"),
+        ConceptSpec(class_word="woman", prompt="a woman, blue dress"),
+    ])
+
+
 def _run_job(modules, model, cfg, prompts, seeds, latent):
     """One txt2img job through the adapter; the session it ran with (its job's infotext as ``session.infotext``)."""
     sessions = []
@@ -302,16 +315,10 @@ def _run_job(modules, model, cfg, prompts, seeds, latent):
 
 
 @torch.no_grad()
-def test_a_job_inside_a1111s_autocast_runs_in_half_precision_and_stays_close(monkeypatch, hero_file):
+def test_a_job_inside_a1111s_autocast_runs_in_half_precision_and_stays_close(two_concepts):
     """A1111 on CUDA samples inside ``devices.autocast()`` = ``torch.autocast("cuda")`` (fp16): layers take
     float32 from a GroupNorm and return half. CPU autocast in fp16 stands in for it here."""
-    model = _Model()
-    networks, _ = _networks(model, hero_file)
-    monkeypatch.setitem(sys.modules, "networks", networks)
-    cfg = OmgConfig(enabled=True, blend_start=0.5, mask_dilation=0, mask_feather=0, concepts=[
-        ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape"),
-        ConceptSpec(class_word="woman", prompt="a woman, blue dress"),
-    ])
+    model, cfg = two_concepts
     prompts = ["a man and a woman"] * 2
     with fake_a1111.installed() as modules:
         full, _ = _run_job(modules, model, cfg, prompts, [7, 8], (12, 16))
@@ -322,14 +329,8 @@ def test_a_job_inside_a1111s_autocast_runs_in_half_precision_and_stays_close(mon
 
 
 @torch.no_grad()
-def test_the_memory_setting_caps_pass2_calls_and_the_image_stays_the_same(monkeypatch, hero_file):
-    model = _Model()
-    networks, _ = _networks(model, hero_file)
-    monkeypatch.setitem(sys.modules, "networks", networks)
-    cfg = OmgConfig(enabled=True, blend_start=0.5, mask_dilation=0, mask_feather=0, concepts=[
-        ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape"),
-        ConceptSpec(class_word="woman", prompt="a woman, blue dress"),
-    ])
+def test_the_memory_setting_caps_pass2_calls_and_the_image_stays_the_same(two_concepts):
+    model, cfg = two_concepts
     prompts = ["a man and a woman"] * 2
     with fake_a1111.installed() as modules:
         whole, free = _run_job(modules, model, cfg, prompts, [7, 8], (12, 16))
@@ -346,15 +347,9 @@ def test_the_memory_setting_caps_pass2_calls_and_the_image_stays_the_same(monkey
 
 @torch.no_grad()
 @pytest.mark.parametrize("latent", [(12, 16), (16, 10)])
-def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(monkeypatch, latent, hero_file):
+def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(latent, two_concepts):
     """A batch whose prompts differ (wildcards): each image is the image it would be alone."""
-    model = _Model()
-    networks, _ = _networks(model, hero_file)
-    monkeypatch.setitem(sys.modules, "networks", networks)
-    cfg = OmgConfig(enabled=True, blend_start=0.5, mask_dilation=0, mask_feather=0, concepts=[
-        ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape"),
-        ConceptSpec(class_word="woman", prompt="a woman, blue dress"),
-    ])
+    model, cfg = two_concepts
     prompts = ["a man and a woman", "on grass a woman hugs a tall man"]
     with fake_a1111.installed() as modules:
         batch, session = _run_job(modules, model, cfg, prompts, [7, 8], latent)

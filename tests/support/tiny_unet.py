@@ -221,6 +221,11 @@ class TinyUNet(nn.Module):
         return self.out(h)
 
 
+def text_context(seed: int, rows: int = 1, dim: int = 64) -> torch.Tensor:
+    """A random CLIP-shaped conditioning [rows, 77, dim], the same for the same seed."""
+    return torch.randn(rows, 77, dim, generator=torch.Generator().manual_seed(seed))
+
+
 def unet_fn(unet: TinyUNet):
     """The host-style raw UNet call ``fn(x, t, cond)`` with cond a dict of per-row tensors."""
     return lambda x, t, cond: unet(x, t, context=cond["context"], y=cond.get("y"))
