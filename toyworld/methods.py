@@ -32,7 +32,7 @@ from omg_ext.engine.lora import RowRoutedLoRA
 from omg_ext.engine.session import Concept
 from omg_ext.masks.regions import parse_regions
 from omg_ext.masks.sources import MaskInputs, MaskModels, concept_masks
-from tests.support.omg_run import run_omg
+from tests.support.omg_run import run_fast, run_omg
 from tests.support.sampling import CFGDenoiser, generate, initial_noise, sample_euler
 
 from .grounding import ToyDetector, ToySegmenter
@@ -200,6 +200,24 @@ def omg(world: ToyWorld, case: Case, seeds: list[int], settings: Settings | None
     return Generated(to_images(result.final), result.masks)
 
 
+def omg_fast(world: ToyWorld, case: Case, seeds: list[int], settings: Settings | None = None) -> Generated:
+    """OMG's fast mode: one pass, each concept's LoRA and prompt masked in the host's rows from the blend start
+    (attention masks of the steps before it)."""
+    s = settings or Settings()
+    if s.masks != "attention":
+        raise ValueError("the toy world runs fast mode with attention masks only")
+    prompt, rows = case.prompt(), len(seeds)
+    concepts = [
+        Concept(world.encode(case.concept_prompt(j), (k,), s.lora_weight), world.encode("", (k,), s.lora_weight),
+                world.lora(k, s.lora_weight)["unet"], word_positions(prompt, IDENTITIES[k - 1].figure))
+        for j, k in enumerate(case.identities)
+    ]
+    result = run_fast(world.model.unet, concepts, _rows(world.encode(prompt), rows), _rows(world.encode(""), rows),
+                      steps=STEPS, latent_shape=(rows, 3, SIZE, SIZE), cfg_scale=CFG, seeds=seeds,
+                      blend_start=s.blend_start, dilation=s.dilation, feather=s.feather)
+    return Generated(to_images(result.final), result.masks)
+
+
 HIRES_SCALE, HIRES_DENOISE = 1.5, 0.5
 """The hires fix users run: the latent upscaled 1.5x, then half of the steps again."""
 
@@ -225,6 +243,7 @@ METHODS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "fixed regions": lambda w, c, s: omg(w, c, s, Settings(masks="halves", blend_start=0.0, layout=False)),
     "OMG": omg,
     "official": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8, self_attention_until=0.4)),
+    "OMG fast": omg_fast,
 }
 
 ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {

@@ -25,11 +25,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .fast import FastCall
 
 CAPTURE_FACTORS = (2, 4)
 """Downsampling factors of the layers whose cross-attention forms the concept maps."""
@@ -52,6 +55,8 @@ class AttentionCall:
     """Per image, per concept: the token positions of its class word in that image's context."""
     maps: torch.Tensor | None = None
     """[images, concepts, h, w] accumulator at 1/2 latent resolution, added to in place."""
+    fast: "FastCall | None" = None
+    """Fast mode: cross-attention combines per-concept keys and values by mask (``fast_cross_attention``)."""
     _word_selection: dict = field(default_factory=dict, repr=False)
 
     def word_selection(self, probs: torch.Tensor) -> torch.Tensor:
@@ -71,6 +76,8 @@ class AttentionCall:
     def action(self, is_cross: bool, tokens: int) -> tuple[str, tuple[int, int]]:
         """What a layer with ``tokens`` positions does: "replace", "capture" or "plain", and its (h, w)."""
         factor, hw = layer_factor(tokens, self.latent_hw)
+        if self.fast is not None and is_cross:
+            return "fast", hw
         if self.replace and (is_cross or (self.replace_self and factor == SELF_REPLACE_FACTOR)):
             return "replace", hw
         if is_cross and self.capture_rows and factor in CAPTURE_FACTORS:
@@ -201,6 +208,8 @@ class OmgAttention:
         action, hw = call.action(self.is_cross, x.shape[1])
         if action == "replace":
             return self._replaced(x, x if context is None else context, call)
+        if action == "fast":
+            return fast_cross_attention(self.module, x, context, call.fast)
         out = self.original(x, context=context, mask=mask, **kwargs)
         if action == "capture":
             self._capture(x, context, call, hw)
@@ -215,6 +224,28 @@ class OmgAttention:
         m = self.module
         rows = [r for r, _ in call.capture_rows]
         add_word_maps(probabilities(m.to_q(x[rows]), m.to_k(context[rows]), m.heads, m.scale), call, hw)
+
+
+def fast_cross_attention(module: nn.Module, x: torch.Tensor, context: torch.Tensor, fast: "FastCall") -> torch.Tensor:
+    """Cross-attention of fast mode: ``(1 - Σ M_j)·attn(q, k, v) + Σ M_j·attn(q, k_j, v_j)``.
+
+    ``k_j, v_j``: concept j's context projected with its LoRA on every row (the LoRA hooks
+    of ``to_q`` and ``to_out`` apply the masked deltas themselves).
+    """
+    q, heads = module.to_q(x), module.heads
+
+    def attend(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads), scale=module.scale)
+        b, h, n, d = out.shape
+        return out.transpose(1, 2).reshape(b, n, h * d)
+
+    masks = fast.masks.tokens(x.shape[1]).to(q.dtype)  # [rows, k, n]
+    out = attend(module.to_k(context), module.to_v(context)) * (1 - masks.sum(dim=1)).unsqueeze(-1)
+    for j, concept_context in enumerate(fast.contexts):
+        with fast.concept_kv(j):
+            k, v = module.to_k(concept_context), module.to_v(concept_context)
+        out = out + masks[:, j].unsqueeze(-1) * attend(k, v)
+    return module.to_out(out)
 
 
 def add_word_maps(probs: torch.Tensor, call: AttentionCall, hw: tuple[int, int]) -> None:
@@ -249,6 +280,9 @@ class ProjectedAttention:
         action, hw = call.action(self.is_cross, q.shape[1])
         if action == "replace":
             return attend_with_replacement(q, k, v, heads, scale, call.replace)
+        if action == "fast":
+            raise RuntimeError("OMG fast mode needs the attention modules themselves; this host hands over "
+                               "projected q, k, v only")
         out = self.attention(q, k, v, heads)
         if action == "capture":
             rows = [r for r, _ in call.capture_rows]

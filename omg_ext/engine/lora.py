@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .fast import LayerMasks
 
 
 def _is_conv(module: nn.Module) -> bool:
@@ -164,6 +167,10 @@ class DenseDelta:
 Delta = Union[LowRankDelta, DenseDelta]
 
 
+TEXT_SIDE = ("attn2.to_k", "attn2.to_v")
+"""Layers that project the text context (cross-attention keys and values), not the image."""
+
+
 class _RouteHook:
     """The forward hook of one layer: adds each routed concept's delta to its rows."""
 
@@ -173,7 +180,7 @@ class _RouteHook:
     def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
         spans, batch = self.router.spans, self.router.batch
         if not spans:
-            return None
+            return self._masked(module, inputs, output) if self.router.masks is not None else None
         # in the output's dtype: under autocast (A1111 on CUDA) or a host's manual cast the layer's
         # input can be float32 (after a GroupNorm) while it computes and returns half precision
         x = inputs[0].to(output.dtype)
@@ -186,6 +193,21 @@ class _RouteHook:
             delta = self.deltas[concept]
             if delta is not None:
                 delta.add_to(output[start:stop], x[start:stop], module)
+        return output
+
+    def _masked(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Fast mode: ``output += Σ_j M_j · delta_j(x)`` with each concept's mask at this layer's resolution.
+
+        Cross-attention keys and values (text-side layers) are left to ``fast_cross_attention``.
+        """
+        if self.name.endswith(TEXT_SIDE):
+            return None
+        x = inputs[0].to(output.dtype)
+        for concept, delta in enumerate(self.deltas):
+            if delta is not None:
+                part = torch.zeros_like(output)
+                delta.add_to(part, x, module)
+                output.addcmul_(part, self.router.masks.for_output(output, concept))
         return output
 
 
@@ -209,6 +231,7 @@ class RowRoutedLoRA:
         self._handles: list = []
         self.spans: tuple[tuple[int, int, int | None], ...] = ()
         self.batch: int | None = None
+        self.masks: "LayerMasks | None" = None
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["RowRoutedLoRA"]:
@@ -221,7 +244,7 @@ class RowRoutedLoRA:
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
-            self.spans, self.batch = (), None
+            self.spans, self.batch, self.masks = (), None, None
 
     @contextlib.contextmanager
     def route(self, spans: Sequence[tuple[int, int, int]], batch: int) -> Iterator[None]:
@@ -232,6 +255,15 @@ class RowRoutedLoRA:
             yield
         finally:
             self.spans, self.batch = previous
+
+    @contextlib.contextmanager
+    def masked(self, masks: "LayerMasks") -> Iterator[None]:
+        """Within the scope (and no ``route``), every row gets every concept's delta times its mask (fast mode)."""
+        previous, self.masks = self.masks, masks
+        try:
+            yield
+        finally:
+            self.masks = previous
 
     def route_all(self, concept: int) -> contextlib.AbstractContextManager:
         """Every row gets ``concept``'s delta: encoding a concept prompt with its text-encoder LoRA."""

@@ -16,8 +16,21 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
+
+
+def threshold(timesteps: Sequence[float], fraction: float) -> float:
+    """The timestep from which on calls belong to the last ``1 - fraction`` of ``timesteps``
+    (the calls' timesteps in order, falling).
+
+    Fraction 0 gives +inf (every call is at or below it), 1 gives -inf (none is).
+    """
+    start = math.floor(fraction * len(timesteps) + 0.5)
+    if start >= len(timesteps):
+        return -math.inf
+    return math.inf if start <= 0 else float(timesteps[start])
 
 
 @dataclass
@@ -52,14 +65,8 @@ class PassRecord:
         self.peak_nbytes += _nbytes(call)  # the record only grows until pass 2 drops outputs
 
     def threshold(self, fraction: float) -> float:
-        """The timestep from which on calls belong to the last ``1 - fraction`` of the calls.
-
-        Fraction 0 gives +inf (every call is at or below it), 1 gives -inf (none is).
-        """
-        start = math.floor(fraction * len(self.calls) + 0.5)
-        if start >= len(self.calls):
-            return -math.inf
-        return math.inf if start <= 0 else float(self.calls[start].t.max())
+        """The timestep from which on calls belong to the last ``1 - fraction`` of the calls."""
+        return threshold(([float(c.t.max()) for c in self.calls]), fraction)
 
     def drop_outputs_from(self, threshold: float) -> None:
         """Free the outputs pass 2 will compute anyway (calls at or below the blend start)."""

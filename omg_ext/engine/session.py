@@ -29,6 +29,7 @@ from torch import nn
 
 from .attention import AttentionCall, AttentionState, WordMaps, installed_attention
 from .expand import BlendMasks, ConceptCond, RowLimit, blend, concept_spans, expand, replace_pairs, run_units, stack
+from .fast import FastCall, LayerMasks
 from .lora import Delta, RowRoutedLoRA
 from .memory import MemoryBudget
 from .masks import MaskResult, masks_from_attention
@@ -88,7 +89,8 @@ class OmgSession:
         if len(image_tokens) != images or any(len(t) != len(concepts) for t in image_tokens):
             raise ValueError(f"image_tokens must list {len(concepts)} concepts' positions for each of {images} images")
         self.maps = WordMaps(image_tokens)
-        self.counters = {"pass1": PassCounters(), "pass2": PassCounters(), "hires_blend": PassCounters()}
+        self.counters = {"pass1": PassCounters(), "pass2": PassCounters(), "hires_blend": PassCounters(),
+                         "fast": PassCounters()}
         self.mode: str | None = None
         self.masks: BlendMasks | None = None
         self.blend_from_t = self.self_attention_until_t = self.layout_until_t = math.inf
@@ -141,6 +143,21 @@ class OmgSession:
         self.record.start_replay()
         self.mode = "pass2"
 
+    def begin_fast(self, blend_from_t: float, make_masks: Callable[["OmgSession"], torch.Tensor], *,
+                   context_key: str = "context") -> None:
+        """Fast mode (``fast.py``): one pass instead of two.
+
+        Calls above ``blend_from_t`` (a timestep: ``record.threshold`` of the run's timesteps)
+        run as pass 1 and capture attention; at the first call at or below it
+        ``make_masks(session)`` gives the masks [images, concepts, H, W] (e.g. from
+        ``attention_masks``, whose window then spans the calls made so far); from then on each
+        concept's LoRA and prompt act inside its mask in the host's rows. ``context_key``: the
+        conditioning entry that cross-attention reads (the host's name for it).
+        """
+        self.blend_from_t, self._make_masks, self._context_key = blend_from_t, make_masks, context_key
+        self.masks = None
+        self.mode = "fast"
+
     def begin_hires(self, blend: bool) -> None:
         """A hires pass after pass 2: no record to replay; blend with resized masks, or run plain."""
         self.mode = "hires_blend" if blend else None
@@ -167,7 +184,24 @@ class OmgSession:
             return self._run(unet_fn, x, t, cond, None)
         if self.mode == "hires_blend":
             return self._blended(unet_fn, x, t, cond, rows, None)
+        if self.mode == "fast":
+            if float(t.max()) > self.blend_from_t:
+                self.record.add(x, t, None)  # the steps' timesteps, for the attention window
+                return self._run(unet_fn, x, t, cond, self.maps.capture(x, t, rows))
+            if self.masks is None:
+                self.masks = BlendMasks(self._make_masks(self), self.images, len(self.concepts))
+            return self._fast(unet_fn, x, t, cond, rows)
         return unet_fn(x, t, cond)
+
+    def _fast(self, unet_fn: UnetFn, x, t, cond, rows: Sequence[RowRole]) -> torch.Tensor:
+        """One fast-mode call: the host's rows, every concept's LoRA and prompt masked."""
+        masks = LayerMasks(self.masks.for_rows(x, rows))
+        like = cond[self._context_key]
+        contexts = [torch.stack([(c.cond if r.is_cond else c.uncond)[self._context_key][0] for r in rows]).to(like)
+                    for c in self.conds]
+        call = AttentionCall(tuple(x.shape[-2:]), fast=FastCall(masks, contexts, self.router.route_all))
+        with self.router.masked(masks):
+            return self._run(unet_fn, x, t, cond, call)
 
     def _blended(self, unet_fn: UnetFn, x, t, cond, rows: Sequence[RowRole], recorded: RecordedCall | None) -> torch.Tensor:
         """The expanded batch (host, reference and concept rows) of one call, blended by the masks."""

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from omg_ext.engine.record import threshold
 from omg_ext.engine.session import OmgSession
 from tests.support.sampling import DiscreteSchedule, generate
 from tests.support.tiny_unet import unet_fn
@@ -67,3 +68,23 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
         final = generate(model_fn, SCHEDULE, sampler, cond, uncond, **kwargs)
         stage("pass2")
     return OmgResult(layout_latent, final, masks, session)
+
+
+def run_fast(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, latent_shape=(1, 4, 16, 16),
+             blend_start=0.3, masks=None, dilation=0, feather=0, cfg_scale=7.0, seeds=None) -> OmgResult:
+    """Fast mode (one pass): ``masks`` as for ``run_omg`` but a function of the session alone
+    (there is no layout latent), or None for the attention masks of the steps before the blend start."""
+    session = OmgSession(unet, concepts, images=latent_shape[0])
+    raw = unet_fn(unet)
+    timesteps = [float(SCHEDULE.sigma_to_t(s)) for s in SCHEDULE.get_sigmas(steps)[:-1]]
+    if masks is None:
+        def masks(s):
+            return torch.stack([m.masks for m in s.attention_masks(dilation=dilation, feather=feather)])
+    elif not callable(masks):
+        given = masks
+        masks = lambda s: given  # noqa: E731
+    with session.installed():
+        session.begin_fast(threshold(timesteps, blend_start), masks)
+        final = generate(lambda x, t, c, rows: session(raw, x, t, c, rows), SCHEDULE, sampler, cond, uncond, seed=seed,
+                         steps=steps, latent_shape=latent_shape, cfg_scale=cfg_scale, seeds=seeds)
+    return OmgResult(None, final, None if session.masks is None else session.masks.masks, session)

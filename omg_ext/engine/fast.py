@@ -1,0 +1,83 @@
+"""Fast mode: one pass, each concept's LoRA and prompt acting only inside its mask, in the host's rows.
+
+The default mode runs a second pass with concept rows beside the host rows (2 + 1 + 2k
+rows per image). Fast mode (DESIGN.md §7) runs the host's rows only:
+
+- until the blend start, exactly as pass 1 (class-word attention captured);
+- at the blend start, masks are made from what has been captured so far;
+- from then on, in every layer a concept's LoRA targets, ``y = layer(x) + Σ_j M_j ·
+  delta_j(x)`` with ``M_j`` the concept's mask at that layer's resolution (convolutions,
+  attention q and output projections, feed-forward, the transformer's projections), and in
+  cross-attention, whose keys and values see text rather than space, each concept gets its
+  own keys and values (its prompt, its LoRA on ``to_k``/``to_v``); the attention outputs
+  are combined by mask: ``(1 - Σ M_j)·attn(q, k, v) + Σ M_j·attn(q, k_j, v_j)``.
+
+No concept rows, no reference row, no second pass: the cost is a plain image's plus the
+low-rank products and one more attention per concept at cross-attention layers. What it
+gives up: the concepts share the host rows' self-attention and normalisation, so each
+concept's region still sees the others.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .attention import layer_factor
+
+
+class LayerMasks:
+    """Each row's concept masks [rows, k, H, W] (latent resolution), resized once per layer resolution."""
+
+    def __init__(self, masks: torch.Tensor) -> None:
+        self.masks = masks
+        self.latent_hw = tuple(masks.shape[-2:])
+        self._resized: dict[tuple[int, int], torch.Tensor] = {}
+
+    def at(self, hw: tuple[int, int]) -> torch.Tensor:
+        """[rows, k, h, w]: area-averaged when smaller (Σ ≤ 1 holds), bilinear when larger."""
+        if hw not in self._resized:
+            m = self.masks
+            if tuple(m.shape[-2:]) != hw:
+                smaller = hw[0] <= m.shape[-2] and hw[1] <= m.shape[-1]
+                m = F.interpolate(m, size=hw, mode="area") if smaller else \
+                    F.interpolate(m, size=hw, mode="bilinear", align_corners=False)
+            self._resized[hw] = m
+        return self._resized[hw]
+
+    def tokens(self, n: int) -> torch.Tensor:
+        """[rows, k, n]: the masks of a layer with ``n`` spatial tokens (row-major, as ldm flattens)."""
+        _, hw = layer_factor(n, self.latent_hw)
+        return self.at(hw).flatten(2)
+
+    def for_output(self, out: torch.Tensor, concept: int) -> torch.Tensor:
+        """Concept ``concept``'s mask shaped to multiply a layer's output.
+
+        Convolutions give [rows, C, h, w] → [rows, 1, h, w]; token layers [rows, n, C] →
+        [rows, n, 1]. A layer whose output has no spatial positions (a time or class
+        embedding) cannot be masked: its delta is weighted by the share of the image the
+        mask covers, which is exact for a mask over the whole image.
+        """
+        if out.dim() == 4:
+            return self.at(tuple(out.shape[-2:]))[:, concept:concept + 1].to(out.dtype)
+        if out.dim() == 3:
+            try:
+                return self.tokens(out.shape[1])[:, concept, :, None].to(out.dtype)
+            except ValueError:  # a token count that is not spatial
+                pass
+        share = self.masks[:, concept].flatten(1).mean(dim=1)
+        return share.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+
+
+@dataclass
+class FastCall:
+    """What cross-attention layers need in one fast-mode call."""
+
+    masks: LayerMasks
+    contexts: list[torch.Tensor]
+    """Per concept, [rows, tokens, C]: its prompt's context for cond rows, its negative prompt's for uncond rows."""
+    concept_kv: Callable[[int], contextlib.AbstractContextManager]
+    """Scope in which the key/value projections carry concept j's LoRA on every row."""

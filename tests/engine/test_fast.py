@@ -1,0 +1,146 @@
+"""Fast mode (one pass, masked LoRAs and prompts in the host's rows): its exact invariants."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omg_ext.engine.attention import fast_cross_attention, layer_factor
+from omg_ext.engine.fast import FastCall, LayerMasks
+from omg_ext.engine.lora import RowRoutedLoRA
+from omg_ext.engine.session import Concept
+from tests.support.loras import merged, random_concept_deltas
+from tests.support.omg_run import SCHEDULE, run_fast
+from tests.support.sampling import generate
+from tests.support.tiny_unet import TinyUNet, text_context, unet_fn
+
+HW = (12, 20)
+"""A non-square latent: a transposed mask or token layout would show."""
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return TinyUNet(context_dim=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def concepts(unet):
+    return [Concept({"context": text_context(10)}, {"context": text_context(11)}, random_concept_deltas(unet, seed=1), [5]),
+            Concept({"context": text_context(20)}, {"context": text_context(21)},
+                    random_concept_deltas(unet, seed=2, dense_every=4), [8, 9])]
+
+
+def _plain(fn, cond, uncond, images=1, steps=6):
+    return generate(fn, SCHEDULE, "euler", cond, uncond, seed=0, steps=steps, latent_shape=(images, 4, *HW), cfg_scale=7.0)
+
+
+def _masks(values):
+    """[1, 2, H, W]: concept 1 on the left columns, concept 2 on the right ones, at the given strengths."""
+    m = torch.zeros(1, 2, *HW)
+    m[:, 0, :, :8] = values[0]
+    m[:, 1, :, 12:] = values[1]
+    return m
+
+
+@torch.no_grad()
+def test_blend_start_one_is_the_plain_image(unet, concepts):
+    cond, uncond = {"context": text_context(1)}, {"context": text_context(2)}
+    plain = _plain(lambda x, t, c, rows: unet_fn(unet)(x, t, c), cond, uncond)
+    r = run_fast(unet, concepts, cond, uncond, steps=6, latent_shape=(1, 4, *HW), blend_start=1.0, masks=_masks((1, 1)))
+    assert torch.equal(r.final, plain)
+
+
+@torch.no_grad()
+def test_zero_masks_give_the_plain_image(unet, concepts):
+    cond, uncond = {"context": text_context(1)}, {"context": text_context(2)}
+    plain = _plain(lambda x, t, c, rows: unet_fn(unet)(x, t, c), cond, uncond)
+    r = run_fast(unet, concepts, cond, uncond, steps=6, latent_shape=(1, 4, *HW), blend_start=0.0, masks=_masks((0, 0)))
+    torch.testing.assert_close(r.final, plain, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("which", [0, 1])
+def test_one_concept_over_the_whole_image_is_its_lora_merged_with_its_prompts(unet, concepts, which):
+    c = concepts[which]
+    masks = torch.zeros(1, 2, *HW)
+    masks[:, which] = 1
+    alone = _plain(lambda x, t, cond, rows: unet_fn(merged(unet, c.deltas))(x, t, cond), c.cond, c.uncond)
+    r = run_fast(unet, concepts, {"context": text_context(1)}, {"context": text_context(2)}, steps=6,
+                 latent_shape=(1, 4, *HW), blend_start=0.0, masks=masks)
+    torch.testing.assert_close(r.final, alone, rtol=1e-3, atol=1e-3)  # merged vs unmerged rounding, 6 steps
+
+
+def _row_masks(rows=2):
+    """[rows, 2, H, W] soft, exclusive, different per row."""
+    g = torch.Generator().manual_seed(3)
+    m = torch.rand(rows, 2, *HW, generator=g)
+    return m / m.sum(dim=1, keepdim=True).clamp(min=1) * 0.9
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layer", ["input_blocks.1.0.in_layers.2", "input_blocks.3.1.transformer_blocks.0.attn1.to_q",
+                                   "input_blocks.5.1.transformer_blocks.0.ff.net.2"])
+def test_a_layer_adds_each_concepts_delta_times_its_mask_at_the_layers_resolution(unet, concepts, layer):
+    modules = dict(unet.named_modules())
+    module, masks = modules[layer], _row_masks()
+    router = RowRoutedLoRA(modules, [c.deltas for c in concepts])
+    captured = {}
+    handle = module.register_forward_hook(lambda m, i, o: captured.update(x=i[0].clone()))
+    x = torch.randn(2, 4, *HW)
+    unet_fn(unet)(x, torch.tensor([500.0, 300.0]), {"context": text_context(1, rows=2)})
+    handle.remove()
+    inp = captured["x"]
+    plain = module(inp)
+    with router.installed(), router.masked(LayerMasks(masks)):
+        out = module(inp)
+    expected = plain.clone()
+    for j, c in enumerate(concepts):
+        delta = torch.zeros_like(plain)
+        c.deltas[layer].check(module, layer).add_to(delta, inp, module)
+        if plain.dim() == 4:
+            m = F.interpolate(masks[:, j:j + 1], size=plain.shape[-2:], mode="area")
+        else:  # tokens: the layer's (h, w) flattened row-major
+            hw = layer_factor(plain.shape[1], HW)[1]
+            m = F.interpolate(masks[:, j:j + 1], size=hw, mode="area").flatten(2).transpose(1, 2)
+        expected += delta * m
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_cross_attention_combines_each_concepts_keys_and_values_by_mask(unet, concepts):
+    name = "input_blocks.3.1.transformer_blocks.0.attn2"
+    modules = dict(unet.named_modules())
+    attn, masks = modules[name], _row_masks()
+    router = RowRoutedLoRA(modules, [c.deltas for c in concepts])
+    hw = ((HW[0] + 1) // 2, (HW[1] + 1) // 2)
+    x = torch.randn(2, hw[0] * hw[1], attn.to_q.in_features)
+    context = text_context(1, rows=2)
+    contexts = [torch.cat([c.cond["context"], c.uncond["context"]]) for c in concepts]  # row 0 cond, row 1 uncond
+    layer_masks = LayerMasks(masks)
+    with router.installed(), router.masked(layer_masks):
+        out = fast_cross_attention(attn, x, context, FastCall(layer_masks, contexts, router.route_all))
+
+    def attend(k, v):
+        q = attn.to_q(x)
+        for j, c in enumerate(concepts):  # masked deltas on q
+            d = torch.zeros_like(q)
+            c.deltas[name + ".to_q"].check(attn.to_q, "q").add_to(d, x, attn.to_q)
+            q = q + d * m[:, j, :, None]
+        heads = lambda t: t.view(2, t.shape[1], attn.heads, -1).transpose(1, 2)  # noqa: E731
+        o = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) * attn.scale, -1) @ heads(v)
+        return o.transpose(1, 2).reshape(2, x.shape[1], -1)
+
+    def with_delta(leaf, j, inp):
+        layer = getattr(attn, leaf)
+        y = layer(inp)
+        concepts[j].deltas[f"{name}.{leaf}"].check(layer, leaf).add_to(y, inp, layer)
+        return y
+
+    m = F.interpolate(masks, size=hw, mode="area").flatten(2)
+    combined = attend(attn.to_k(context), attn.to_v(context)) * (1 - m.sum(1))[..., None]
+    for j in range(2):
+        combined += m[:, j, :, None] * attend(with_delta("to_k", j, contexts[j]), with_delta("to_v", j, contexts[j]))
+    expected = attn.to_out(combined)
+    for j, c in enumerate(concepts):  # masked delta on the output projection
+        d = torch.zeros_like(expected)
+        c.deltas[name + ".to_out.0"].check(attn.to_out[0], "out").add_to(d, combined, attn.to_out[0])
+        expected = expected + d * m[:, j, :, None]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
