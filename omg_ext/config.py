@@ -18,6 +18,11 @@ MASK_SOURCES = ("attention", "attention+sam", "detector+sam", "regions", "region
 SAM_MODELS = ("vit_b", "vit_l", "vit_h")
 DETECTORS = ("auto", "grounding-dino", "owlv2", "owlvit")
 INSTANCE_ORDERS = ("attention", "left_to_right")
+MODES = ("two passes", "fast")
+"""``two passes``: layout pass, then concept rows beside the host's (the paper's method);
+``fast``: one pass, each concept's LoRA and prompt masked in the host's rows (``engine/fast.py``)."""
+FAST_MASK_SOURCES = ("attention", "regions")
+"""Fast mode makes its masks mid-run, before any image exists: from attention or drawn regions."""
 WEIGHT_RANGE = (-5.0, 5.0)
 PIXELS_RANGE = (0, 256)
 
@@ -89,6 +94,7 @@ FIELDS = (
     Field("detector", "OMG detector", _str, "Class-word detector"),
     Field("instance_order", "OMG instance order", _str, "Same-word concepts: instance order"),
     Field("regions", "OMG regions", _str, "Regions (drawn boxes or uploaded mask, JSON)"),
+    Field("mode", "OMG mode", _str, "Mode"),
 )
 
 CONCEPT_FIELDS = (
@@ -145,6 +151,7 @@ class OmgConfig:
     detector: str = "auto"
     instance_order: str = "attention"
     regions: str = ""
+    mode: str = "two passes"
     concepts: list[ConceptSpec] = field(default_factory=list)
 
     def validate(self) -> "OmgConfig":
@@ -155,9 +162,16 @@ class OmgConfig:
             if not 0 <= value <= 1:
                 raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be between 0 and 1 (got {value})")
         for attr, choices in (("mask_source", MASK_SOURCES), ("sam_model", SAM_MODELS), ("detector", DETECTORS),
-                              ("instance_order", INSTANCE_ORDERS)):
+                              ("instance_order", INSTANCE_ORDERS), ("mode", MODES)):
             if getattr(self, attr) not in choices:
                 raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be one of {', '.join(choices)} (got {getattr(self, attr)!r})")
+        if self.mode == "fast" and self.mask_source not in FAST_MASK_SOURCES:
+            raise OmgConfigError("mask_source", f"OMG fast mode makes its masks during the run, before there is an image: "
+                                 f"mask source must be {' or '.join(FAST_MASK_SOURCES)} (got {self.mask_source}), "
+                                 "or choose mode 'two passes'")
+        if self.mode == "fast" and self.mask_source == "attention" and self.blend_start == 0:
+            raise OmgConfigError("blend_start", "OMG fast mode makes attention masks from the steps before the blend start: "
+                                 "the blend start must be above 0 (or use drawn regions)")
         if self.mask_source.startswith("regions") and self.enabled and not self.regions.strip():
             raise OmgConfigError("regions", f"OMG mask source {self.mask_source} needs regions: draw a box per concept or upload a mask image")
         for attr in ("mask_dilation", "mask_feather"):
@@ -289,6 +303,7 @@ def from_args(args: Sequence) -> OmgConfig:
 XYZ_AXES = (
     ("[OMG] Blend start", float, "blend_start"),
     ("[OMG] Mask source", str, "mask_source"),
+    ("[OMG] Mode", str, "mode"),
     *((f"[OMG] Concept {n} LoRA weight", float, f"concepts[{n - 1}].unet_weight") for n in range(1, MAX_CONCEPTS + 1)),
 )
 """(label, type, setting path) of the X/Y/Z plot axes."""
@@ -325,5 +340,5 @@ def prefill_prompt(global_prompt: str, trigger_words: str) -> str:
 def compact(cfg: OmgConfig) -> str:
     """One line for logs: ``OMG s=0.30 attention 2 concepts: man<loraA:0.8>, woman<loraB:1.0>``."""
     parts = [f"{c.class_word}<{c.lora or 'no LoRA'}:{c.unet_weight:g}>" for c in cfg.concepts]
-    return f"OMG s={cfg.blend_start:.2f} {cfg.mask_source} {len(cfg.concepts)} concepts: {', '.join(parts)}"
+    return f"OMG {cfg.mode} s={cfg.blend_start:.2f} {cfg.mask_source} {len(cfg.concepts)} concepts: {', '.join(parts)}"
 

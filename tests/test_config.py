@@ -21,7 +21,7 @@ def _cfg(**kw):
 def test_the_tables_declare_every_setting_in_order():
     assert [f.name for f in fields(OmgConfig) if f.name != "concepts"] == [f.attr for f in FIELDS]
     assert [f.name for f in fields(ConceptSpec)] == [f.attr for f in CONCEPT_FIELDS]
-    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 13 + 5 * 7
+    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 14 + 5 * 7
 
 
 def test_defaults():
@@ -35,6 +35,11 @@ def test_defaults():
     (dict(self_attention_until=-0.1), "self_attention_until", "self attention until must be between 0 and 1"),
     (dict(mask_source="sam"), "mask_source", "mask source must be one of attention"),
     (dict(mask_dilation=300), "mask_dilation", "mask dilation must be 0 to 256 pixels"),
+    (dict(mode="quick"), "mode", "mode must be one of two passes, fast"),
+    (dict(mode="fast", mask_source="detector+sam"), "mask_source",
+     r"fast mode makes its masks during the run, before there is an image: mask source must be attention or regions "
+     r"\(got detector\+sam\), or choose mode 'two passes'"),
+    (dict(mode="fast", blend_start=0.0), "blend_start", "fast mode makes attention masks from the steps before the blend start"),
     (dict(concepts=[]), "concepts", "OMG needs at least one concept"),
     (dict(concepts=[ConceptSpec(class_word="man", prompt="x")] * 6), "concepts", "at most 5 concepts"),
 ])
@@ -110,11 +115,12 @@ def test_args_round_trip_with_unused_slots():
 
 
 def test_compact_summary():
-    assert compact(_cfg()) == "OMG s=0.32 attention 2 concepts: man<hero:0.8>, woman<heroine:1>"
+    assert compact(_cfg()) == "OMG two passes s=0.32 attention 2 concepts: man<hero:0.8>, woman<heroine:1>"
 
 
 def test_xyz_overrides_reach_the_config_and_missing_concepts_are_named():
-    assert [label for label, _, _ in XYZ_AXES][:3] == ["[OMG] Blend start", "[OMG] Mask source", "[OMG] Concept 1 LoRA weight"]
+    assert [label for label, _, _ in XYZ_AXES][:4] == ["[OMG] Blend start", "[OMG] Mask source", "[OMG] Mode",
+                                                       "[OMG] Concept 1 LoRA weight"]
     cfg = with_overrides(_cfg(), {"blend_start": 0.6, "concepts[1].unet_weight": 0.25})
     assert cfg.blend_start == 0.6 and cfg.concepts[1].unet_weight == 0.25 and cfg.concepts[0].unet_weight == 0.8
     with pytest.raises(OmgConfigError, match="OMG X/Y/Z: concept 4 is not set up"):
@@ -137,7 +143,7 @@ BAD_VALUES = {  # per parser: values of the wrong type or out of any range, as a
 }
 OUT_OF_RANGE = {"blend_start": [-0.1, 1.01], "self_attention_until": [-1, 2], "mask_dilation": [-1, 257],
                 "mask_feather": [-8, 1000], "mask_source": ["sam", ""], "sam_model": ["vit_x"], "detector": ["yolo"],
-                "instance_order": ["random"], "unet_weight": [-100, 1e6], "te_weight": [float("-inf")],
+                "instance_order": ["random"], "mode": ["quick", "Fast"], "unet_weight": [-100, 1e6], "te_weight": [float("-inf")],
                 "class_word": ["", "   "], "prompt": [""]}
 
 

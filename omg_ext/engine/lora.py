@@ -107,18 +107,21 @@ class LowRankDelta:
     def _scaled(self) -> tuple:
         return self.up * self.scale, self.down, self.mid
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, module: nn.Module) -> None:
-        """``out += delta(x)``; the last product accumulates into ``out`` in one kernel."""
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, module: nn.Module, mask: torch.Tensor | None = None) -> None:
+        """``out += delta(x)`` (times ``mask``, shaped to multiply ``out``); the last product
+        accumulates into ``out`` in one kernel. ``up`` acts per position, so the mask is
+        applied to the rank-r intermediate: no output-sized temporary."""
         up, down, mid = self._cache.get(x, self._scaled)
         if not _is_conv(module):
-            _accumulate(out, F.linear(x, down), up)
+            h = F.linear(x, down)
+            _accumulate(out, h if mask is None else h * mask, up)
             return
         spatial = _conv_args(module)
         if mid is None:
             h = F.conv2d(x, down, **(spatial if down.shape[-2:] != (1, 1) else {}))
         else:
             h = F.conv2d(F.conv2d(x, down), mid, **spatial)
-        _accumulate(out, h, up[:, :, 0, 0], channels_first=True)
+        _accumulate(out, h if mask is None else h * mask, up[:, :, 0, 0], channels_first=True)
 
     def dense(self) -> torch.Tensor:
         """The equivalent weight difference (for merging: tests and the official schedule)."""
@@ -147,8 +150,13 @@ class DenseDelta:
             return DenseDelta(self.weight.reshape(weight.shape), self.bias, self.scale)
         return DenseDelta(self.weight, self.bias, self.scale)
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, module: nn.Module) -> None:
-        """``out += delta(x)``."""
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, module: nn.Module, mask: torch.Tensor | None = None) -> None:
+        """``out += delta(x)`` (times ``mask``, shaped to multiply ``out``)."""
+        if mask is not None:
+            part = torch.zeros_like(out)
+            self.add_to(part, x, module)
+            out.addcmul_(part, mask)
+            return
         weight, bias = self._cache.get(x, self._scaled)
         if _is_conv(module):
             out += F.conv2d(x, weight, bias, groups=getattr(module, "groups", 1), **_conv_args(module))
@@ -205,9 +213,7 @@ class _RouteHook:
         x = inputs[0].to(output.dtype)
         for concept, delta in enumerate(self.deltas):
             if delta is not None:
-                part = torch.zeros_like(output)
-                delta.add_to(part, x, module)
-                output.addcmul_(part, self.router.masks.for_output(output, concept))
+                delta.add_to(output, x, module, mask=self.router.masks.for_output(output, concept))
         return output
 
 

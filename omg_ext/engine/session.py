@@ -143,23 +143,29 @@ class OmgSession:
         self.record.start_replay()
         self.mode = "pass2"
 
-    def begin_fast(self, blend_from_t: float, make_masks: Callable[["OmgSession"], torch.Tensor], *,
+    def begin_fast(self, blending: Callable[[torch.Tensor], bool], make_masks: Callable[["OmgSession"], torch.Tensor], *,
                    context_key: str = "context") -> None:
         """Fast mode (``fast.py``): one pass instead of two.
 
-        Calls above ``blend_from_t`` (a timestep: ``record.threshold`` of the run's timesteps)
-        run as pass 1 and capture attention; at the first call at or below it
-        ``make_masks(session)`` gives the masks [images, concepts, H, W] (e.g. from
+        ``blending(t)`` says whether a call at timestep ``t`` is at or past the blend start
+        (the host knows its steps: ``t <= record.threshold(timesteps, s)``, or its step
+        counter). Calls before it run as pass 1 and capture attention; at the first blending
+        call ``make_masks(session)`` gives the masks [images, concepts, H, W] (e.g. from
         ``attention_masks``, whose window then spans the calls made so far); from then on each
         concept's LoRA and prompt act inside its mask in the host's rows. ``context_key``: the
         conditioning entry that cross-attention reads (the host's name for it).
         """
-        self.blend_from_t, self._make_masks, self._context_key = blend_from_t, make_masks, context_key
+        self._blending, self._make_masks, self._context_key = blending, make_masks, context_key
         self.masks = None
         self.mode = "fast"
 
     def begin_hires(self, blend: bool) -> None:
-        """A hires pass after pass 2: no record to replay; blend with resized masks, or run plain."""
+        """A hires pass after pass 2: no record to replay; blend with resized masks, or run plain.
+        After fast mode the hires pass stays in fast mode, masked from its first step."""
+        if self.mode == "fast" and self.masks is not None:
+            self._blending = lambda t: True
+            self.mode = "fast" if blend else None
+            return
         self.mode = "hires_blend" if blend else None
 
     def __call__(self, unet_fn: UnetFn, x: torch.Tensor, t: torch.Tensor, cond: dict, rows: Sequence[RowRole]) -> torch.Tensor:
@@ -185,7 +191,7 @@ class OmgSession:
         if self.mode == "hires_blend":
             return self._blended(unet_fn, x, t, cond, rows, None)
         if self.mode == "fast":
-            if float(t.max()) > self.blend_from_t:
+            if not self._blending(t):
                 self.record.add(x, t, None)  # the steps' timesteps, for the attention window
                 return self._run(unet_fn, x, t, cond, self.maps.capture(x, t, rows))
             if self.masks is None:

@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy
 import torch
 
-from ..config import MASK_SOURCES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
+from ..config import MASK_SOURCES, MODES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
 from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.masks import overlay
 from ..engine.memory import MemoryBudget, free_device_bytes
@@ -70,7 +70,8 @@ def add_xyz_axes() -> None:
         return apply
 
     xyz.axis_options.extend(
-        xyz.AxisOption(label, kind, setter(path), choices=(lambda: list(MASK_SOURCES)) if path == "mask_source" else None)
+        xyz.AxisOption(label, kind, setter(path), choices={"mask_source": lambda: list(MASK_SOURCES),
+                                                           "mode": lambda: list(MODES)}.get(path))
         for label, kind, path in XYZ_AXES
     )
 
@@ -260,8 +261,11 @@ class RowTracker:
         self.roles: list[RowRole] = []
         self.conds: list[torch.Tensor] = []
         self.offset = 0
+        self.step, self.steps = 0, 1
+        """The sampling step in progress and the steps of the pass (fast mode's blend start)."""
 
     def on_denoiser(self, params) -> None:
+        self.step, self.steps = params.sampling_step, max(params.total_sampling_steps, 1)
         cond, uncond = _crossattn(params.text_cond), _crossattn(params.text_uncond)
         if cond.shape[0] != self.images:
             raise OmgUserError("OMG does not support AND in the prompt yet")
@@ -339,7 +343,9 @@ class A1111Generation:
         enable_hr = getattr(p, "enable_hr", False)
         rng_state = (p.rng.shape, p.seeds, p.subseeds, p.subseed_strength, p.seed_resize_from_h, p.seed_resize_from_w)
         try:
-            with self.patched(session):
+            with self.patched(session) as tracker:
+                if self.cfg.mode == "fast":
+                    return self.sample_fast(session, tracker, lambda: original(c, uc, seeds, subseeds, subseed_strength, prompts))
                 session.begin_pass1()
                 p.enable_hr = False
                 shared.state.job_count += 1  # the progress bar covers pass 1 as a job of its own
@@ -368,6 +374,29 @@ class A1111Generation:
             p.extra_generation_params["OMG warnings"] = "; ".join(dict.fromkeys(self.warnings))
         return final
 
+    def sample_fast(self, session: OmgSession, tracker: "RowTracker", run) -> torch.Tensor:
+        """Fast mode: one host sampling run; at the blend start's step the masks are made from the
+        attention of the steps before it (or from the drawn regions), then the concepts act inside them."""
+        made = []
+
+        def make_masks(s: OmgSession) -> torch.Tensor:
+            results = self.concept_masks(s, None)
+            made.append(self.skip_missing(results))
+            for r in results:
+                self.warnings += r.warnings()
+            self.p.extra_generation_params["OMG mask sources used"] = ", ".join(results[0].sources)
+            return made[0]
+
+        session.begin_fast(lambda t: tracker.step >= round(self.cfg.blend_start * tracker.steps), make_masks)
+        final = run()
+        if made and self.cfg.show_masks:
+            from modules import sd_samplers_common
+            self.pictures = [sd_samplers_common.sample_to_image(final, i, approximation=0) for i in range(final.shape[0])]
+            self.keep_layout(final, made[0])
+        if self.warnings:
+            self.p.extra_generation_params["OMG warnings"] = "; ".join(dict.fromkeys(self.warnings))
+        return final
+
     def check_pass1(self, session: OmgSession) -> None:
         """Pass 1 must have gone through the engine (another extension may have replaced the UNet call)."""
         if session.counters["pass1"].calls == 0:
@@ -392,7 +421,7 @@ class A1111Generation:
         try:
             with session.installed():
                 unet.forward = forward
-                yield
+                yield tracker
         finally:
             if saved is not None:
                 unet.forward = saved
@@ -477,17 +506,20 @@ class A1111Generation:
         return next((e for e in getattr(model, "embedders", [model]) if hasattr(e, "tokenize_line")), None)
 
     # -- masks
-    def concept_masks(self, session: OmgSession, layout: torch.Tensor) -> list:
-        """One ``MaskResult`` per image from the configured source (attention, SAM, detector, regions)."""
+    def concept_masks(self, session: OmgSession, layout: torch.Tensor | None) -> list:
+        """One ``MaskResult`` per image from the configured source (attention, SAM, detector, regions);
+        ``layout`` None in fast mode (no image yet: attention or regions only)."""
         from modules import sd_samplers_common
 
         cfg = self.cfg
-        self.pictures = [sd_samplers_common.sample_to_image(layout, i, approximation=0) for i in range(layout.shape[0])]
+        self.pictures = [] if layout is None else \
+            [sd_samplers_common.sample_to_image(layout, i, approximation=0) for i in range(layout.shape[0])]
         maps, hw = session.attention_maps(), session.record.latent_hw()
         models = mask_models(cfg)
         try:
             return [concept_masks(cfg.mask_source, MaskInputs(
-                maps[i], hw, self.prepared.labels, numpy.array(self.pictures[i].convert("RGB")), cfg.groups_by_class_word(),
+                maps[i], hw, self.prepared.labels, numpy.array(self.pictures[i].convert("RGB")) if self.pictures else None,
+                cfg.groups_by_class_word(),
                 cfg.instance_order, cfg.mask_dilation, cfg.mask_feather, self.prepared.regions), models)
                 for i in range(session.images)]
         finally:

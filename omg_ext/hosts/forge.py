@@ -111,6 +111,9 @@ class ForgeGeneration(A1111Generation):
 
     def __init__(self, p, cfg) -> None:
         check_model(p.sd_model)
+        if cfg.mode == "fast":
+            raise OmgUserError("OMG fast mode is not available in Forge yet (Forge's attention patches receive "
+                               "projected keys and values, not the concept prompts): choose mode 'two passes'")
         super().__init__(p, cfg)
         self.wrapper = UnetWrapper(self)
         self.patches: tuple[SharedPatch, SharedPatch] | None = None

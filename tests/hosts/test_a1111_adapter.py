@@ -20,10 +20,11 @@ CTX = 64
 
 
 class Params:
-    """What ``on_cfg_denoiser`` hands the callback: ``text_cond`` / ``text_uncond``."""
+    """What ``on_cfg_denoiser`` hands the callback: ``text_cond`` / ``text_uncond``, the step and the steps."""
 
-    def __init__(self, cond, uncond):
+    def __init__(self, cond, uncond, step=0, steps=20):
         self.text_cond, self.text_uncond = cond, uncond
+        self.sampling_step, self.total_sampling_steps = step, steps
 
 
 def test_row_tracker_follows_the_denoisers_calls_and_checks_them():
@@ -168,10 +169,12 @@ class _Job:
         unet = self.sd_model.model.diffusion_model
         cond, uncond = conditioning, unconditional_conditioning
 
+        step = iter(range(self.steps))  # Euler: one denoiser call per step (A1111's ``state.sampling_step``)
+
         def denoiser(x, sigma):
             x_in, sigma_in = torch.cat([x, x]), sigma.repeat(2)
             self.modules.script_callbacks.cfg_denoiser_callback(self.modules.script_callbacks.CFGDenoiserParams(
-                x_in, None, sigma_in, 0, self.steps, cond, uncond))
+                x_in, None, sigma_in, next(step), self.steps, cond, uncond))
             c_in = 1 / (sigma_in ** 2 + 1) ** 0.5
             eps = unet(x_in * c_in[:, None, None, None], SCHEDULE.sigma_to_t(sigma_in), context=torch.cat([cond, uncond]))
             self.calls += 1
@@ -246,6 +249,38 @@ def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch,
     lora_clip = merged(model.cond_stage_model, {"proj": te_lora})
     torch.testing.assert_close(concept.cond["context"], lora_clip.encode("a man, red cape"), rtol=1e-5, atol=1e-5)
     assert list(concept.deltas) == ["input_blocks.1.1.transformer_blocks.0.attn2.to_k"]
+
+
+@torch.no_grad()
+def test_a_fast_job_runs_one_pass_and_leaves_the_model_as_it_was(monkeypatch, hero_file):
+    model = _Model()
+    unet = model.model.diffusion_model
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    networks, _ = _networks(model, hero_file)
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    cfg = OmgConfig(enabled=True, mode="fast", blend_start=0.5, mask_dilation=0, mask_feather=0, concepts=[
+        ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape"),
+        ConceptSpec(class_word="woman", prompt="a woman, blue dress"),
+    ])
+    with fake_a1111.installed() as modules:
+        job = _Job(modules, model, "a man and a woman", "blurry", latent=(12, 20))
+        c, uc = model.get_learned_conditioning(["a man and a woman"]), model.get_learned_conditioning(["blurry"])
+        plain = job.sample(c, uc, [7], [7], 0, job.prompts)
+        job.rng = modules.rng.ImageRNG((4, 12, 20), job.seeds)
+        generation = a1111.A1111Generation(job, cfg)
+        generation.attach()
+        seen = []
+        engine_fast = a1111.OmgSession._fast
+        monkeypatch.setattr(a1111.OmgSession, "_fast", lambda self, *a: seen.append(self.masks) or engine_fast(self, *a))
+        final = job.sample(c, uc, [7], [7], 0, job.prompts)
+        assert not modules.script_callbacks.callback_map["callbacks_cfg_denoiser"]
+    assert job.calls == 6 + 6  # the plain run and the one fast pass
+    assert len(seen) == 3  # steps 3, 4, 5 of 6 blend (blend start 0.5)
+    assert tuple(seen[0].masks.shape) == (1, 2, 12, 20)
+    assert job.extra_generation_params["OMG mode"] == "fast" and len(generation.layout_images) == 1
+    assert not torch.equal(final, plain)
+    assert "forward" not in unet.__dict__ and not any(m._forward_hooks for m in unet.modules())
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())
 
 
 def test_lora_for_another_architecture_is_named_and_text_encoder_deltas_reach_attention(monkeypatch, hero_file):

@@ -406,6 +406,8 @@ def test_conflicts_and_unsupported_models_fail_with_a_clear_message(tmp_path, mo
         c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
         with pytest.raises(forge.OmgUserError, match="another extension that wraps Forge's UNet function .*tiled"):
             job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
+    with fake_forge.installed() as modules, pytest.raises(forge.OmgUserError, match="fast mode is not available in Forge yet"):
+        forge.ForgeGeneration(_Job(modules, _ForgeModel()), OmgConfig(**{**CFG, "mode": "fast"}))
     with pytest.raises(forge.OmgUserError, match="does not support Flux"):
         forge.check_model(type("Flux", (), {"is_sd1": False, "is_sdxl": False})())
     with pytest.raises(forge.OmgUserError, match="SD1.5 and SDXL checkpoints, not StableDiffusion3"):

@@ -21,6 +21,22 @@ class OmgResult:
     session: OmgSession
 
 
+def _host_calls(session, raw, *, dtype=None, device=None, fail_at=None):
+    """The sampler's model function: every call through the session, on ``device`` in ``dtype``
+    (the sampler keeps float32 on the CPU); ``fail_at="callN"`` raises in the N-th call."""
+    invocations = [0]
+
+    def model_fn(x, t, c, rows):
+        invocations[0] += 1
+        if fail_at == f"call{invocations[0]}":
+            raise RuntimeError(f"injected failure at {fail_at}")
+        if dtype is None and device is None:
+            return session(raw, x, t, c, rows)
+        to = dict(device=device, dtype=dtype)
+        return session(raw, x.to(**to), t.to(device), {k: v.to(**to) for k, v in c.items()}, rows).float().cpu()
+    return model_fn
+
+
 def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, latent_shape=(1, 4, 16, 16),
             blend_start=0.3, layout=True, self_attention_until=0.0, layout_until=1.0, max_rows=None, masks=None,
             dilation=0, feather=0, groups=None, batch_cond_uncond=True, cfg_scale=7.0,
@@ -39,16 +55,7 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
     kwargs = dict(seed=seed, steps=steps, latent_shape=latent_shape, cfg_scale=cfg_scale, batch_cond_uncond=batch_cond_uncond,
                   seeds=seeds)
 
-    invocations = [0]
-
-    def model_fn(x, t, c, rows):
-        invocations[0] += 1
-        if fail_at == f"call{invocations[0]}":
-            raise RuntimeError(f"injected failure at {fail_at}")
-        if dtype is None and device is None:
-            return session(raw, x, t, c, rows)
-        to = dict(device=device, dtype=dtype)
-        return session(raw, x.to(**to), t.to(device), {k: v.to(**to) for k, v in c.items()}, rows).float().cpu()
+    model_fn = _host_calls(session, raw, dtype=dtype, device=device, fail_at=fail_at)
 
     def stage(name):
         if fail_at == name:
@@ -71,11 +78,12 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
 
 
 def run_fast(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, latent_shape=(1, 4, 16, 16),
-             blend_start=0.3, masks=None, dilation=0, feather=0, cfg_scale=7.0, seeds=None) -> OmgResult:
+             blend_start=0.3, masks=None, dilation=0, feather=0, cfg_scale=7.0, seeds=None, dtype=None,
+             device=None) -> OmgResult:
     """Fast mode (one pass): ``masks`` as for ``run_omg`` but a function of the session alone
     (there is no layout latent), or None for the attention masks of the steps before the blend start."""
     session = OmgSession(unet, concepts, images=latent_shape[0])
-    raw = unet_fn(unet)
+    model_fn = _host_calls(session, unet_fn(unet), dtype=dtype, device=device)
     timesteps = [float(SCHEDULE.sigma_to_t(s)) for s in SCHEDULE.get_sigmas(steps)[:-1]]
     if masks is None:
         def masks(s):
@@ -84,7 +92,8 @@ def run_fast(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, 
         given = masks
         masks = lambda s: given  # noqa: E731
     with session.installed():
-        session.begin_fast(threshold(timesteps, blend_start), masks)
-        final = generate(lambda x, t, c, rows: session(raw, x, t, c, rows), SCHEDULE, sampler, cond, uncond, seed=seed,
+        start_t = threshold(timesteps, blend_start)
+        session.begin_fast(lambda t: float(t.max()) <= start_t, masks)
+        final = generate(model_fn, SCHEDULE, sampler, cond, uncond, seed=seed,
                          steps=steps, latent_shape=latent_shape, cfg_scale=cfg_scale, seeds=seeds)
     return OmgResult(None, final, None if session.masks is None else session.masks.masks, session)
