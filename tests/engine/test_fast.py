@@ -76,8 +76,10 @@ def _row_masks(rows=2):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("layer", ["input_blocks.1.0.in_layers.2", "input_blocks.3.1.transformer_blocks.0.attn1.to_q",
-                                   "input_blocks.5.1.transformer_blocks.0.ff.net.2"])
+@pytest.mark.parametrize("layer", [
+    "input_blocks.1.0.in_layers.2", "input_blocks.3.1.transformer_blocks.0.attn1.to_q",  # a Tucker or a dense delta: per concept
+    "input_blocks.3.0.in_layers.2", "input_blocks.5.1.transformer_blocks.0.ff.net.2",  # plain low-rank pairs: stacked
+])
 def test_a_layer_adds_each_concepts_delta_times_its_mask_at_the_layers_resolution(unet, concepts, layer):
     modules = dict(unet.named_modules())
     module, masks = modules[layer], _row_masks()

@@ -252,16 +252,11 @@ def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch,
 
 
 @torch.no_grad()
-def test_a_fast_job_runs_one_pass_and_leaves_the_model_as_it_was(monkeypatch, hero_file):
-    model = _Model()
+def test_a_fast_job_runs_one_pass_and_leaves_the_model_as_it_was(monkeypatch, two_concepts):
+    model, cfg = two_concepts
+    cfg.mode = "fast"
     unet = model.model.diffusion_model
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    networks, _ = _networks(model, hero_file)
-    monkeypatch.setitem(sys.modules, "networks", networks)
-    cfg = OmgConfig(enabled=True, mode="fast", blend_start=0.5, mask_dilation=0, mask_feather=0, concepts=[
-        ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape"),
-        ConceptSpec(class_word="woman", prompt="a woman, blue dress"),
-    ])
     with fake_a1111.installed() as modules:
         job = _Job(modules, model, "a man and a woman", "blurry", latent=(12, 20))
         c, uc = model.get_learned_conditioning(["a man and a woman"]), model.get_learned_conditioning(["blurry"])
