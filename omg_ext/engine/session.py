@@ -95,6 +95,8 @@ class OmgSession:
         self.masks: BlendMasks | None = None
         self.blend_from_t = self.self_attention_until_t = self.layout_until_t = math.inf
         self._attention: AttentionState | None = None
+        self._blending: Callable[[torch.Tensor], bool] | None = None
+        """Fast mode's test of whether a call is past the blend start (None: two-pass mode)."""
 
     @contextlib.contextmanager
     def installed(self, module_attention: bool = True) -> Iterator["OmgSession"]:
@@ -162,7 +164,7 @@ class OmgSession:
     def begin_hires(self, blend: bool) -> None:
         """A hires pass after pass 2: no record to replay; blend with resized masks, or run plain.
         After fast mode the hires pass stays in fast mode, masked from its first step."""
-        if self.mode == "fast" and self.masks is not None:
+        if self._blending is not None and self.masks is not None:
             self._blending = lambda t: True
             self.mode = "fast" if blend else None
             return

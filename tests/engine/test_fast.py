@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from omg_ext.engine.attention import fast_cross_attention, layer_factor
 from omg_ext.engine.fast import FastCall, LayerMasks
 from omg_ext.engine.lora import RowRoutedLoRA
+from omg_ext.engine.rows import roles_cond_then_uncond
 from omg_ext.engine.session import Concept
 from tests.support.loras import merged, random_concept_deltas
 from tests.support.omg_run import SCHEDULE, run_fast
@@ -146,3 +147,24 @@ def test_cross_attention_combines_each_concepts_keys_and_values_by_mask(unet, co
         c.deltas[name + ".to_out.0"].check(attn.to_out[0], "out").add_to(d, combined, attn.to_out[0])
         expected = expected + d * m[:, j, :, None]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_hires_pass_after_fast_mode_stays_masked_with_resized_masks_or_runs_plain(unet, concepts):
+    masks = torch.zeros(1, 2, *HW)
+    masks[:, 0] = 1  # concept 1 over the whole image: a masked call is its LoRA merged with its prompts
+    r = run_fast(unet, concepts, {"context": text_context(1)}, {"context": text_context(2)}, steps=4,
+                 latent_shape=(1, 4, *HW), blend_start=0.0, masks=masks)
+    session, c = r.session, concepts[0]
+    x, t = torch.randn(2, 4, 18, 30), torch.tensor([400.0, 400.0])  # the latent upscaled 1.5x, cond and uncond rows
+    rows = roles_cond_then_uncond(1)
+    host = {"context": torch.cat([text_context(1), text_context(2)])}
+    with session.installed():
+        session.begin_hires(True)
+        blended = session(unet_fn(unet), x, t, host, rows)
+    alone = unet_fn(merged(unet, c.deltas))(x, t, {"context": torch.cat([c.cond["context"], c.uncond["context"]])})
+    torch.testing.assert_close(blended, alone, rtol=1e-4, atol=1e-4)
+    assert session.counters["hires_blend"].calls == 0 and session.counters["fast"].calls == 4 + 1  # one call per step, then the hires one: no concept rows
+    with session.installed():
+        session.begin_hires(False)
+        assert torch.equal(session(unet_fn(unet), x, t, host, rows), unet_fn(unet)(x, t, host))
