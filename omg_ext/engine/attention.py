@@ -227,25 +227,33 @@ class OmgAttention:
 
 
 def fast_cross_attention(module: nn.Module, x: torch.Tensor, context: torch.Tensor, fast: "FastCall") -> torch.Tensor:
-    """Cross-attention of fast mode: ``(1 - Σ M_j)·attn(q, k, v) + Σ M_j·attn(q, k_j, v_j)``.
+    """Cross-attention of fast mode on an attention module: its projections, ``fast_attention``, its output projection.
 
-    ``k_j, v_j``: concept j's context projected with its LoRA on every row (the LoRA hooks
-    of ``to_q`` and ``to_out`` apply the masked deltas themselves).
+    (The LoRA hooks of ``to_q`` and ``to_out`` apply the masked deltas themselves.)
     """
-    q, heads = module.to_q(x), module.heads
+    out = fast_attention(module.to_q(x), module.to_k(context), module.to_v(context), module.heads, module.scale,
+                         module, fast)
+    return module.to_out(out)
 
-    def attend(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads), scale=module.scale)
+
+def fast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float, module: nn.Module,
+                   fast: "FastCall") -> torch.Tensor:
+    """``(1 - Σ M_j)·attn(q, k, v) + Σ M_j·attn(q, k_j, v_j)`` on projected q, k, v ([rows, n, heads·d]).
+
+    ``k_j, v_j``: concept j's context projected by ``module``'s ``to_k``/``to_v`` with its LoRA on every row.
+    """
+    def attend(k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(_heads(q, heads), _heads(k_, heads), _heads(v_, heads), scale=scale)
         b, h, n, d = out.shape
         return out.transpose(1, 2).reshape(b, n, h * d)
 
-    masks = fast.masks.tokens(x.shape[1]).to(q.dtype)  # [rows, k, n]
-    out = attend(module.to_k(context), module.to_v(context)) * (1 - masks.sum(dim=1)).unsqueeze(-1)
+    masks = fast.masks.tokens(q.shape[1]).to(q.dtype)  # [rows, k, n]
+    out = attend(k, v) * (1 - masks.sum(dim=1)).unsqueeze(-1)
     for j, concept_context in enumerate(fast.contexts):
         with fast.concept_kv(j):
-            k, v = module.to_k(concept_context), module.to_v(concept_context)
-        out = out + masks[:, j].unsqueeze(-1) * attend(k, v)
-    return module.to_out(out)
+            k_j, v_j = module.to_k(concept_context), module.to_v(concept_context)
+        out = out + masks[:, j].unsqueeze(-1) * attend(k_j, v_j)
+    return out
 
 
 def add_word_maps(probs: torch.Tensor, call: AttentionCall, hw: tuple[int, int]) -> None:
@@ -268,8 +276,11 @@ class ProjectedAttention:
     a pass-1 image stays the host's image.
     """
 
-    def __init__(self, state: "AttentionState", is_cross: bool, attention: Callable[..., torch.Tensor]) -> None:
-        self.state, self.is_cross, self.attention = state, is_cross, attention
+    def __init__(self, state: "AttentionState", is_cross: bool, attention: Callable[..., torch.Tensor],
+                 modules: dict | None = None) -> None:
+        """``modules``: the ``attn2`` module of each (block name, number, block index) of ``extra_options``,
+        for fast mode, which projects the concept prompts itself."""
+        self.state, self.is_cross, self.attention, self.modules = state, is_cross, attention, modules or {}
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
@@ -281,8 +292,10 @@ class ProjectedAttention:
         if action == "replace":
             return attend_with_replacement(q, k, v, heads, scale, call.replace)
         if action == "fast":
-            raise RuntimeError("OMG fast mode needs the attention modules themselves; this host hands over "
-                               "projected q, k, v only")
+            block = (*extra_options["block"], extra_options["block_index"])
+            if block not in self.modules:
+                raise RuntimeError(f"OMG fast mode: no cross-attention module known for transformer block {block}")
+            return fast_attention(q, k, v, heads, scale, self.modules[block], call.fast)
         out = self.attention(q, k, v, heads)
         if action == "capture":
             rows = [r for r, _ in call.capture_rows]

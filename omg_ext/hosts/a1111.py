@@ -261,11 +261,8 @@ class RowTracker:
         self.roles: list[RowRole] = []
         self.conds: list[torch.Tensor] = []
         self.offset = 0
-        self.step, self.steps = 0, 1
-        """The sampling step in progress and the steps of the pass (fast mode's blend start)."""
 
     def on_denoiser(self, params) -> None:
-        self.step, self.steps = params.sampling_step, max(params.total_sampling_steps, 1)
         cond, uncond = _crossattn(params.text_cond), _crossattn(params.text_uncond)
         if cond.shape[0] != self.images:
             raise OmgUserError("OMG does not support AND in the prompt yet")
@@ -343,9 +340,9 @@ class A1111Generation:
         enable_hr = getattr(p, "enable_hr", False)
         rng_state = (p.rng.shape, p.seeds, p.subseeds, p.subseed_strength, p.seed_resize_from_h, p.seed_resize_from_w)
         try:
-            with self.patched(session) as tracker:
+            with self.patched(session):
                 if self.cfg.mode == "fast":
-                    return self.sample_fast(session, tracker, lambda: original(c, uc, seeds, subseeds, subseed_strength, prompts))
+                    return self.sample_fast(session, lambda: original(c, uc, seeds, subseeds, subseed_strength, prompts))
                 session.begin_pass1()
                 p.enable_hr = False
                 shared.state.job_count += 1  # the progress bar covers pass 1 as a job of its own
@@ -374,9 +371,12 @@ class A1111Generation:
             p.extra_generation_params["OMG warnings"] = "; ".join(dict.fromkeys(self.warnings))
         return final
 
-    def sample_fast(self, session: OmgSession, tracker: "RowTracker", run) -> torch.Tensor:
-        """Fast mode: one host sampling run; at the blend start's step the masks are made from the
-        attention of the steps before it (or from the drawn regions), then the concepts act inside them."""
+    def sample_fast(self, session: OmgSession, run) -> torch.Tensor:
+        """Fast mode: one host sampling run; at the blend start's step (the host's step counter,
+        ``shared.state.sampling_step``) the masks are made from the attention of the steps before
+        it (or from the drawn regions), then the concepts act inside them."""
+        from modules import shared
+
         made = []
 
         def make_masks(s: OmgSession) -> torch.Tensor:
@@ -387,7 +387,9 @@ class A1111Generation:
             self.p.extra_generation_params["OMG mask sources used"] = ", ".join(results[0].sources)
             return made[0]
 
-        session.begin_fast(lambda t: tracker.step >= round(self.cfg.blend_start * tracker.steps), make_masks)
+        state, start = shared.state, self.cfg.blend_start
+        session.begin_fast(lambda t: state.sampling_step >= round(start * max(state.sampling_steps, 1)), make_masks,
+                           context_key=self.context_key)
         final = run()
         if made and self.cfg.show_masks:
             from modules import sd_samplers_common
@@ -396,6 +398,9 @@ class A1111Generation:
         if self.warnings:
             self.p.extra_generation_params["OMG warnings"] = "; ".join(dict.fromkeys(self.warnings))
         return final
+
+    context_key = "context"
+    """The conditioning entry the engine's calls carry the cross-attention context in."""
 
     def check_pass1(self, session: OmgSession) -> None:
         """Pass 1 must have gone through the engine (another extension may have replaced the UNet call)."""
@@ -421,7 +426,7 @@ class A1111Generation:
         try:
             with session.installed():
                 unet.forward = forward
-                yield tracker
+                yield
         finally:
             if saved is not None:
                 unet.forward = saved

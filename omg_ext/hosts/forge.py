@@ -100,6 +100,19 @@ class SharedPatch(ProjectedAttention):
         return self
 
 
+def attention_modules_by_block(unet: torch.nn.Module) -> dict[tuple[str, int, int], torch.nn.Module]:
+    """Forge's key of each transformer block's ``attn2`` — ``extra_options``' (block name, number) and
+    ``block_index`` — to the module: fast mode projects the concept prompts with it."""
+    names = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+    found = {}
+    for name, module in unet.named_modules():
+        parts = name.split(".")
+        if parts[-1] == "attn2" and parts[0] in names and "transformer_blocks" in parts:
+            number = 0 if parts[0] == "middle_block" else int(parts[1])
+            found[names[parts[0]], number, int(parts[parts.index("transformer_blocks") + 1])] = module
+    return found
+
+
 def conflict_error(wrapper) -> OmgUserError:
     """The refusal when another extension wraps Forge's UNet function (MultiDiffusion…)."""
     return OmgUserError("OMG cannot run together with another extension that wraps Forge's UNet "
@@ -111,14 +124,13 @@ class ForgeGeneration(A1111Generation):
 
     def __init__(self, p, cfg) -> None:
         check_model(p.sd_model)
-        if cfg.mode == "fast":
-            raise OmgUserError("OMG fast mode is not available in Forge yet (Forge's attention patches receive "
-                               "projected keys and values, not the concept prompts): choose mode 'two passes'")
         super().__init__(p, cfg)
         self.wrapper = UnetWrapper(self)
         self.patches: tuple[SharedPatch, SharedPatch] | None = None
         self.swapped: list[tuple[object, object, object]] = []
         self.patch_error: Exception | None = None
+
+    context_key = "c_crossattn"
 
     def unet_module(self):
         return self.p.sd_model.forge_objects.unet.model.diffusion_model
@@ -132,7 +144,9 @@ class ForgeGeneration(A1111Generation):
         try:
             with session.installed(module_attention=False):
                 state = session.attention_state
-                self.patches = (SharedPatch(state, True, attention_function), SharedPatch(state, False, attention_function))
+                modules = attention_modules_by_block(self.unet)
+                self.patches = (SharedPatch(state, True, attention_function, modules),
+                                SharedPatch(state, False, attention_function, modules))
                 yield
         finally:
             self.patches = None
@@ -169,7 +183,7 @@ class ForgeGeneration(A1111Generation):
             clone.set_model_unet_function_wrapper(self.wrapper)
             cross, self_attention = self.patches
             clone.set_model_replace_all(cross, "attn2")
-            if self.cfg.self_attention_until > 0:
+            if self.cfg.self_attention_until > 0 and self.cfg.mode != "fast":
                 clone.set_model_replace_all(self_attention, "attn1")
             objects.unet = clone
             self.swapped.append((objects, unet, clone))

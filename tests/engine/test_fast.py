@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omg_ext.engine.attention import fast_cross_attention, layer_factor
+from omg_ext.engine.attention import AttentionCall, AttentionState, ProjectedAttention, fast_cross_attention, layer_factor
 from omg_ext.engine.fast import FastCall, LayerMasks
 from omg_ext.engine.lora import RowRoutedLoRA
 from omg_ext.engine.rows import roles_cond_then_uncond
@@ -168,3 +168,24 @@ def test_a_hires_pass_after_fast_mode_stays_masked_with_resized_masks_or_runs_pl
     with session.installed():
         session.begin_hires(False)
         assert torch.equal(session(unet_fn(unet), x, t, host, rows), unet_fn(unet)(x, t, host))
+
+
+@torch.no_grad()
+def test_a_host_handing_over_projections_gets_the_same_fast_cross_attention(unet, concepts):
+    """Forge's attn2 replace patch: projected q, k, v and the block's key; the module found by that key."""
+    name = "input_blocks.3.1.transformer_blocks.0.attn2"
+    modules = dict(unet.named_modules())
+    attn, masks = modules[name], LayerMasks(_row_masks())
+    router = RowRoutedLoRA(modules, [c.deltas for c in concepts])
+    x = torch.randn(2, 6 * 10, attn.to_q.in_features)
+    context = text_context(1, rows=2)
+    fast = FastCall(masks, [torch.cat([c.cond["context"], c.uncond["context"]]) for c in concepts], router.route_all)
+    state = AttentionState(AttentionCall(HW, fast=fast))
+    patch = ProjectedAttention(state, True, lambda q, k, v, heads: None, {("input", 3, 0): attn})
+    extra = {"n_heads": attn.heads, "dim_head": attn.to_q.out_features // attn.heads, "block": ("input", 3), "block_index": 0}
+    with router.installed(), router.masked(masks):
+        projected = attn.to_out(patch(attn.to_q(x), attn.to_k(context), attn.to_v(context), extra))
+        direct = fast_cross_attention(attn, x, context, fast)
+        with pytest.raises(RuntimeError, match=r"no cross-attention module known for transformer block \('output', 9, 0\)"):
+            patch(attn.to_q(x), attn.to_k(context), attn.to_v(context), {**extra, "block": ("output", 9)})
+    torch.testing.assert_close(projected, direct, rtol=1e-5, atol=1e-6)

@@ -169,12 +169,13 @@ class _Job:
         unet = self.sd_model.model.diffusion_model
         cond, uncond = conditioning, unconditional_conditioning
 
-        step = iter(range(self.steps))  # Euler: one denoiser call per step (A1111's ``state.sampling_step``)
+        step, state = iter(range(self.steps)), self.modules.shared.state
 
         def denoiser(x, sigma):
+            state.sampling_step, state.sampling_steps = next(step), self.steps  # Euler: a denoiser call per step
             x_in, sigma_in = torch.cat([x, x]), sigma.repeat(2)
             self.modules.script_callbacks.cfg_denoiser_callback(self.modules.script_callbacks.CFGDenoiserParams(
-                x_in, None, sigma_in, next(step), self.steps, cond, uncond))
+                x_in, None, sigma_in, state.sampling_step, self.steps, cond, uncond))
             c_in = 1 / (sigma_in ** 2 + 1) ** 0.5
             eps = unet(x_in * c_in[:, None, None, None], SCHEDULE.sigma_to_t(sigma_in), context=torch.cat([cond, uncond]))
             self.calls += 1

@@ -86,8 +86,10 @@ class _Job:
             hook(self, x=x, noise=x, c=conditioning, uc=unconditional_conditioning)
         patcher = self.sd_model.forge_objects.unet
         cond, uncond = {"crossattn": conditioning}, {"crossattn": unconditional_conditioning}
+        step, state = iter(range(self.steps)), self.modules.shared.state
 
         def denoiser(x, sigma):
+            state.sampling_step, state.sampling_steps = next(step), self.steps  # Euler: a denoiser call per step
             self.calls += 1
             if self.calls == self.fail_at_call:
                 raise RuntimeError("sampler failed")
@@ -160,6 +162,21 @@ def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(tmp_p
     prompts = ["a man and a woman", "on grass a woman hugs a tall man"]
     _, batch, job, _, generation, _ = _run(tmp_path, monkeypatch, cfg, prompts=prompts, seeds=[7, 8], latent=latent)
     assert batch.shape == (2, 4, *latent) and len(generation.layout_images) == 2
+    for i in range(2):
+        _, alone, *_ = _run(tmp_path, monkeypatch, cfg, prompts=prompts[i:i + 1], seeds=[7 + i], latent=latent)
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-3, atol=1e-3)  # float noise of a batch ~1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("latent", [(12, 16), (16, 10)])
+def test_fast_mode_is_one_pass_through_forges_patches_each_image_its_own_and_everything_restored(tmp_path, monkeypatch, latent):
+    cfg = OmgConfig(blend_start=0.5, mode="fast", **CFG)
+    prompts = ["a man and a woman", "on grass a woman hugs a tall man"]
+    plain, batch, job, model, generation, weights = _run(tmp_path, monkeypatch, cfg, prompts=prompts, seeds=[7, 8],
+                                                          latent=latent, split=True)  # Forge's memory-split calls
+    assert job.calls == 6 and job.extra_generation_params["OMG mode"] == "fast" and len(generation.layout_images) == 2
+    assert not torch.equal(batch, plain)
+    _assert_untouched(model, weights, model.forge_objects_after_applying_lora.unet)
     for i in range(2):
         _, alone, *_ = _run(tmp_path, monkeypatch, cfg, prompts=prompts[i:i + 1], seeds=[7 + i], latent=latent)
         torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-3, atol=1e-3)  # float noise of a batch ~1e-4
@@ -406,8 +423,6 @@ def test_conflicts_and_unsupported_models_fail_with_a_clear_message(tmp_path, mo
         c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
         with pytest.raises(forge.OmgUserError, match="another extension that wraps Forge's UNet function .*tiled"):
             job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
-    with fake_forge.installed() as modules, pytest.raises(forge.OmgUserError, match="fast mode is not available in Forge yet"):
-        forge.ForgeGeneration(_Job(modules, _ForgeModel()), OmgConfig(**{**CFG, "mode": "fast"}))
     with pytest.raises(forge.OmgUserError, match="does not support Flux"):
         forge.check_model(type("Flux", (), {"is_sd1": False, "is_sdxl": False})())
     with pytest.raises(forge.OmgUserError, match="SD1.5 and SDXL checkpoints, not StableDiffusion3"):

@@ -6,6 +6,8 @@ class State:
     job_count = 0
     job_no = 0
     sampling_step = 0
+    sampling_steps = 0
+    """Set by the samplers' step callback in the WebUI; by the test jobs' samplers here."""
 
     def nextjob(self):
         self.job_no += 1
