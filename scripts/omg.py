@@ -70,9 +70,9 @@ class OmgScript(scripts.Script):
         if generation is None:
             return
         save_layout_images(p, generation, processed.infotexts[0])
-        for layout, masks in generation.layout_images:
-            processed.images += [layout, masks]
-            processed.infotexts += [processed.infotexts[0]] * 2
+        for pictures in generation.layout_images:
+            processed.images += [image for image, _ in pictures]
+            processed.infotexts += [processed.infotexts[0]] * len(pictures)
 
 
 script_callbacks.on_before_ui(add_xyz_axes)

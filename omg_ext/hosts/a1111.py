@@ -128,8 +128,8 @@ def save_layout_images(p, generation: "A1111Generation", infotext: str) -> None:
 
     if not shared.opts.data.get(SAVE_OPTION, False):
         return
-    for i, (layout, masks) in enumerate(generation.layout_images):
-        for image, suffix in ((layout, "-omg-layout"), (masks, "-omg-masks")):
+    for i, pictures in enumerate(generation.layout_images):
+        for image, suffix in pictures:
             images.save_image(image, p.outpath_samples, "", p.all_seeds[min(i, len(p.all_seeds) - 1)], p.all_prompts[0],
                               shared.opts.samples_format, info=infotext, p=p, suffix=suffix)
 
@@ -366,7 +366,7 @@ class A1111Generation:
             p.enable_hr = enable_hr
             self.session = None
         if self.cfg.show_masks:
-            self.keep_layout(layout, masks)
+            self.keep_layout(masks)
         if self.warnings:
             p.extra_generation_params["OMG warnings"] = "; ".join(dict.fromkeys(self.warnings))
         return final
@@ -394,7 +394,7 @@ class A1111Generation:
         if made and self.cfg.show_masks:
             from modules import sd_samplers_common
             self.pictures = [sd_samplers_common.sample_to_image(final, i, approximation=0) for i in range(final.shape[0])]
-            self.keep_layout(final, made[0])
+            self.keep_layout(made[0], with_layout=False)
         if self.warnings:
             self.p.extra_generation_params["OMG warnings"] = "; ".join(dict.fromkeys(self.warnings))
         return final
@@ -531,12 +531,14 @@ class A1111Generation:
             release_mask_models()
 
     # -- results
-    def keep_layout(self, layout: torch.Tensor, masks: torch.Tensor) -> None:
+    def keep_layout(self, masks: torch.Tensor, with_layout: bool = True) -> None:
+        """Per image, the pictures shown beside it: the layout image (two passes) and the masks over
+        ``self.pictures`` (the layout, or in fast mode the final image), as (image, file suffix) pairs."""
         for i, image in enumerate(self.pictures):
             pixels = torch.from_numpy(numpy.array(image)).permute(2, 0, 1).float() / 255
             shown = torch.nn.functional.interpolate(masks[i:i + 1].float().cpu(), size=pixels.shape[-2:], mode="nearest")[0]
-            pic = overlay(shown, pixels)
-            self.layout_images.append((image, _to_pil(pic.clamp(0, 1))))
+            pic = _to_pil(overlay(shown, pixels).clamp(0, 1))
+            self.layout_images.append(([(image, "-omg-layout")] if with_layout else []) + [(pic, "-omg-masks")])
 
 
 def _as_cond(cond) -> dict:

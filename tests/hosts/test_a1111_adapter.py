@@ -239,7 +239,8 @@ def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch,
         # the progress bar counts pass 1 as a job of its own
         assert (modules.shared.state.job_count, modules.shared.state.job_no) == (jobs_before[0] + 1, jobs_before[1] + 1)
     assert job.calls == 6 + 6 + 6  # the plain run, pass 1, pass 2 (the denoiser runs; replays cost no UNet)
-    assert len(generation.layout_images) == 1 and job.extra_generation_params["OMG c1 lora"] == "hero"
+    assert [[suffix for _, suffix in pictures] for pictures in generation.layout_images] == [["-omg-layout", "-omg-masks"]]
+    assert job.extra_generation_params["OMG c1 lora"] == "hero"
     assert job.extra_generation_params["OMG c1 lora hash"] == "0123456789ab" and "OMG c2 lora hash" not in job.extra_generation_params
     assert not torch.equal(final, plain)
     assert "forward" not in unet.__dict__ and not any(m._forward_hooks for m in unet.modules())
@@ -273,7 +274,8 @@ def test_a_fast_job_runs_one_pass_and_leaves_the_model_as_it_was(monkeypatch, tw
     assert job.calls == 6 + 6  # the plain run and the one fast pass
     assert len(seen) == 3  # steps 3, 4, 5 of 6 blend (blend start 0.5)
     assert tuple(seen[0].masks.shape) == (1, 2, 12, 20)
-    assert job.extra_generation_params["OMG mode"] == "fast" and len(generation.layout_images) == 1
+    assert job.extra_generation_params["OMG mode"] == "fast"
+    assert [[suffix for _, suffix in pictures] for pictures in generation.layout_images] == [["-omg-masks"]]
     assert not torch.equal(final, plain)
     assert "forward" not in unet.__dict__ and not any(m._forward_hooks for m in unet.modules())
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())

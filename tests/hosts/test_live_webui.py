@@ -53,6 +53,19 @@ def test_two_concepts_give_image_layout_and_masks_with_infotext():
     assert params["parameters"]["OMG c2 class"] == "woman"
 
 
+def test_fast_mode_makes_one_image_with_its_masks_and_leaves_the_model_as_it_was():
+    _, before = _post("/sdapi/v1/txt2img", BASE)
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5,
+                                                 "hr_upscaler": "Latent", **_omg(mode="fast")})
+    assert status == 200, result
+    assert len(result["images"]) == 2  # the image and its masks over it (no layout pass in fast mode)
+    assert "OMG mode: fast" in json.loads(result["info"])["infotexts"][0]
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(mode="fast", mask_source="detector+sam")})
+    assert status != 200 and "mask source must be attention or regions" in json.dumps(result)
+    _, after = _post("/sdapi/v1/txt2img", BASE)
+    assert base64.b64decode(before["images"][0]) == base64.b64decode(after["images"][0])
+
+
 def test_a_bad_lora_name_is_an_error_naming_it():
     status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(concepts=[{"lora": "no_such_lora", "class_word": "man", "prompt": "a man"}])})
     assert status != 200 and "no_such_lora" in json.dumps(result)
