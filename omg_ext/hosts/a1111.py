@@ -392,8 +392,7 @@ class A1111Generation:
                            context_key=self.context_key)
         final = run()
         if made and self.cfg.show_masks:
-            from modules import sd_samplers_common
-            self.pictures = [sd_samplers_common.sample_to_image(final, i, approximation=0) for i in range(final.shape[0])]
+            self.pictures = to_pictures(final)
             self.keep_layout(made[0], with_layout=False)
         if self.warnings:
             self.p.extra_generation_params["OMG warnings"] = "; ".join(dict.fromkeys(self.warnings))
@@ -514,11 +513,8 @@ class A1111Generation:
     def concept_masks(self, session: OmgSession, layout: torch.Tensor | None) -> list:
         """One ``MaskResult`` per image from the configured source (attention, SAM, detector, regions);
         ``layout`` None in fast mode (no image yet: attention or regions only)."""
-        from modules import sd_samplers_common
-
         cfg = self.cfg
-        self.pictures = [] if layout is None else \
-            [sd_samplers_common.sample_to_image(layout, i, approximation=0) for i in range(layout.shape[0])]
+        self.pictures = [] if layout is None else to_pictures(layout)
         maps, hw = session.attention_maps(), session.record.latent_hw()
         models = mask_models(cfg)
         try:
@@ -545,6 +541,16 @@ def _as_cond(cond) -> dict:
     if isinstance(cond, dict):
         return {"context": cond["crossattn"], "y": cond["vector"]}
     return {"context": cond}
+
+
+def to_pictures(samples) -> list:
+    """PIL images of a sampling result: latents, or the decoded images ([3, H, W] in [-1, 1],
+    ``DecodedSamples``) that a job with hires fix returns."""
+    from modules import sd_samplers_common
+
+    if getattr(samples, "already_decoded", False):
+        return [_to_pil(((x.float().cpu() + 1) / 2).clamp(0, 1)) for x in samples]
+    return [sd_samplers_common.sample_to_image(samples, i, approximation=0) for i in range(len(samples))]
 
 
 def _to_pil(chw: torch.Tensor):

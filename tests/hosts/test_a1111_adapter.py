@@ -400,3 +400,14 @@ def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(laten
     assert session.maps.tokens[1][1] == [] and masks[1, 1].sum() == 0 and masks[1, 0].sum() > 0 and masks[0, 1].sum() > 0
     assert session.infotext["OMG warnings"] == (
         "OMG concept 2 skipped: class word 'woman' does not appear in the prompt of image 2 of the batch ('a tall man')")
+
+
+def test_pictures_come_from_latents_or_from_the_decoded_images_a_hires_job_returns():
+    class DecodedSamples(list):  # A1111's / Forge's ``processing.DecodedSamples``
+        already_decoded = True
+
+    with fake_a1111.installed():
+        decoded = a1111.to_pictures(DecodedSamples([torch.zeros(3, 8, 12), torch.ones(3, 8, 12)]))
+        latents = a1111.to_pictures(torch.zeros(2, 4, 8, 12))
+    assert [p.size for p in decoded] == [(12, 8)] * 2 and decoded[0].getpixel((0, 0)) == (128, 128, 128)
+    assert decoded[1].getpixel((0, 0)) == (255, 255, 255) and len(latents) == 2

@@ -56,7 +56,8 @@ def test_two_concepts_give_image_layout_and_masks_with_infotext():
 def test_fast_mode_makes_one_image_with_its_masks_and_leaves_the_model_as_it_was():
     _, before = _post("/sdapi/v1/txt2img", BASE)
     status, result = _post("/sdapi/v1/txt2img", {**BASE, "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5,
-                                                 "hr_upscaler": "Latent", **_omg(mode="fast")})
+                                                 "hr_upscaler": "Latent", "hr_additional_modules": ["Use same choices"],  # Forge's API needs it
+                                                 **_omg(mode="fast")})
     assert status == 200, result
     assert len(result["images"]) == 2  # the image and its masks over it (no layout pass in fast mode)
     assert "OMG mode: fast" in json.loads(result["info"])["infotexts"][0]
