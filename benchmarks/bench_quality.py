@@ -12,8 +12,10 @@ figures present and the layout kept (IoU against the no-LoRA image, OMG's pass 1
 Printed: the measures on ground-truth scenes (the scorer's own check, near-perfect), the
 table method × measure (mean ± 95 % interval over images) for all cases and for the
 occlusion cases alone, the precision of each masked method's masks (the share on the
-concept's own figure in the layout image), and last ``omg/global leakage ratio: X``. Sample grids (one row per
-method and one of OMG's masks over the layout image, the same seeds in each column) go to ``--grids`` as PNG.
+concept's own figure in the layout image), how much of each present figure of the final
+image lies inside its own mask and its look inside and outside it, the fidelity of present
+figures only, and last ``omg/global leakage ratio: X``. Sample grids (one row per method and
+one of OMG's masks over the layout image, the same seeds in each column) go to ``--grids`` as PNG.
 
 OMG with SAM or detector masks cannot be measured here: their weights cannot be
 downloaded, and random-weight SAM or detectors give meaningless masks.
@@ -33,7 +35,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from omg_ext.engine.masks import overlay  # noqa: E402
-from toyworld.measures import MEASURES, image_measures, mask_precision, summarise  # noqa: E402
+from toyworld.measures import (MEASURES, figure_in_mask, image_measures, mask_precision, present_fidelity,  # noqa: E402
+                               summarise)
 from toyworld.methods import ABLATIONS, METHODS, Case, ToyWorld, no_lora  # noqa: E402
 from toyworld.model import WEIGHTS  # noqa: E402
 from toyworld.scenes import random_scene, render  # noqa: E402
@@ -121,6 +124,8 @@ def main() -> None:
     occluded = {m: {name: [] for name in MEASURES} for m in args.methods}
     seconds: dict[str, float] = {}
     precision: dict[str, list[float]] = {}
+    in_mask: dict[str, list[tuple]] = {}
+    present: dict[str, list[float]] = {}
     args.grids.mkdir(parents=True, exist_ok=True)
     for case in CASES:
         start = time.perf_counter()
@@ -140,6 +145,10 @@ def main() -> None:
                     precision.setdefault(method, []).extend(
                         value for b in range(len(seeds))
                         for value in mask_precision(generated.masks[b], layout_kinds[b], case.looks))
+                    final_kinds, final_looks = world.scorer.labels(images)
+                    in_mask.setdefault(method, []).extend(
+                        found for b in range(len(seeds))
+                        for found in figure_in_mask(generated.masks[b], final_kinds[b], final_looks[b], case.looks))
                 if method == "OMG":  # its masks over the layout image, for a person to judge them
                     shown["OMG masks"] = torch.stack([overlay(generated.masks[b], layout[b].permute(2, 0, 1)).permute(1, 2, 0)
                                                       for b in range(min(args.columns, len(seeds)))])
@@ -148,6 +157,7 @@ def main() -> None:
             reference = layout_kinds if kinds.shape == layout_kinds.shape else \
                 torch.nn.functional.interpolate(layout_kinds[:, None].float(), size=kinds.shape[-2:])[:, 0].long()
             for b in range(len(seeds)):
+                present.setdefault(method, []).extend(present_fidelity(kinds[b], looks[b], case.looks))
                 for name, value in image_measures(kinds[b], looks[b], case.looks, reference[b]).items():
                     every[method][name].append(value)
                     if case.in_front:
@@ -160,6 +170,11 @@ def main() -> None:
     table("occlusion cases only ('in front of')", occluded)
     print("\nmask precision (share of each concept's mask on its own figure in the layout image): " + ", ".join(
         "{} {:.3f} ±{:.3f}".format(m, *summarise(v)) for m, v in precision.items()))
+    print("share of each present final figure inside its own mask, its look inside / outside the mask: " + ", ".join(
+        "{} {:.3f}, {:.3f} / {:.3f}".format(m, *(summarise([f[i] for f in found if f[i] is not None])[0] for i in range(3)))
+        for m, found in in_mask.items()))
+    print("fidelity of the figures that are present (>= 12 px): " + ", ".join(
+        "{} {:.3f} ±{:.3f}".format(m, *summarise(v)) for m, v in present.items() if v))
     print("wall seconds per method (all cases): "
           + ", ".join(f"{m} {t:.1f}" for m, t in seconds.items()))
     print(f"grids: {args.grids}  ({time.perf_counter() - started:.0f} s in all)")

@@ -1,8 +1,8 @@
-"""OMG vs plain wall time in a running WebUI (A1111 or Forge, ``--api``), side by side in one run.
+"""OMG (two passes and fast mode) vs plain wall time in a running WebUI (A1111 or Forge, ``--api``), side by side in one run.
 
-Each round times one plain txt2img job and one OMG job (two concepts, each with a LoRA)
-with the same seed and size, alternating, after a warm-up; the medians and their ratio
-are printed, and the same for hires fix.
+Each round times one plain txt2img job, one OMG job (two concepts, each with a LoRA) and
+one OMG fast-mode job with the same seed and size, in turn, after a warm-up; the medians
+and their ratios to plain are printed, and the same for hires fix (unless ``--no-hires``).
 
     python benchmarks/bench_webui.py --url http://127.0.0.1:7861 --loras char1,char2 --size 128 --steps 8 --runs 2
 """
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--blend-start", type=float, default=0.3)
+    parser.add_argument("--no-hires", action="store_true", help="time txt2img only")
     args = parser.parse_args()
     first, second = args.loras.split(",")
     plain = {"prompt": "a man and a woman hugging", "negative_prompt": "", "steps": args.steps, "width": args.size,
@@ -48,13 +49,15 @@ def main() -> None:
     timed(args.url, plain)  # warm-up: model load, first-call costs
     print(f"{args.url}: {args.size}x{args.size}, {args.steps} steps, blend start {args.blend_start}, "
           f"LoRAs {first}/{second}, median of {args.runs}")
-    for label, extra in (("txt2img", {}), ("hires fix x1.5", hires)):
-        plain_times, omg_times = [], []
+    fast = json.loads(json.dumps(omg))
+    fast["alwayson_scripts"]["OMG multi-concept"]["args"][0]["mode"] = "fast"
+    for label, extra in (("txt2img", {}), ("hires fix x1.5", hires))[:1 if args.no_hires else 2]:
+        times: dict[str, list[float]] = {"plain": [], "OMG": [], "fast": []}
         for _ in range(args.runs):
-            plain_times.append(timed(args.url, {**plain, **extra}))
-            omg_times.append(timed(args.url, {**plain, **extra, **omg}))
-        p, o = statistics.median(plain_times), statistics.median(omg_times)
-        print(f"  {label:15s} plain {p:7.2f} s | OMG {o:7.2f} s | OMG/plain {o / p:.2f}")
+            for name, job in (("plain", {}), ("OMG", omg), ("fast", fast)):
+                times[name].append(timed(args.url, {**plain, **extra, **job}))
+        p, o, f = (statistics.median(times[name]) for name in ("plain", "OMG", "fast"))
+        print(f"  {label:15s} plain {p:7.2f} s | OMG {o:7.2f} s | fast {f:7.2f} s | OMG/plain {o / p:.2f} | fast/plain {f / p:.2f}")
 
 
 if __name__ == "__main__":

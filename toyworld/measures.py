@@ -99,3 +99,30 @@ def mask_precision(masks: torch.Tensor, layout_kinds: torch.Tensor, concepts: li
         mass = float(masks[j].sum())
         shares.append(float((masks[j] * (layout_kinds == concept.kind)).sum()) / mass if mass else 0.0)
     return shares
+
+
+def figure_in_mask(masks: torch.Tensor, kinds: torch.Tensor, looks: torch.Tensor,
+                   concepts: list[ConceptLook]) -> list[tuple[float, float | None, float | None]]:
+    """Per concept whose figure is present in the final image: (share of the figure inside its own
+    mask (> 0.5), share in its look inside the mask, share in its look outside it — None where
+    there is no such part).
+
+    Where a masked method loses the look: a figure that drifts out of its mask is drawn there
+    by the host rows, in no identity's look.
+    """
+    found = []
+    for j, concept in enumerate(concepts):
+        figure = kinds == concept.kind
+        if _largest_component(figure) < MIN_FIGURE:
+            continue
+        inside = figure & (masks[j] > 0.5)
+        outside = figure & ~(masks[j] > 0.5)
+        share = lambda part: float((looks[part] == concept.identity).float().mean()) if bool(part.any()) else None  # noqa: E731
+        found.append((float(inside.sum()) / float(figure.sum()), share(inside), share(outside)))
+    return found
+
+
+def present_fidelity(kinds: torch.Tensor, looks: torch.Tensor, concepts: list[ConceptLook]) -> list[float]:
+    """Per concept whose figure is present (at least ``MIN_FIGURE`` connected pixels): the share in its own look."""
+    return [float((looks[kinds == c.kind] == c.identity).float().mean()) for c in concepts
+            if _largest_component(kinds == c.kind) >= MIN_FIGURE]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from toyworld.measures import ConceptLook, image_measures, mask_precision, summarise
+from toyworld.measures import ConceptLook, figure_in_mask, image_measures, mask_precision, present_fidelity, summarise
 from toyworld.scenes import random_scene, render
 from toyworld.scorer import Scorer
 
@@ -63,3 +63,17 @@ def test_mask_precision_is_the_share_of_each_mask_on_its_own_figure():
     masks[1, 0:2, 0:6] = 0.5      # ...and 12 px of background
     assert mask_precision(masks, kinds, [ZORB_MAN, QUIX_WOMAN]) == pytest.approx([1.0, 36 / 42])
     assert mask_precision(torch.zeros(2, 24, 20), kinds, [ZORB_MAN, QUIX_WOMAN]) == [0.0, 0.0]
+
+
+def test_where_a_figure_lies_against_its_mask_and_the_look_inside_and_outside():
+    kinds, looks = _labels()
+    looks[16:22, 12:18] = 0  # the woman's lower half (36 of 72 px) plain
+    kinds[0:2, 0:5] = 1      # a stray 10-px bit of man: the man's figure (largest part 48 px) is present
+    masks = torch.zeros(2, 24, 20)
+    masks[0, 2:8, 2:6] = 1    # half of the man's body (24 of 48 px)
+    masks[1, 10:22, 12:18] = 0.9
+    assert figure_in_mask(masks, kinds, looks, [ZORB_MAN, QUIX_WOMAN]) == [
+        pytest.approx((24 / 58, 1.0, 24 / 34)), pytest.approx((1.0, 0.5, None), nan_ok=True)]
+    kinds[kinds == 2] = 0
+    assert len(figure_in_mask(masks, kinds, looks, [ZORB_MAN, QUIX_WOMAN])) == 1  # only present figures
+    assert present_fidelity(kinds, looks, [ZORB_MAN, QUIX_WOMAN]) == [pytest.approx(48 / 58)]
