@@ -21,8 +21,6 @@ INSTANCE_ORDERS = ("attention", "left_to_right")
 MODES = ("two passes", "fast")
 """``two passes``: layout pass, then concept rows beside the host's (the paper's method);
 ``fast``: one pass, each concept's LoRA and prompt masked in the host's rows (``engine/fast.py``)."""
-FAST_MASK_SOURCES = ("attention", "regions")
-"""Fast mode makes its masks mid-run, before any image exists: from attention or drawn regions."""
 WEIGHT_RANGE = (-5.0, 5.0)
 PIXELS_RANGE = (0, 256)
 
@@ -165,13 +163,9 @@ class OmgConfig:
                               ("instance_order", INSTANCE_ORDERS), ("mode", MODES)):
             if getattr(self, attr) not in choices:
                 raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be one of {', '.join(choices)} (got {getattr(self, attr)!r})")
-        if self.mode == "fast" and self.mask_source not in FAST_MASK_SOURCES:
-            raise OmgConfigError("mask_source", f"OMG fast mode makes its masks during the run, before there is an image: "
-                                 f"mask source must be {' or '.join(FAST_MASK_SOURCES)} (got {self.mask_source}), "
-                                 "or choose mode 'two passes'")
-        if self.mode == "fast" and self.mask_source == "attention" and self.blend_start == 0:
-            raise OmgConfigError("blend_start", "OMG fast mode makes attention masks from the steps before the blend start: "
-                                 "the blend start must be above 0 (or use drawn regions)")
+        if self.mode == "fast" and self.mask_source != "regions" and self.blend_start == 0:
+            raise OmgConfigError("blend_start", f"OMG fast mode makes {self.mask_source} masks from the steps before the "
+                                 "blend start: the blend start must be above 0 (or use drawn regions)")
         if self.mask_source.startswith("regions") and self.enabled and not self.regions.strip():
             raise OmgConfigError("regions", f"OMG mask source {self.mask_source} needs regions: draw a box per concept or upload a mask image")
         for attr in ("mask_dilation", "mask_feather"):

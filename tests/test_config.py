@@ -36,10 +36,9 @@ def test_defaults():
     (dict(mask_source="sam"), "mask_source", "mask source must be one of attention"),
     (dict(mask_dilation=300), "mask_dilation", "mask dilation must be 0 to 256 pixels"),
     (dict(mode="quick"), "mode", "mode must be one of two passes, fast"),
-    (dict(mode="fast", mask_source="detector+sam"), "mask_source",
-     r"fast mode makes its masks during the run, before there is an image: mask source must be attention or regions "
-     r"\(got detector\+sam\), or choose mode 'two passes'"),
     (dict(mode="fast", blend_start=0.0), "blend_start", "fast mode makes attention masks from the steps before the blend start"),
+    (dict(mode="fast", blend_start=0.0, mask_source="detector+sam"), "blend_start",
+     r"fast mode makes detector\+sam masks from the steps before the blend start: the blend start must be above 0"),
     (dict(concepts=[]), "concepts", "OMG needs at least one concept"),
     (dict(concepts=[ConceptSpec(class_word="man", prompt="x")] * 6), "concepts", "at most 5 concepts"),
 ])

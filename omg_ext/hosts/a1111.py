@@ -373,14 +373,19 @@ class A1111Generation:
 
     def sample_fast(self, session: OmgSession, run) -> torch.Tensor:
         """Fast mode: one host sampling run; at the blend start's step (the host's step counter,
-        ``shared.state.sampling_step``) the masks are made from the attention of the steps before
-        it (or from the drawn regions), then the concepts act inside them."""
-        from modules import shared
+        ``shared.state.sampling_step``) the masks are made — from the attention of the steps before
+        it, from the drawn regions, or by SAM / the detector on the image the host's last denoised
+        latent (``on_cfg_after_cfg``) decodes to — then the concepts act inside them."""
+        from modules import script_callbacks, shared
 
-        made = []
+        made, denoised = [], []
+
+        def keep_denoised(params) -> None:
+            denoised[:] = [params.x]
 
         def make_masks(s: OmgSession) -> torch.Tensor:
-            results = self.concept_masks(s, None)
+            needs_image = self.cfg.mask_source not in ("attention", "regions")
+            results = self.concept_masks(s, denoised[0] if needs_image else None)
             made.append(self.skip_missing(results))
             for r in results:
                 self.warnings += r.warnings()
@@ -390,7 +395,11 @@ class A1111Generation:
         state, start = shared.state, self.cfg.blend_start
         session.begin_fast(lambda t: state.sampling_step >= round(start * max(state.sampling_steps, 1)), make_masks,
                            context_key=self.context_key)
-        final = run()
+        script_callbacks.on_cfg_after_cfg(keep_denoised, name="omg fast mode")
+        try:
+            final = run()
+        finally:
+            script_callbacks.remove_callbacks_for_function(keep_denoised)
         if made and self.cfg.show_masks:
             self.pictures = to_pictures(final)
             self.keep_layout(made[0], with_layout=False)
@@ -512,7 +521,7 @@ class A1111Generation:
     # -- masks
     def concept_masks(self, session: OmgSession, layout: torch.Tensor | None) -> list:
         """One ``MaskResult`` per image from the configured source (attention, SAM, detector, regions);
-        ``layout`` None in fast mode (no image yet: attention or regions only)."""
+        ``layout``: the latent SAM and the detector see (None for sources that need no image)."""
         cfg = self.cfg
         self.pictures = [] if layout is None else to_pictures(layout)
         maps, hw = session.attention_maps(), session.record.latent_hw()

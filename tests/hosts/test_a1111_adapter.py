@@ -2,6 +2,7 @@
 import sys
 import types
 
+import numpy
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -180,7 +181,10 @@ class _Job:
             eps = unet(x_in * c_in[:, None, None, None], SCHEDULE.sigma_to_t(sigma_in), context=torch.cat([cond, uncond]))
             self.calls += 1
             d, n = x_in - eps * sigma_in[:, None, None, None], x.shape[0]
-            return d[n:] + (d[:n] - d[n:]) * 7.0
+            denoised = d[n:] + (d[:n] - d[n:]) * 7.0
+            self.modules.script_callbacks.cfg_after_cfg_callback(
+                self.modules.script_callbacks.AfterCFGCallbackParams(denoised, state.sampling_step, self.steps))
+            return denoised
 
         sigmas = SCHEDULE.get_sigmas(self.steps)
         x = self.rng.next() * sigmas[0]
@@ -400,6 +404,32 @@ def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(laten
     assert session.maps.tokens[1][1] == [] and masks[1, 1].sum() == 0 and masks[1, 0].sum() > 0 and masks[0, 1].sum() > 0
     assert session.infotext["OMG warnings"] == (
         "OMG concept 2 skipped: class word 'woman' does not appear in the prompt of image 2 of the batch ('a tall man')")
+
+
+@torch.no_grad()
+def test_fast_mode_hands_sam_the_image_of_the_denoised_latent_before_the_blend_start(monkeypatch, two_concepts):
+    from omg_ext.masks.segment import segment
+    from omg_ext.masks.sources import MaskModels
+    from tests.support.mask_models import tiny_sam
+
+    model, cfg = two_concepts
+    cfg.mode, cfg.mask_source = "fast", "attention+sam"
+    sam, seen, denoised = tiny_sam(), [], []
+    monkeypatch.setattr(a1111, "mask_models", lambda cfg: MaskModels(
+        sam=lambda: lambda image, prompts: seen.append(image) or segment(sam, image, prompts)))
+    with fake_a1111.installed() as modules:
+        modules.script_callbacks.on_cfg_after_cfg(lambda params: denoised.append(params.x.clone()))
+        job = _Job(modules, model, "a man and a woman", "blurry", latent=(12, 20))
+        generation = a1111.A1111Generation(job, cfg)
+        generation.attach()
+        c, uc = model.get_learned_conditioning(["a man and a woman"]), model.get_learned_conditioning(["blurry"])
+        job.sample(c, uc, [7], [7], 0, job.prompts)
+        assert len(modules.script_callbacks.callback_map["callbacks_cfg_after_cfg"]) == 1  # only the test's own is left
+    assert len(seen) == 1 and len(denoised) == 6
+    # blending starts at step 3 of 6: SAM saw what step 2's denoised latent decodes to
+    expected = numpy.array(modules.sd_samplers_common.sample_to_image(denoised[2], 0))
+    assert numpy.array_equal(seen[0], expected)
+    assert job.extra_generation_params["OMG mask sources used"] == "attention+sam, attention+sam"
 
 
 def test_pictures_come_from_latents_or_from_the_decoded_images_a_hires_job_returns():

@@ -93,7 +93,10 @@ class _Job:
             self.calls += 1
             if self.calls == self.fail_at_call:
                 raise RuntimeError("sampler failed")
-            return sampling_function(patcher, x, sigma.reshape(1).expand(x.shape[0]), cond, uncond, 7.0, split=self.split)
+            denoised = sampling_function(patcher, x, sigma.reshape(1).expand(x.shape[0]), cond, uncond, 7.0, split=self.split)
+            callbacks = self.modules.script_callbacks  # Forge keeps A1111's after-CFG callback
+            callbacks.cfg_after_cfg_callback(callbacks.AfterCFGCallbackParams(denoised, state.sampling_step, self.steps))
+            return denoised
 
         sigmas = DiscreteSchedule().get_sigmas(self.steps)
         return SAMPLERS["euler"](denoiser, x * sigmas[0], sigmas)

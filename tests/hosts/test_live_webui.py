@@ -61,8 +61,12 @@ def test_fast_mode_makes_one_image_with_its_masks_and_leaves_the_model_as_it_was
     assert status == 200, result
     assert len(result["images"]) == 2  # the image and its masks over it (no layout pass in fast mode)
     assert "OMG mode: fast" in json.loads(result["info"])["infotexts"][0]
-    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(mode="fast", mask_source="detector+sam")})
-    assert status != 200 and "mask source must be attention or regions" in json.dumps(result)
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(mode="fast", mask_source="attention+sam")})
+    assert status == 200, result  # SAM on the decoded denoised latent, or (no SAM file here) attention with a warning
+    info = json.loads(result["info"])["infotexts"][0]
+    assert 'OMG mask sources used: "attention+sam, attention+sam"' in info or "attention masks used instead" in info
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(mode="fast", blend_start=0)})
+    assert status != 200 and "blend start must be above 0" in json.dumps(result)
     _, after = _post("/sdapi/v1/txt2img", BASE)
     assert base64.b64decode(before["images"][0]) == base64.b64decode(after["images"][0])
 

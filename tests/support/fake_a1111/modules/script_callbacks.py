@@ -1,8 +1,8 @@
-"""``on_cfg_denoiser`` / ``remove_callbacks_for_function`` / ``CFGDenoiserParams`` as in A1111 1.10.1."""
+"""``on_cfg_denoiser`` / ``on_cfg_after_cfg`` / ``remove_callbacks_for_function`` and their params as in A1111 1.10.1."""
 from collections import namedtuple
 
 ScriptCallback = namedtuple("ScriptCallback", ["script", "callback", "name"])
-callback_map = {"callbacks_cfg_denoiser": []}
+callback_map = {"callbacks_cfg_denoiser": [], "callbacks_cfg_after_cfg": []}
 
 
 class CFGDenoiserParams:
@@ -18,6 +18,20 @@ def on_cfg_denoiser(callback, *, name=None):
 
 def cfg_denoiser_callback(params):
     for c in callback_map["callbacks_cfg_denoiser"]:
+        c.callback(params)
+
+
+class AfterCFGCallbackParams:
+    def __init__(self, x, sampling_step, total_sampling_steps):
+        self.x, self.sampling_step, self.total_sampling_steps = x, sampling_step, total_sampling_steps
+
+
+def on_cfg_after_cfg(callback, *, name=None):
+    callback_map["callbacks_cfg_after_cfg"].append(ScriptCallback("test", callback, name))
+
+
+def cfg_after_cfg_callback(params):
+    for c in callback_map["callbacks_cfg_after_cfg"]:
         c.callback(params)
 
 
