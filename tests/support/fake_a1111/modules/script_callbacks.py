@@ -12,27 +12,26 @@ class CFGDenoiserParams:
         self.text_cond, self.text_uncond, self.denoiser = text_cond, text_uncond, denoiser
 
 
-def on_cfg_denoiser(callback, *, name=None):
-    callback_map["callbacks_cfg_denoiser"].append(ScriptCallback("test", callback, name))
-
-
-def cfg_denoiser_callback(params):
-    for c in callback_map["callbacks_cfg_denoiser"]:
-        c.callback(params)
-
-
 class AfterCFGCallbackParams:
     def __init__(self, x, sampling_step, total_sampling_steps):
         self.x, self.sampling_step, self.total_sampling_steps = x, sampling_step, total_sampling_steps
 
 
-def on_cfg_after_cfg(callback, *, name=None):
-    callback_map["callbacks_cfg_after_cfg"].append(ScriptCallback("test", callback, name))
+def _registrar(kind: str):
+    def on(callback, *, name=None):
+        callback_map[f"callbacks_{kind}"].append(ScriptCallback("test", callback, name))
+    return on
 
 
-def cfg_after_cfg_callback(params):
-    for c in callback_map["callbacks_cfg_after_cfg"]:
-        c.callback(params)
+def _caller(kind: str):
+    def call(params):
+        for c in callback_map[f"callbacks_{kind}"]:
+            c.callback(params)
+    return call
+
+
+on_cfg_denoiser, cfg_denoiser_callback = _registrar("cfg_denoiser"), _caller("cfg_denoiser")
+on_cfg_after_cfg, cfg_after_cfg_callback = _registrar("cfg_after_cfg"), _caller("cfg_after_cfg")
 
 
 def remove_callbacks_for_function(callback_func):
