@@ -18,6 +18,10 @@ MASK_SOURCES = ("attention", "attention+sam", "detector+sam", "regions", "region
 SAM_MODELS = ("vit_b", "vit_l", "vit_h")
 DETECTORS = ("auto", "grounding-dino", "owlv2", "owlvit")
 INSTANCE_ORDERS = ("attention", "left_to_right")
+GUIDANCES = ("own", "shared")
+"""How concept rows are guided (two passes): ``own``: against each concept's negative prompt with its LoRA (the
+paper's); ``shared``: against the host's uncond rows, no LoRA (k rows fewer per image; measured in the toy world:
+README, "Does it work?")."""
 MODES = ("two passes", "fast")
 """``two passes``: layout pass, then concept rows beside the host's (the paper's method);
 ``fast``: one pass, each concept's LoRA and prompt masked in the host's rows (``engine/fast.py``)."""
@@ -93,6 +97,7 @@ FIELDS = (
     Field("instance_order", "OMG instance order", _str, "Same-word concepts: instance order"),
     Field("regions", "OMG regions", _str, "Regions (drawn boxes or uploaded mask, JSON)"),
     Field("mode", "OMG mode", _str, "Mode"),
+    Field("concept_guidance", "OMG concept guidance", _str, "Concepts guided against (own: their negative prompts; shared: the global one)"),
 )
 
 CONCEPT_FIELDS = (
@@ -150,6 +155,7 @@ class OmgConfig:
     instance_order: str = "attention"
     regions: str = ""
     mode: str = "two passes"
+    concept_guidance: str = "own"
     concepts: list[ConceptSpec] = field(default_factory=list)
 
     def validate(self) -> "OmgConfig":
@@ -160,7 +166,7 @@ class OmgConfig:
             if not 0 <= value <= 1:
                 raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be between 0 and 1 (got {value})")
         for attr, choices in (("mask_source", MASK_SOURCES), ("sam_model", SAM_MODELS), ("detector", DETECTORS),
-                              ("instance_order", INSTANCE_ORDERS), ("mode", MODES)):
+                              ("instance_order", INSTANCE_ORDERS), ("mode", MODES), ("concept_guidance", GUIDANCES)):
             if getattr(self, attr) not in choices:
                 raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be one of {', '.join(choices)} (got {getattr(self, attr)!r})")
         if self.mode == "fast" and self.mask_source != "regions" and self.blend_start == 0:

@@ -10,8 +10,8 @@ from typing import Callable
 
 import gradio as gr
 
-from .config import (CONCEPT_FIELDS, DETECTORS, FIELDS, INSTANCE_ORDERS, MASK_SOURCES, MAX_CONCEPTS, MODES, SAM_MODELS,
-                     ConceptSpec, OmgConfig, prefill_prompt)
+from .config import (CONCEPT_FIELDS, DETECTORS, FIELDS, GUIDANCES, INSTANCE_ORDERS, MASK_SOURCES, MAX_CONCEPTS, MODES,
+                     SAM_MODELS, ConceptSpec, OmgConfig, prefill_prompt)
 
 DEFAULTS = OmgConfig()
 
@@ -22,7 +22,7 @@ def _component(field, value, lora_choices: list[str]):
     if field.attr in ("mask_dilation", "mask_feather"):
         return gr.Slider(0, 256, value=value, step=1, label=field.label)
     choices = {"mask_source": MASK_SOURCES, "sam_model": SAM_MODELS, "detector": DETECTORS, "instance_order": INSTANCE_ORDERS,
-               "mode": MODES}
+               "mode": MODES, "concept_guidance": GUIDANCES}
     if field.attr in choices:
         return gr.Dropdown(list(choices[field.attr]), value=value, label=field.label, elem_id=f"omg_{field.attr}")
     if field.attr == "regions":
@@ -89,8 +89,9 @@ def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
     components.append(enabled)
     infotext.append((enabled, FIELDS[0].infotext))
     with enabled:
-        with gr.Row():
-            mode = _add(FIELDS[13], infotext, by_attr)  # shown first, passed last (``to_args`` order)
+        with gr.Row():  # shown first, passed last (``to_args`` order)
+            mode = _add(FIELDS[13], infotext, by_attr)
+            guidance = _add(FIELDS[14], infotext, by_attr)
         for row in (FIELDS[1:5], FIELDS[5:9]):
             with gr.Row():
                 for field in row:
@@ -104,7 +105,7 @@ def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
             regions_box = _add(FIELDS[12], infotext, by_attr)
             components.append(regions_box)
             regions_block(regions_box, image_to_regions, free_models)
-        components.append(mode)
+        components += [mode, guidance]
         choices = lora_choices()
         for n in range(1, MAX_CONCEPTS + 1):
             with gr.Accordion(f"Concept {n}", open=n <= 2):

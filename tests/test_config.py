@@ -21,7 +21,7 @@ def _cfg(**kw):
 def test_the_tables_declare_every_setting_in_order():
     assert [f.name for f in fields(OmgConfig) if f.name != "concepts"] == [f.attr for f in FIELDS]
     assert [f.name for f in fields(ConceptSpec)] == [f.attr for f in CONCEPT_FIELDS]
-    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 14 + 5 * 7
+    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 15 + 5 * 7
 
 
 def test_defaults():
@@ -142,7 +142,7 @@ BAD_VALUES = {  # per parser: values of the wrong type or out of any range, as a
 }
 OUT_OF_RANGE = {"blend_start": [-0.1, 1.01], "self_attention_until": [-1, 2], "mask_dilation": [-1, 257],
                 "mask_feather": [-8, 1000], "mask_source": ["sam", ""], "sam_model": ["vit_x"], "detector": ["yolo"],
-                "instance_order": ["random"], "mode": ["quick", "Fast"], "unet_weight": [-100, 1e6], "te_weight": [float("-inf")],
+                "instance_order": ["random"], "mode": ["quick", "Fast"], "concept_guidance": ["global"], "unet_weight": [-100, 1e6], "te_weight": [float("-inf")],
                 "class_word": ["", "   "], "prompt": [""]}
 
 

@@ -79,6 +79,8 @@ class Settings:
     self_attention_until: float = OmgConfig.self_attention_until
     layout_until: float = 1.0
     """Fraction of the steps after which pass 2 runs without reference rows (1: layout to the end)."""
+    share_uncond: bool = False
+    """Concepts guided against the host's uncond rows (no concept uncond rows)."""
     dilation: int = OmgConfig.mask_dilation
     feather: int = OmgConfig.mask_feather
     lora_weight: float = 1.0
@@ -189,7 +191,7 @@ def _omg_run(world: ToyWorld, case: Case, seeds: list[int], s: Settings):
     cond, uncond = _rows(world.encode(prompt), rows), _rows(world.encode(""), rows)
     result = run_omg(world.model.unet, concepts, cond, uncond, steps=STEPS, latent_shape=(rows, 3, SIZE, SIZE),
                      cfg_scale=CFG, seeds=seeds, blend_start=s.blend_start, layout=s.layout,
-                     self_attention_until=s.self_attention_until, layout_until=s.layout_until,
+                     self_attention_until=s.self_attention_until, layout_until=s.layout_until, share_uncond=s.share_uncond,
                      masks=_mask_maker(world, case, s, rows))
     return result, cond, uncond
 
@@ -252,6 +254,7 @@ ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG weight 0.8": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8)),
     "OMG no layout": lambda w, c, s: omg(w, c, s, Settings(layout=False)),
     "OMG layout to 0.6": lambda w, c, s: omg(w, c, s, Settings(layout_until=0.6)),
+    "OMG shared uncond": lambda w, c, s: omg(w, c, s, Settings(share_uncond=True)),
     "OMG blend 0.2": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.2)),
     "OMG blend 0.4": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.4)),
     "OMG maps 0-0.3": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, 0.3))),

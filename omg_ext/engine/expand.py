@@ -59,9 +59,13 @@ class ExpandedRow:
 
 def expand(
     x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], rows: Sequence[RowRole],
-    concepts: Sequence[ConceptCond], reference_x: torch.Tensor | None,
+    concepts: Sequence[ConceptCond], reference_x: torch.Tensor | None, share_uncond: bool = False,
 ) -> list[list[ExpandedRow]]:
-    """The expanded batch as units: lists of rows that must run in the same call."""
+    """The expanded batch as units: lists of rows that must run in the same call.
+
+    ``share_uncond``: no concept rows for the host's uncond rows; inside a concept's mask the
+    guidance is then taken against the host's uncond output (k rows fewer per image).
+    """
     units = []
     for i, role in enumerate(rows):
         host_cond = {key: value[i] for key, value in cond.items()}
@@ -69,6 +73,8 @@ def expand(
         if reference_x is not None and role.is_cond:
             unit.append(ExpandedRow(reference_x[i], t[i], host_cond, GLOBAL, i, is_reference=True))
         units.append(unit)
+        if share_uncond and not role.is_cond:
+            continue
         for j, concept in enumerate(concepts):
             own = concept.cond if role.is_cond else concept.uncond
             # the concept's conditioning in the host's dtype and device (half precision, offloading)
@@ -191,7 +197,9 @@ def run_units(units: list[list[ExpandedRow]], limit: RowLimit,
                 host_out[row.host] = out[p]
             elif row.concept != GLOBAL:
                 concept_out[row.concept][row.host] = out[p]
-    return torch.stack(host_out), torch.stack([torch.stack(c) for c in concept_out])
+    # a row without concept rows (``share_uncond``) blends with its own output: it stays the host's
+    return torch.stack(host_out), torch.stack([torch.stack([h if o is None else o for o, h in zip(c, host_out)])
+                                               for c in concept_out])
 
 
 def free_memory() -> None:

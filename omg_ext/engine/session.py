@@ -95,6 +95,7 @@ class OmgSession:
         self.masks: BlendMasks | None = None
         self.blend_from_t = self.self_attention_until_t = self.layout_until_t = math.inf
         self._attention: AttentionState | None = None
+        self.share_uncond = False
         self._blending: Callable[[torch.Tensor], bool] | None = None
         """Fast mode's test of whether a call is past the blend start (None: two-pass mode)."""
 
@@ -124,15 +125,17 @@ class OmgSession:
         self.mode = "pass1"
 
     def begin_pass2(self, masks: torch.Tensor, *, blend_start: float, self_attention_until: float = 0.0,
-                    layout_until: float = 1.0) -> None:
+                    layout_until: float = 1.0, share_uncond: bool = False) -> None:
         """Start pass 2 with masks [images, concepts, H, W], exclusive (Σ ≤ 1 per pixel).
 
         ``blend_start``: fraction of the steps before which pass 2 replays pass 1;
         ``self_attention_until``: fraction of the steps before which self-attention at
         1/4 resolution is also taken from the reference (0: never); ``layout_until``:
         fraction of the steps after which the reference rows stop (1: to the end) — the
-        late steps draw detail, not layout, and each reference row costs a row.
+        late steps draw detail, not layout, and each reference row costs a row; ``share_uncond``:
+        concepts are guided against the host's uncond rows instead of their own (``expand``).
         """
+        self.share_uncond = share_uncond
         self.masks = BlendMasks(masks, self.images, len(self.concepts))
         for name, value in (("blend_start", blend_start), ("self_attention_until", self_attention_until),
                             ("layout_until", layout_until)):
@@ -221,7 +224,7 @@ class OmgSession:
             call = AttentionCall(tuple(x.shape[-2:]), replace=replace_pairs(call_rows), replace_self=replace_self)
             return self._run(unet_fn, *stack(call_rows), call, concept_spans(call_rows))
 
-        units = expand(x, t, cond, rows, self.conds, reference)
+        units = expand(x, t, cond, rows, self.conds, reference, self.share_uncond)
         self.row_limit.budget = self.memory.rows(x, smallest=max(len(u) for u in units))
         host_out, concept_out = run_units(units, self.row_limit, run)
         return blend(host_out, concept_out, self.masks.for_rows(x, rows))

@@ -84,6 +84,26 @@ def test_full_mask_from_step_zero_equals_plain_run_with_merged_lora(unet, concep
     torch.testing.assert_close(r.final, reference, rtol=1e-3, atol=1e-3)  # merged vs unmerged rounding, 6 steps
 
 
+@torch.no_grad()
+def test_shared_uncond_guides_the_concept_against_the_hosts_uncond_row(unet, concepts):
+    """``share_uncond``: cond rows as the concept's (LoRA merged, its prompt), uncond rows the host's own (no LoRA)."""
+    concept = concepts[1]
+    cond, uncond = _global()
+    r = run_omg(unet, [concept], cond, uncond, steps=6, blend_start=0.0, masks=torch.ones(1, 1, 16, 16), share_uncond=True)
+    lora_fn, plain_fn = unet_fn(merged(unet, concept.deltas)), unet_fn(unet)
+
+    def mixed(x, t, c, rows):  # the concept's prompt and LoRA on cond rows, the host's uncond and no LoRA on uncond rows
+        out = plain_fn(x, t, c)
+        is_cond = torch.tensor([r.is_cond for r in rows])
+        out[is_cond] = lora_fn(x[is_cond], t[is_cond], {"context": concept.cond["context"].expand(int(is_cond.sum()), -1, -1)})
+        return out
+
+    reference = generate(mixed, SCHEDULE, "euler", cond, uncond, seed=0, steps=6, latent_shape=(1, 4, 16, 16))
+    torch.testing.assert_close(r.final, reference, rtol=1e-3, atol=1e-3)  # merged vs unmerged rounding, 6 steps
+    blended = r.session.counters["pass2"]
+    assert blended.rows == blended.calls * 4  # host cond + uncond, reference, one concept cond row: no concept uncond row
+
+
 def _one_blended_call(unet, concepts, x, t, cond, rows, masks, max_rows=None, layout=True, raw=None):
     session = OmgSession(unet, concepts, images=masks.shape[0], layout=layout, max_rows=max_rows)
     raw = raw or unet_fn(unet)

@@ -352,6 +352,19 @@ def _run_job(modules, model, cfg, prompts, seeds, latent):
 
 
 @torch.no_grad()
+def test_shared_concept_guidance_runs_no_concept_uncond_rows(two_concepts):
+    model, cfg = two_concepts
+    with fake_a1111.installed() as modules:
+        own, own_session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
+        cfg.concept_guidance = "shared"
+        shared, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
+    calls = session.counters["pass2"].calls
+    assert calls == own_session.counters["pass2"].calls == 3  # steps 3..5 of 6 blend
+    assert (own_session.counters["pass2"].rows, session.counters["pass2"].rows) == (calls * 7, calls * 5)
+    assert session.infotext["OMG concept guidance"] == "shared" and not torch.equal(own, shared)
+
+
+@torch.no_grad()
 def test_a_job_inside_a1111s_autocast_runs_in_half_precision_and_stays_close(two_concepts):
     """A1111 on CUDA samples inside ``devices.autocast()`` = ``torch.autocast("cuda")`` (fp16): layers take
     float32 from a GroupNorm and return half. CPU autocast in fp16 stands in for it here."""
