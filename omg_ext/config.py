@@ -155,7 +155,7 @@ class OmgConfig:
     instance_order: str = "attention"
     regions: str = ""
     mode: str = "two passes"
-    concept_guidance: str = "own"
+    concept_guidance: str = "shared"
     concepts: list[ConceptSpec] = field(default_factory=list)
 
     def validate(self) -> "OmgConfig":

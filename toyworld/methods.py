@@ -6,14 +6,16 @@
 - ``fixed regions``: Regional-Prompter-like: the left half of the picture is the first
   concept's, the right half the second's, from the first step (OMG's blend through the
   ``regions`` mask source, blend start 0, no layout pass);
-- ``OMG``: this project's defaults (attention masks, layout preservation, blend start 0.3);
+- ``OMG``: this project's defaults (attention masks, layout preservation, blend start 0.3,
+  concepts guided against the host's uncond rows);
 - ``OMG grounded``: the same with masks from the paper's route, a detector and a segmenter
   on the layout image (``toyworld.grounding``, through the ``detector+sam`` mask source);
 - ``official``: the official code's settings where they differ from this project's, as far
-  as they change the picture: concept LoRA weight 0.8 and self-attention taken from pass 1
-  for the first 40 % of the steps (its cost schedule, a duplicate image in pass 1 and one
-  UNet call per concept, gives the same picture as the expanded batch). Its masks are
-  summed where they overlap; here they stay exclusive.
+  as they change the picture: concept LoRA weight 0.8, self-attention taken from pass 1
+  for the first 40 % of the steps, each concept guided against its own negative prompt
+  with its LoRA (its cost schedule, a duplicate image in pass 1 and one UNet call per
+  concept, gives the same picture as the expanded batch). Its masks are summed where they
+  overlap; here they stay exclusive.
 
 Every method samples with Euler, 20 steps, CFG 5, one seed per image.
 """
@@ -79,7 +81,7 @@ class Settings:
     self_attention_until: float = OmgConfig.self_attention_until
     layout_until: float = 1.0
     """Fraction of the steps after which pass 2 runs without reference rows (1: layout to the end)."""
-    share_uncond: bool = False
+    share_uncond: bool = OmgConfig.concept_guidance == "shared"
     """Concepts guided against the host's uncond rows (no concept uncond rows)."""
     dilation: int = OmgConfig.mask_dilation
     feather: int = OmgConfig.mask_feather
@@ -216,7 +218,7 @@ def omg_fast(world: ToyWorld, case: Case, seeds: list[int], settings: Settings |
     ]
     result = run_fast(world.model.unet, concepts, _rows(world.encode(prompt), rows), _rows(world.encode(""), rows),
                       steps=STEPS, latent_shape=(rows, 3, SIZE, SIZE), cfg_scale=CFG, seeds=seeds,
-                      blend_start=s.blend_start, dilation=s.dilation, feather=s.feather)
+                      blend_start=s.blend_start, dilation=s.dilation, feather=s.feather, share_uncond=s.share_uncond)
     return Generated(to_images(result.final), result.masks)
 
 
@@ -242,9 +244,9 @@ def omg_hires(world: ToyWorld, case: Case, seeds: list[int], blend: bool) -> Gen
 METHODS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "no LoRA": no_lora,
     "global LoRAs": global_loras,
-    "fixed regions": lambda w, c, s: omg(w, c, s, Settings(masks="halves", blend_start=0.0, layout=False)),
+    "fixed regions": lambda w, c, s: omg(w, c, s, Settings(masks="halves", blend_start=0.0, layout=False, share_uncond=False)),
     "OMG": omg,
-    "official": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8, self_attention_until=0.4)),
+    "official": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8, self_attention_until=0.4, share_uncond=False)),
     "OMG fast": omg_fast,
 }
 
@@ -254,7 +256,8 @@ ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG weight 0.8": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8)),
     "OMG no layout": lambda w, c, s: omg(w, c, s, Settings(layout=False)),
     "OMG layout to 0.6": lambda w, c, s: omg(w, c, s, Settings(layout_until=0.6)),
-    "OMG shared uncond": lambda w, c, s: omg(w, c, s, Settings(share_uncond=True)),
+    "OMG own uncond": lambda w, c, s: omg(w, c, s, Settings(share_uncond=False)),
+    "OMG fast own uncond": lambda w, c, s: omg_fast(w, c, s, Settings(share_uncond=False)),
     "OMG blend 0.2": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.2)),
     "OMG blend 0.4": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.4)),
     "OMG maps 0-0.3": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, 0.3))),

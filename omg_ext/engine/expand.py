@@ -166,15 +166,14 @@ def replace_pairs(rows: list[ExpandedRow]) -> list[tuple[int, list[int]]]:
     return [(p, [host_pos[r.host]]) for p, r in enumerate(rows) if r.is_reference]
 
 
-def run_units(units: list[list[ExpandedRow]], limit: RowLimit,
-              run: Callable[[list[ExpandedRow]], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def run_units(units: list[list[ExpandedRow]], limit: RowLimit, run: Callable[[list[ExpandedRow]], torch.Tensor],
+              concepts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the expanded batch in calls (``run(rows) -> out``); return host and concept outputs.
 
     Host outputs [R, C, H, W] in host-row order, concept outputs [k, R, C, H, W]; the
     reference rows' outputs are dropped. A call that runs out of memory is split in halves
     (``limit`` lowered) and run again, down to one unit; the job is never lost for it.
     """
-    concepts = max(r.concept for unit in units for r in unit) + 1
     hosts = 1 + max(r.host for unit in units for r in unit)
     host_out: list = [None] * hosts
     concept_out: list = [[None] * hosts for _ in range(concepts)]

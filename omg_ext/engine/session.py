@@ -149,7 +149,7 @@ class OmgSession:
         self.mode = "pass2"
 
     def begin_fast(self, blending: Callable[[torch.Tensor], bool], make_masks: Callable[["OmgSession"], torch.Tensor], *,
-                   context_key: str = "context") -> None:
+                   context_key: str = "context", share_uncond: bool = False) -> None:
         """Fast mode (``fast.py``): one pass instead of two.
 
         ``blending(t)`` says whether a call at timestep ``t`` is at or past the blend start
@@ -158,9 +158,11 @@ class OmgSession:
         call ``make_masks(session)`` gives the masks [images, concepts, H, W] (e.g. from
         ``attention_masks``, whose window then spans the calls made so far); from then on each
         concept's LoRA and prompt act inside its mask in the host's rows. ``context_key``: the
-        conditioning entry that cross-attention reads (the host's name for it).
+        conditioning entry that cross-attention reads (the host's name for it); ``share_uncond``:
+        the uncond rows stay the host's (no LoRA, no concept negative prompt), as in pass 2.
         """
         self._blending, self._make_masks, self._context_key = blending, make_masks, context_key
+        self.share_uncond = share_uncond
         self.masks = None
         self.mode = "fast"
 
@@ -206,7 +208,11 @@ class OmgSession:
 
     def _fast(self, unet_fn: UnetFn, x, t, cond, rows: Sequence[RowRole]) -> torch.Tensor:
         """One fast-mode call: the host's rows, every concept's LoRA and prompt masked."""
-        masks = LayerMasks(self.masks.for_rows(x, rows))
+        row_masks = self.masks.for_rows(x, rows)
+        if self.share_uncond:  # the uncond rows stay the host's
+            row_masks = row_masks * torch.tensor([r.is_cond for r in rows], dtype=row_masks.dtype,
+                                                 device=row_masks.device).view(-1, 1, 1, 1)
+        masks = LayerMasks(row_masks)
         like = cond[self._context_key]
         contexts = [torch.stack([(c.cond if r.is_cond else c.uncond)[self._context_key][0] for r in rows]).to(like)
                     for c in self.conds]
@@ -226,7 +232,7 @@ class OmgSession:
 
         units = expand(x, t, cond, rows, self.conds, reference, self.share_uncond)
         self.row_limit.budget = self.memory.rows(x, smallest=max(len(u) for u in units))
-        host_out, concept_out = run_units(units, self.row_limit, run)
+        host_out, concept_out = run_units(units, self.row_limit, run, len(self.conds))
         return blend(host_out, concept_out, self.masks.for_rows(x, rows))
 
     def _run(self, unet_fn: UnetFn, x, t, cond, call: AttentionCall | None, spans=()) -> torch.Tensor:

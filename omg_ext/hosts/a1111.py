@@ -395,7 +395,7 @@ class A1111Generation:
 
         state, start = shared.state, self.cfg.blend_start
         session.begin_fast(lambda t: state.sampling_step >= round(start * max(state.sampling_steps, 1)), make_masks,
-                           context_key=self.context_key)
+                           context_key=self.context_key, share_uncond=self.cfg.concept_guidance == "shared")
         script_callbacks.on_cfg_after_cfg(keep_denoised, name="omg fast mode")
         try:
             final = run()

@@ -9,7 +9,7 @@ from omg_ext.engine.lora import RowRoutedLoRA
 from omg_ext.engine.rows import roles_cond_then_uncond
 from omg_ext.engine.session import Concept
 from tests.support.loras import merged, random_concept_deltas
-from tests.support.omg_run import SCHEDULE, run_fast
+from tests.support.omg_run import SCHEDULE, concept_on_cond_rows, run_fast
 from tests.support.sampling import generate
 from tests.support.tiny_unet import TinyUNet, text_context, unet_fn
 
@@ -67,6 +67,18 @@ def test_one_concept_over_the_whole_image_is_its_lora_merged_with_its_prompts(un
     r = run_fast(unet, concepts, {"context": text_context(1)}, {"context": text_context(2)}, steps=6,
                  latent_shape=(1, 4, *HW), blend_start=0.0, masks=masks)
     torch.testing.assert_close(r.final, alone, rtol=1e-3, atol=1e-3)  # merged vs unmerged rounding, 6 steps
+
+
+@torch.no_grad()
+def test_shared_guidance_leaves_the_uncond_rows_to_the_host(unet, concepts):
+    """One concept over the whole image: cond rows its LoRA and prompt, uncond rows the plain model's."""
+    masks = torch.zeros(1, 2, *HW)
+    masks[:, 1] = 1
+    cond, uncond = {"context": text_context(1)}, {"context": text_context(2)}
+    r = run_fast(unet, concepts, cond, uncond, steps=6, latent_shape=(1, 4, *HW), blend_start=0.0, masks=masks,
+                 share_uncond=True)
+    reference = _plain(concept_on_cond_rows(unet, concepts[1]), cond, uncond)
+    torch.testing.assert_close(r.final, reference, rtol=1e-3, atol=1e-3)  # merged vs unmerged rounding, 6 steps
 
 
 def _row_masks(rows=2):

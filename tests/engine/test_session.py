@@ -9,7 +9,7 @@ from omg_ext.engine.masks import masks_from_attention
 from omg_ext.engine.session import Concept, OmgSession
 from omg_ext.engine.rows import RowRole, roles_cond_then_uncond
 from tests.support.loras import merged, random_concept_deltas
-from tests.support.omg_run import SCHEDULE, run_omg
+from tests.support.omg_run import SCHEDULE, concept_on_cond_rows, run_omg
 from tests.support.sampling import generate
 from tests.support.tiny_unet import TinyUNet, unet_fn
 
@@ -90,15 +90,8 @@ def test_shared_uncond_guides_the_concept_against_the_hosts_uncond_row(unet, con
     concept = concepts[1]
     cond, uncond = _global()
     r = run_omg(unet, [concept], cond, uncond, steps=6, blend_start=0.0, masks=torch.ones(1, 1, 16, 16), share_uncond=True)
-    lora_fn, plain_fn = unet_fn(merged(unet, concept.deltas)), unet_fn(unet)
-
-    def mixed(x, t, c, rows):  # the concept's prompt and LoRA on cond rows, the host's uncond and no LoRA on uncond rows
-        out = plain_fn(x, t, c)
-        is_cond = torch.tensor([r.is_cond for r in rows])
-        out[is_cond] = lora_fn(x[is_cond], t[is_cond], {"context": concept.cond["context"].expand(int(is_cond.sum()), -1, -1)})
-        return out
-
-    reference = generate(mixed, SCHEDULE, "euler", cond, uncond, seed=0, steps=6, latent_shape=(1, 4, 16, 16))
+    reference = generate(concept_on_cond_rows(unet, concept), SCHEDULE, "euler", cond, uncond, seed=0, steps=6,
+                         latent_shape=(1, 4, 16, 16))
     torch.testing.assert_close(r.final, reference, rtol=1e-3, atol=1e-3)  # merged vs unmerged rounding, 6 steps
     blended = r.session.counters["pass2"]
     assert blended.rows == blended.calls * 4  # host cond + uncond, reference, one concept cond row: no concept uncond row

@@ -354,6 +354,7 @@ def _run_job(modules, model, cfg, prompts, seeds, latent):
 @torch.no_grad()
 def test_shared_concept_guidance_runs_no_concept_uncond_rows(two_concepts):
     model, cfg = two_concepts
+    cfg.concept_guidance = "own"
     with fake_a1111.installed() as modules:
         own, own_session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
         cfg.concept_guidance = "shared"

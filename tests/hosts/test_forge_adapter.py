@@ -258,8 +258,10 @@ def test_blend_start_one_gives_forges_own_image_bitwise(tmp_path, monkeypatch):
 
 
 @torch.no_grad()
-def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monkeypatch):
-    plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, **CFG))
+@pytest.mark.parametrize("guidance", ["shared", "own"])
+def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monkeypatch, guidance):
+    plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch,
+                                                         OmgConfig(blend_start=0.5, concept_guidance=guidance, **CFG))
     assert isinstance(final, torch.Tensor) and not torch.equal(final, plain)
     _assert_untouched(model, weights, model.forge_objects_after_applying_lora.unet)
     assert job.extra_generation_params["OMG c1 lora"] == "hero" and job.extra_generation_params["OMG c1 lora hash"] == "0123456789ab"
@@ -276,7 +278,7 @@ def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monk
     assert not torch.allclose(concept.cond["c_crossattn"], te.encode("a man, red cape"))
     # split calls (one chunk per call) give the same image: the row roles follow cond_or_uncond
     # (batch composition changes float rounding only; wrong roles would change the image like OMG itself does)
-    _, split_final, *_ = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, **CFG), split=True)
+    _, split_final, *_ = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, concept_guidance=guidance, **CFG), split=True)
     rounding, omg_effect = (split_final - final).abs().max(), (final - plain).abs().max()
     assert rounding < 1e-3 and omg_effect > 100 * rounding, (rounding, omg_effect)
 

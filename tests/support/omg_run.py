@@ -80,7 +80,7 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
 
 def run_fast(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, latent_shape=(1, 4, 16, 16),
              blend_start=0.3, masks=None, dilation=0, feather=0, cfg_scale=7.0, seeds=None, dtype=None,
-             device=None) -> OmgResult:
+             device=None, share_uncond=False) -> OmgResult:
     """Fast mode (one pass): ``masks`` as for ``run_omg`` but a function of the session alone
     (there is no layout latent), or None for the attention masks of the steps before the blend start."""
     session = OmgSession(unet, concepts, images=latent_shape[0])
@@ -94,7 +94,23 @@ def run_fast(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, 
         masks = lambda s: given  # noqa: E731
     with session.installed():
         start_t = threshold(timesteps, blend_start)
-        session.begin_fast(lambda t: float(t.max()) <= start_t, masks)
+        session.begin_fast(lambda t: float(t.max()) <= start_t, masks, share_uncond=share_uncond)
         final = generate(model_fn, SCHEDULE, sampler, cond, uncond, seed=seed,
                          steps=steps, latent_shape=latent_shape, cfg_scale=cfg_scale, seeds=seeds)
     return OmgResult(None, final, None if session.masks is None else session.masks.masks, session)
+
+
+def concept_on_cond_rows(unet, concept):
+    """A sampler model function: cond rows run with the concept's LoRA merged and its prompt, uncond rows
+    are the plain model's with the host's conditioning (shared concept guidance over the whole image)."""
+    from tests.support.loras import merged
+
+    lora_fn, plain_fn = unet_fn(merged(unet, concept.deltas)), unet_fn(unet)
+
+    def model_fn(x, t, c, rows):
+        out = plain_fn(x, t, c)
+        is_cond = torch.tensor([r.is_cond for r in rows])
+        context = concept.cond["context"].expand(int(is_cond.sum()), -1, -1)
+        out[is_cond] = lora_fn(x[is_cond], t[is_cond], {"context": context})
+        return out
+    return model_fn

@@ -1,10 +1,12 @@
 """OMG against both LoRAs loaded globally, in the trained toy world (committed weights, 16 images).
 
-Measured on these seeds (``benchmarks/bench_quality.py`` gives the same on 200 images):
-OMG leakage 0.0125 vs 0.0385 (ratio 0.32), both figures present 0.56 vs 0.31, OMG's
-identity fidelity 0.475 (no LoRA: 0.004). The assertions keep those facts with room for
-noise (one image of 16 is 0.0625); they fail when the concepts' LoRAs go to each other's
-rows, or when the masks stop mattering (OMG then draws no identity).
+Measured on these seeds with the defaults (concepts guided against the host's uncond rows;
+``benchmarks/bench_quality.py`` gives the same on 200 images): OMG leakage 0.0256 vs 0.0387
+(ratio 0.66), both figures present 0.625 vs 0.3125, both present and each in its own look
+("identities kept") 0.4375 vs 0.0625, OMG's identity fidelity 0.716 vs 0.707 (each concept
+guided against its own negative prompt, the paper's way: 0.475). The assertions keep those
+facts with room for noise (one image of 16 is 0.0625); they fail when the concepts' LoRAs go
+to each other's rows, or when the masks stop mattering (OMG then draws no identity).
 """
 import pytest
 import torch
@@ -32,6 +34,7 @@ def _pooled(world, method) -> dict[str, float]:
 @torch.no_grad()
 def test_omg_keeps_identities_apart_where_global_loras_mix_or_drop_them(world):
     ours, theirs = _pooled(world, omg), _pooled(world, global_loras)
-    assert ours["leakage"] <= 0.6 * theirs["leakage"], (ours, theirs)
+    assert ours["leakage"] <= 0.8 * theirs["leakage"], (ours, theirs)
     assert ours["both_present"] >= theirs["both_present"] + 0.125, (ours, theirs)
-    assert ours["fidelity"] >= 0.3, ours
+    assert ours["identities_kept"] >= theirs["identities_kept"] + 0.25, (ours, theirs)
+    assert ours["fidelity"] >= 0.6, ours
