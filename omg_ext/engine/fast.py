@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ class LayerMasks:
         self.masks = masks
         self.latent_hw = tuple(masks.shape[-2:])
         self._resized: dict[tuple[int, int], torch.Tensor] = {}
+        self._shaped: dict[tuple, torch.Tensor] = {}
 
     def at(self, hw: tuple[int, int]) -> torch.Tensor:
         """[rows, k, h, w]: area-averaged when smaller (Σ ≤ 1 holds), bilinear when larger."""
@@ -54,22 +55,37 @@ class LayerMasks:
         return self.at(hw).flatten(2)
 
     def for_output(self, out: torch.Tensor, concept: int) -> torch.Tensor:
-        """Concept ``concept``'s mask shaped to multiply a layer's output.
+        """Concept ``concept``'s mask shaped to multiply a layer's output (made once per shape and dtype).
 
         Convolutions give [rows, C, h, w] → [rows, 1, h, w]; token layers [rows, n, C] →
         [rows, n, 1]. A layer whose output has no spatial positions (a time or class
         embedding) cannot be masked: its delta is weighted by the share of the image the
         mask covers, which is exact for a mask over the whole image.
         """
+        return self.for_outputs(out, (concept,), (1,))
+
+    def for_outputs(self, out: torch.Tensor, concepts: Sequence[int], repeats: Sequence[int]) -> torch.Tensor:
+        """The masks of ``concepts``, each repeated ``repeats[i]`` times along the layer's feature axis
+        (``StackedLowRank``'s rank channels), shaped to multiply its output; cached per layer shape."""
+        spatial = tuple(out.shape[2:]) if out.dim() == 4 else tuple(out.shape[1:-1])
+        key = (out.dim(), spatial, out.dtype, tuple(concepts), tuple(repeats))
+        if key not in self._shaped:
+            masks = self._spatial(out)[:, list(concepts)]  # [rows, k', *positions]
+            masks = masks.repeat_interleave(torch.tensor(repeats, device=masks.device), dim=1)
+            self._shaped[key] = (masks if out.dim() == 4 else masks.movedim(1, -1)).to(out.dtype)
+        return self._shaped[key]
+
+    def _spatial(self, out: torch.Tensor) -> torch.Tensor:
+        """[rows, k, *positions of ``out``]: (h, w) of a convolution, n of a token layer, nothing of another."""
         if out.dim() == 4:
-            return self.at(tuple(out.shape[-2:]))[:, concept:concept + 1].to(out.dtype)
+            return self.at(tuple(out.shape[-2:]))
         if out.dim() == 3:
             try:
-                return self.tokens(out.shape[1])[:, concept, :, None].to(out.dtype)
+                return self.tokens(out.shape[1])
             except ValueError:  # a token count that is not spatial
                 pass
-        share = self.masks[:, concept].flatten(1).mean(dim=1)
-        return share.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+        share = self.masks.flatten(2).mean(dim=2)  # [rows, k]
+        return share.view(*share.shape, *([1] * (out.dim() - 2)))
 
 
 @dataclass

@@ -212,10 +212,7 @@ class StackedLowRank:
             h = F.conv2d(x, down, **(_conv_args(module) if down.shape[-2:] != (1, 1) else {}))
         else:
             h = F.linear(x, down)
-        axis = 1 if conv else -1
-        per_concept = torch.cat([masks.for_output(out, j) for j in self.concepts], dim=axis)
-        repeats = torch.tensor(self.ranks, device=h.device)
-        _accumulate(out, h * per_concept.repeat_interleave(repeats, dim=axis), up, channels_first=conv)
+        _accumulate(out, h * masks.for_outputs(out, self.concepts, self.ranks), up, channels_first=conv)
 
 
 TEXT_SIDE = ("attn2.to_k", "attn2.to_v")
@@ -227,6 +224,7 @@ class _RouteHook:
 
     def __init__(self, router: "RowRoutedLoRA", name: str, deltas: list[Delta | None]) -> None:
         self.router, self.name, self.deltas = router, name, deltas
+        self.text_side = name.endswith(TEXT_SIDE)
         self.stacked: StackedLowRank | bool | None = None
         """Fast mode's one product for all concepts (False: not possible here), made on first use."""
 
@@ -253,7 +251,7 @@ class _RouteHook:
 
         Cross-attention keys and values (text-side layers) are left to ``fast_cross_attention``.
         """
-        if self.name.endswith(TEXT_SIDE):
+        if self.text_side:
             return None
         x = inputs[0].to(output.dtype)
         if self.stacked is None:

@@ -66,7 +66,7 @@ class PassRecord:
 
     def threshold(self, fraction: float) -> float:
         """The timestep from which on calls belong to the last ``1 - fraction`` of the calls."""
-        return threshold(([float(c.t.max()) for c in self.calls]), fraction)
+        return threshold([float(c.t.max()) for c in self.calls], fraction)
 
     def drop_outputs_from(self, threshold: float) -> None:
         """Free the outputs pass 2 will compute anyway (calls at or below the blend start)."""

@@ -163,6 +163,7 @@ class OmgSession:
         """
         self._blending, self._make_masks, self._context_key = blending, make_masks, context_key
         self.share_uncond = share_uncond
+        self._fast_calls: dict[tuple, FastCall] = {}
         self.masks = None
         self.mode = "fast"
 
@@ -208,17 +209,19 @@ class OmgSession:
 
     def _fast(self, unet_fn: UnetFn, x, t, cond, rows: Sequence[RowRole]) -> torch.Tensor:
         """One fast-mode call: the host's rows, every concept's LoRA and prompt masked."""
-        row_masks = self.masks.for_rows(x, rows)
-        if self.share_uncond:  # the uncond rows stay the host's
-            row_masks = row_masks * torch.tensor([r.is_cond for r in rows], dtype=row_masks.dtype,
-                                                 device=row_masks.device).view(-1, 1, 1, 1)
-        masks = LayerMasks(row_masks)
         like = cond[self._context_key]
-        contexts = [torch.stack([(c.cond if r.is_cond else c.uncond)[self._context_key][0] for r in rows]).to(like)
-                    for c in self.conds]
-        call = AttentionCall(tuple(x.shape[-2:]), fast=FastCall(masks, contexts, self.router.route_all))
-        with self.router.masked(masks):
-            return self._run(unet_fn, x, t, cond, call)
+        key = (tuple(rows), tuple(x.shape[-2:]), x.device, like.dtype)
+        if key not in self._fast_calls:  # the same rows every step: masks resized and contexts stacked once
+            row_masks = self.masks.for_rows(x, rows)
+            if self.share_uncond:  # the uncond rows stay the host's
+                row_masks = row_masks * torch.tensor([r.is_cond for r in rows], dtype=row_masks.dtype,
+                                                     device=row_masks.device).view(-1, 1, 1, 1)
+            contexts = [torch.stack([(c.cond if r.is_cond else c.uncond)[self._context_key][0] for r in rows]).to(like)
+                        for c in self.conds]
+            self._fast_calls[key] = FastCall(LayerMasks(row_masks), contexts, self.router.route_all)
+        fast = self._fast_calls[key]
+        with self.router.masked(fast.masks):
+            return self._run(unet_fn, x, t, cond, AttentionCall(tuple(x.shape[-2:]), fast=fast))
 
     def _blended(self, unet_fn: UnetFn, x, t, cond, rows: Sequence[RowRole], recorded: RecordedCall | None) -> torch.Tensor:
         """The expanded batch (host, reference and concept rows) of one call, blended by the masks."""
