@@ -3,6 +3,8 @@
 Each round times one plain txt2img job, one OMG job (two concepts, each with a LoRA) and
 one OMG fast-mode job with the same seed and size, in turn, after a warm-up; the medians
 and their ratios to plain are printed, and the same for hires fix (unless ``--no-hires``).
+``--controlnet NAME`` adds one ControlNet unit (that model, no preprocessor, a block as hint)
+to every job, plain included: the ratios are then OMG + ControlNet to ControlNet alone.
 
     python benchmarks/bench_webui.py --url http://127.0.0.1:7861 --loras char1,char2 --size 128 --steps 8 --runs 2
 """
@@ -28,6 +30,22 @@ def timed(url: str, payload: dict) -> float:
     return time.perf_counter() - start
 
 
+def controlnet_unit(url: str, name: str, size: int) -> dict:
+    """A ControlNet unit of the host's model ``name`` ("name [hash]" looked up) with a white block on black as hint."""
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    with urllib.request.urlopen(url + "/controlnet/model_list", timeout=60) as response:
+        full = next(n for n in json.load(response)["model_list"] if n.split(" [")[0] == name)
+    image = Image.new("RGB", (size, size))
+    ImageDraw.Draw(image).rectangle((size // 5, size // 8, size // 2, size - size // 16), fill="white")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"enabled": True, "module": "None", "model": full, "weight": 1.0, "image": base64.b64encode(buffer.getvalue()).decode()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:7860")
@@ -37,6 +55,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--blend-start", type=float, default=0.3)
     parser.add_argument("--no-hires", action="store_true", help="time txt2img only")
+    parser.add_argument("--controlnet", help="a ControlNet model name: every job (plain too) gets one unit of it")
     args = parser.parse_args()
     first, second = args.loras.split(",")
     plain = {"prompt": "a man and a woman hugging", "negative_prompt": "", "steps": args.steps, "width": args.size,
@@ -46,9 +65,12 @@ def main() -> None:
         {"lora": second, "class_word": "woman", "prompt": "a woman, blue dress"}]}]}}}
     hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6,
              "hr_second_pass_steps": max(1, args.steps // 2), "hr_additional_modules": ["Use same choices"]}
+    if args.controlnet:
+        plain["alwayson_scripts"] = {"ControlNet": {"args": [controlnet_unit(args.url, args.controlnet, args.size)]}}
+        omg["alwayson_scripts"].update(plain["alwayson_scripts"])
     timed(args.url, plain)  # warm-up: model load, first-call costs
     print(f"{args.url}: {args.size}x{args.size}, {args.steps} steps, blend start {args.blend_start}, "
-          f"LoRAs {first}/{second}, median of {args.runs}")
+          f"LoRAs {first}/{second}, median of {args.runs}" + (f", ControlNet {args.controlnet} on every job" if args.controlnet else ""))
     fast = json.loads(json.dumps(omg))
     fast["alwayson_scripts"]["OMG multi-concept"]["args"][0]["mode"] = "fast"
     for label, extra in (("txt2img", {}), ("hires fix x1.5", hires))[:1 if args.no_hires else 2]:

@@ -6,11 +6,14 @@ Forge keeps A1111's processing and script API (``p.sample``, ``modules.rng``, th
 
 - The UNet. Forge rebuilds ``p.sd_model.forge_objects`` before every sampling and then
   calls the scripts' ``process_before_every_sampling``; there ``patch_unet`` puts a
-  *clone* of the UNet patcher in place with a ``model_function_wrapper`` (every UNet call
-  goes through the engine; Forge's ``cond_or_uncond`` says which chunk of rows is cond)
-  and attn2 (and, for self-attention preservation, attn1) replace patches, which receive
-  projected q, k, v: the engine's ``ProjectedAttention``. The hook runs twice before a
-  hires pass; patching is idempotent. The original patcher is never modified and is put
+  *clone* of the UNet patcher in place with a ``model_function_wrapper``: every UNet call
+  goes through the engine (Forge's ``cond_or_uncond`` says which chunk of rows is cond).
+  Each engine call gets its own transformer options: its rows' cond/uncond marks, one
+  chunk per row, and attn2 (and, for self-attention preservation, attn1) replace patches,
+  which receive projected q, k, v: the engine's ``ProjectedAttention``, around another
+  extension's patch of the same block (IP-Adapter) — whichever script ran first. A
+  ControlNet's residuals, computed by Forge for the host rows, reach every engine row
+  from its host row. The hook runs twice before a hires pass; patching is idempotent. The original patcher is never modified and is put
   back when the job ends. Row-routed LoRA forward hooks go on the UNet's modules (Forge's
   ``ForgeOperations`` layers, whatever their storage: the hook adds to their output) for
   the two passes only.
@@ -79,25 +82,108 @@ class UnetWrapper:
 
     def __call__(self, apply_model, args: dict) -> torch.Tensor:
         x, t, c = args["input"], args["timestep"], args["c"]
-        session = self.generation.session
+        generation = self.generation
+        session = generation.session
         if session is None:
             return apply_model(x, t, **c)
-        if c.get("control") is not None:
-            raise OmgUserError("OMG does not work together with ControlNet yet")
-        per_row = {k: v for k, v in c.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == x.shape[0]}
-        shared = {k: v for k, v in c.items() if k not in per_row}
+        rows = x.shape[0]
+        roles = row_roles(args["cond_or_uncond"], rows)
+        control, control_rows = split_control(c.get("control"), rows)
+        per_row = {k: v for k, v in c.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows}
+        shared = {k: v for k, v in c.items() if k not in per_row and k not in ("control", "transformer_options")}
+        options = c.get("transformer_options", {})
+        per_row.update(control_rows)
+        per_row[UNCOND_KEY] = torch.tensor([0.0 if role.is_cond else 1.0 for role in roles], device=x.device)
 
         def unet_fn(x_, t_, cond):
-            return apply_model(x_, t_, **shared, **cond)
+            cond = dict(cond)
+            uncond = cond.pop(UNCOND_KEY)
+            if control is not None:
+                cond["control"] = join_control(control, cond)
+            return apply_model(x_, t_, **shared, **cond, transformer_options=generation.call_options(options, uncond))
 
-        return session(unet_fn, x, t, per_row, row_roles(args["cond_or_uncond"], x.shape[0]))
+        return session(unet_fn, x, t, per_row, roles)
 
 
-class SharedPatch(ProjectedAttention):
-    """A ``ProjectedAttention`` that survives Forge's deep copies of the patch table."""
+UNCOND_KEY = "omg:uncond"
+"""Each row's mark (0 cond, 1 uncond) travelling with it through the engine: an engine call's rows are
+described to Forge's patches (IP-Adapter, ControlNet weighting) as one chunk per row."""
 
-    def __deepcopy__(self, memo) -> "SharedPatch":
-        return self
+
+def row_options(options: dict, uncond: torch.Tensor) -> dict:
+    """Forge's transformer options for rows whose marks are ``uncond``: ``cond_or_uncond`` one chunk per row
+    (so a patch that splits rows by it — IP-Adapter — finds each row's own), with the ``cond_mark`` and
+    index lists Forge derives from it."""
+    marks = [int(m) for m in uncond.tolist()]
+    return {**options, "cond_or_uncond": marks, "cond_mark": uncond.to(options["cond_mark"]) if "cond_mark" in options else uncond,
+            "cond_indices": [i for i, m in enumerate(marks) if m == 0],
+            "uncond_indices": [i for i, m in enumerate(marks) if m == 1]}
+
+
+class AroundPatch:
+    """OMG's attention on a block where another extension has its own attn2 replace patch (IP-Adapter).
+
+    Such a patch returns the plain attention plus what it adds (the image prompt's attention);
+    OMG's attention takes the place of the plain one: ``omg + (theirs - plain)``. Without an OMG
+    call in progress it is their patch alone, exactly.
+    """
+
+    def __init__(self, omg: ProjectedAttention, theirs) -> None:
+        self.omg, self.theirs = omg, theirs
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        theirs = self.theirs(q, k, v, extra_options)
+        if self.omg.state.call is None:
+            return theirs
+        return self.omg(q, k, v, extra_options) + (theirs - self.omg.attention(q, k, v, extra_options["n_heads"]))
+
+
+FORGE_BLOCKS = [(name, number, index) for name in ("input", "middle", "output") for number in range(16) for index in range(16)]
+"""Every key Forge's ``set_model_replace_all`` covers: (block name, number, transformer index)."""
+
+
+def with_omg_patches(replace: dict, cross: ProjectedAttention, self_attention: ProjectedAttention | None) -> dict:
+    """A ``patches_replace`` table: OMG's attn2 (around another extension's patch of that block, looked up as
+    Forge does: by block and index, then by block) and, for self-attention preservation, its attn1."""
+    theirs = replace.get("attn2", {})
+    attn2 = {}
+    for key in FORGE_BLOCKS:
+        other = theirs.get(key, theirs.get(key[:2]))
+        attn2[key] = cross if other is None else AroundPatch(cross, other)
+    table = {**replace, "attn2": attn2}
+    if self_attention is not None:
+        table["attn1"] = dict.fromkeys(FORGE_BLOCKS, self_attention)
+    return table
+
+
+CONTROL_KEY = "control:{}:{}"
+"""How one ControlNet residual travels through the engine as a per-row conditioning entry."""
+
+
+def split_control(control: dict | None, rows: int) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """Forge's ControlNet residuals — ``{"input"|"middle"|"output": [tensor or None, …]}``, summed over
+    all units and computed for the call's host rows — as per-row entries the engine expands like any
+    conditioning (a concept row and a reference row get their host row's residuals), plus the
+    template that ``join_control`` fills back: a residual's place holds its key; ``None`` and a residual
+    that broadcasts over rows stay as they are."""
+    if control is None:
+        return None, {}
+    template, per_row = {}, {}
+    for name, residuals in control.items():
+        template[name] = []
+        for i, residual in enumerate(residuals):
+            if isinstance(residual, torch.Tensor) and residual.dim() > 0 and residual.shape[0] == rows:
+                key = CONTROL_KEY.format(name, i)
+                per_row[key] = residual
+                residual = key
+            template[name].append(residual)
+    return template, per_row
+
+
+def join_control(template: dict, cond: dict) -> dict:
+    """The residuals of one engine call, taken out of ``cond``; fresh lists, because Forge's UNet pops them."""
+    return {name: [cond.pop(item) if isinstance(item, str) else item for item in residuals]
+            for name, residuals in template.items()}
 
 
 def attention_modules_by_block(unet: torch.nn.Module) -> dict[tuple[str, int, int], torch.nn.Module]:
@@ -126,7 +212,8 @@ class ForgeGeneration(A1111Generation):
         check_model(p.sd_model)
         super().__init__(p, cfg)
         self.wrapper = UnetWrapper(self)
-        self.patches: tuple[SharedPatch, SharedPatch] | None = None
+        self.patches: tuple[ProjectedAttention, ProjectedAttention] | None = None
+        self.patch_tables: dict[tuple, dict] = {}
         self.swapped: list[tuple[object, object, object]] = []
         self.patch_error: Exception | None = None
 
@@ -145,11 +232,12 @@ class ForgeGeneration(A1111Generation):
             with session.installed(module_attention=False):
                 state = session.attention_state
                 modules = attention_modules_by_block(self.unet)
-                self.patches = (SharedPatch(state, True, attention_function, modules),
-                                SharedPatch(state, False, attention_function, modules))
+                self.patches = (ProjectedAttention(state, True, attention_function, modules),
+                                ProjectedAttention(state, False, attention_function, modules))
                 yield
         finally:
             self.patches = None
+            self.patch_tables.clear()
             for objects, original, clone in reversed(self.swapped):
                 if objects.unet is clone:
                     objects.unet = original
@@ -181,14 +269,21 @@ class ForgeGeneration(A1111Generation):
                 raise conflict_error(existing)
             clone = unet.clone()
             clone.set_model_unet_function_wrapper(self.wrapper)
-            cross, self_attention = self.patches
-            clone.set_model_replace_all(cross, "attn2")
-            if self.cfg.self_attention_until > 0 and self.cfg.mode != "fast":
-                clone.set_model_replace_all(self_attention, "attn1")
             objects.unet = clone
             self.swapped.append((objects, unet, clone))
         except Exception as e:  # noqa: BLE001 - re-raised by `patched`
             self.patch_error = e
+
+    def call_options(self, options: dict, uncond: torch.Tensor) -> dict:
+        """The transformer options of one engine call: its rows' own marks and OMG's attention patches
+        (built once per table of other extensions' patches: they are the same on every call)."""
+        replace = options.get("patches_replace", {})
+        key = tuple((target, block, id(patch)) for target, patches in replace.items() for block, patch in patches.items())
+        if key not in self.patch_tables:
+            cross, self_attention = self.patches
+            keep_self = self.cfg.self_attention_until > 0 and self.cfg.mode != "fast"
+            self.patch_tables[key] = with_omg_patches(replace, cross, self_attention if keep_self else None)
+        return {**row_options(options, uncond), "patches_replace": self.patch_tables[key]}
 
     # -- concepts
     def load_concept(self, spec, negative: str) -> tuple[dict, dict, dict]:

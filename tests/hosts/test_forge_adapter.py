@@ -15,6 +15,7 @@ from omg_ext.engine.lora import DenseDelta, LowRankDelta, RowRoutedLoRA
 from omg_ext.engine.rows import RowRole
 from tests.support import fake_forge
 from tests.support.fake_forge.cfg_batches import sampling_function
+from tests.support.fake_forge.controlnet import RowResidualControl
 from tests.support.fake_forge.lora_files import merge_lora_to_weight
 from tests.support.fake_forge.patchers import CLIP, UnetPatcher
 from tests.support.fake_forge.forge_unet import ForgeLinear, KModel, forge_unet, with_forge_linears
@@ -77,7 +78,7 @@ class _Job:
         self.rng = modules.rng.ImageRNG(self.rng_shape, self.seeds)
         self.enable_hr, self.extra_generation_params = False, {}
         self.steps, self.split, self.fail_at_call, self.calls = steps, split, None, 0
-        self.hooks = []
+        self.hooks, self.control = [], None
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         x = self.rng.next()
@@ -93,7 +94,8 @@ class _Job:
             self.calls += 1
             if self.calls == self.fail_at_call:
                 raise RuntimeError("sampler failed")
-            denoised = sampling_function(patcher, x, sigma.reshape(1).expand(x.shape[0]), cond, uncond, 7.0, split=self.split)
+            denoised = sampling_function(patcher, x, sigma.reshape(1).expand(x.shape[0]), cond, uncond, 7.0, split=self.split,
+                                         control=self.control)
             callbacks = self.modules.script_callbacks  # Forge keeps A1111's after-CFG callback
             callbacks.cfg_after_cfg_callback(callbacks.AfterCFGCallbackParams(denoised, state.sampling_step, self.steps))
             return denoised
@@ -135,8 +137,10 @@ CFG = dict(enabled=True, mask_dilation=0, mask_feather=0, concepts=[
 ])
 
 
-def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, fp8=False, **job_args):
-    """A plain Forge job and an OMG job on one model: (plain, final, job, model, generation, weights before)."""
+def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, fp8=False, control=None, **job_args):
+    """A plain Forge job and an OMG job on one model: (plain, final, job, model, generation, weights before).
+
+    ``control(model, latent)``: a ControlNet for both jobs."""
     model = _ForgeModel(fp8)
     _write_lora(tmp_path / "hero.safetensors", model)
     monkeypatch.setitem(sys.modules, "networks", _networks(tmp_path / "hero.safetensors"))
@@ -144,6 +148,7 @@ def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, fp8=False, **job_args):
     weights.update({"te." + k: v.clone() for k, v in model.text_processing_engine.state_dict().items()})
     with fake_forge.installed() as modules:
         job = _Job(modules, model, **job_args)
+        job.control = control and control(model, job.rng_shape[1:])
         c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
         plain = job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
         job.rng, job.calls, job.fail_at_call = modules.rng.ImageRNG(job.rng_shape, job.seeds), 0, fail_at_call
@@ -183,6 +188,113 @@ def test_fast_mode_is_one_pass_through_forges_patches_each_image_its_own_and_eve
     for i in range(2):
         _, alone, *_ = _run(tmp_path, monkeypatch, cfg, prompts=prompts[i:i + 1], seeds=[7 + i], latent=latent)
         torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-3, atol=1e-3)  # float noise of a batch ~1e-4
+
+
+def _controlnet(strength):
+    return lambda model, latent: RowResidualControl(model.forge_objects.unet.model.diffusion_model, latent, CTX, strength)
+
+
+def _calls_with_control(model, monkeypatch):
+    """Every UNet call's (x, the middle block's ControlNet residual): a spy on Forge's ``apply_model``."""
+    calls, kmodel = [], model.forge_objects.unet.model
+    apply_model = kmodel.apply_model
+
+    def spy(x, t, control=None, **kwargs):
+        calls.append((x.clone(), control["middle"][0].clone()))
+        return apply_model(x, t, control=control, **kwargs)
+
+    monkeypatch.setattr(kmodel, "apply_model", spy)
+    return calls
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["two passes", "fast"])
+def test_a_controlnet_reaches_every_row_with_its_host_rows_residuals(tmp_path, monkeypatch, mode):
+    """Forge computes ControlNet residuals for its own rows; every OMG row gets its host row's."""
+    cfg = OmgConfig(blend_start=0.5, mode=mode, **CFG)
+    prompts, latent = ["a man and a woman", "on grass a woman hugs a tall man"], (12, 16)
+    calls = []
+
+    def control(model, shape):
+        calls.append(_calls_with_control(model, monkeypatch))
+        return _controlnet(1.0)(model, shape)
+
+    plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch, cfg, control=control, prompts=prompts,
+                                                         seeds=[7, 8], latent=latent)
+    _assert_untouched(model, weights, model.forge_objects_after_applying_lora.unet)
+    omg_calls = calls[0][job.steps:]  # after the plain job's
+    rows = [(x[r], residual[r]) for x, residual in omg_calls for r in range(x.shape[0])]
+    own = [torch.allclose(res, job.control.residual(x[None], res.shape)[0], atol=1e-6) for x, res in rows]
+    blending = job.steps // 2
+    if mode == "fast":  # one pass, the host's 4 rows: each its own residual
+        assert len(rows) == job.steps * 4 and all(own)
+    else:  # pass 1 (4 rows), then per blending step 2 images x (2 host + 1 reference + 2 concepts, guided by the host's uncond)
+        assert len(rows) == job.steps * 4 + blending * 10
+        # a reference row (pass 1's latent) gets its host row's residual: the same latent on the first blending step only
+        assert own.count(False) == 2 * (blending - 1)
+    # the ControlNet changes the OMG image as it changes Forge's own (strength 0 = none at all)
+    _, without, *_ = _run(tmp_path, monkeypatch, cfg, control=_controlnet(0.0), prompts=prompts, seeds=[7, 8], latent=latent)
+    _, no_control, *_ = _run(tmp_path, monkeypatch, cfg, prompts=prompts, seeds=[7, 8], latent=latent)
+    assert torch.equal(without, no_control) and (final - without).abs().max() > 0.05
+
+
+@torch.no_grad()
+def test_with_a_controlnet_blend_start_one_still_gives_forges_own_image_bitwise(tmp_path, monkeypatch):
+    plain, final, *_ = _run(tmp_path, monkeypatch, OmgConfig(blend_start=1.0, **CFG), control=_controlnet(1.0))
+    assert torch.equal(final, plain)
+
+
+def _image_prompt_patch(seen):
+    """IP-Adapter's attn2 replace patch as Forge's extension works: the plain attention plus an image
+    prompt's, cond or uncond per chunk of rows by ``cond_or_uncond`` (here a constant per chunk)."""
+    from tests.support.fake_forge.attention import attention_function
+
+    def patch(q, k, v, extra_options):
+        marks = extra_options["cond_or_uncond"]
+        per_chunk = q.shape[0] // len(marks)
+        seen.append((q.shape[0], list(marks)))
+        added = torch.cat([torch.full((per_chunk, 1, 1), 0.3 if m == 0 else -0.2) for m in marks])
+        return attention_function(q, k, v, extra_options["n_heads"]) + added
+
+    return patch
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("first", ["ip-adapter", "omg"])
+def test_an_ip_adapter_patch_acts_on_every_row_with_its_own_cond_mark_whichever_script_runs_first(tmp_path, monkeypatch, first):
+    seen = []
+
+    def ip_adapter_script(p, **kwargs):  # Forge's IP-Adapter: per block (SD1.5: no transformer index), on a clone
+        clone = p.sd_model.forge_objects.unet.clone()
+        for block, number in [("input", 1), ("input", 2), ("middle", 0), ("output", 3)]:
+            clone.set_model_patch_replace(_image_prompt_patch(seen), "attn2", block, number)
+        p.sd_model.forge_objects.unet = clone
+
+    def run(cfg, with_ip=True):
+        model = _ForgeModel()
+        _write_lora(tmp_path / "hero.safetensors", model)
+        monkeypatch.setitem(sys.modules, "networks", _networks(tmp_path / "hero.safetensors"))
+        with fake_forge.installed() as modules:
+            if cfg is None:  # no OMG at all
+                job = _Job(modules, model, prompts=["a man and a woman"] * 2, seeds=[7, 8])
+                c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
+            else:
+                job, generation, c, uc = _omg_job(modules, model, cfg, prompts=["a man and a woman"] * 2, seeds=[7, 8])
+            if with_ip:
+                job.hooks.insert(0 if first == "ip-adapter" else len(job.hooks), ip_adapter_script)
+            return job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts), model
+
+    plain, _ = run(OmgConfig(blend_start=1.0, **CFG))
+    assert seen and all(marks == [1, 1, 0, 0] for _, marks in seen)  # pass 1: Forge's rows, one chunk per row
+    seen.clear()
+    blended, model = run(OmgConfig(blend_start=0.5, **CFG))
+    assert not any(m._forward_hooks for m in model.forge_objects.unet.model.modules())
+    assert all(rows == len(marks) for rows, marks in seen)  # every engine call: one chunk per row
+    # pass 2 (shared guidance): per image 1 cond host + 1 reference + 2 concept rows marked cond, 1 uncond host row
+    assert max((marks.count(0), marks.count(1)) for _, marks in seen) == (8, 2)
+    without, _ = run(OmgConfig(blend_start=0.5, **CFG), with_ip=False)
+    assert (blended - without).abs().max() > 0.05  # the image prompt acts with OMG on
+    assert torch.equal(plain, run(None)[0])  # blend start 1 with the patch: Forge's own image with it, bit for bit
 
 
 @torch.no_grad()
@@ -387,9 +499,13 @@ def test_patching_is_idempotent_and_survives_forges_deep_copies(tmp_path, monkey
             assert model.forge_objects.unet is clone and clone is not original and len(generation.swapped) == 1
             options = clone.clone().model_options  # another extension clones after us: a deep copy
             assert options["model_function_wrapper"] is generation.wrapper
-            patches = options["transformer_options"]["patches_replace"]
+            assert "patches_replace" not in options["transformer_options"]  # OMG's patches live in each call's options
+            call = generation.call_options({"cond_or_uncond": [1, 0]}, torch.tensor([0.0, 1.0, 0.0]))
+            patches = call["patches_replace"]
             assert patches["attn2"][("input", 1, 0)] is generation.patches[0]
             assert patches["attn1"][("output", 7, 0)] is generation.patches[1]
+            assert call["cond_or_uncond"] == [0, 1, 0] and call["cond_indices"] == [0, 2] and call["uncond_indices"] == [1]
+            assert generation.call_options({}, torch.zeros(1))["patches_replace"] is patches  # built once
         assert model.forge_objects.unet is original and original.model_options == {"transformer_options": {}}
 
 
@@ -407,10 +523,6 @@ def test_conflicts_and_unsupported_models_fail_with_a_clear_message(tmp_path, mo
         job, generation, c, uc = _omg_job(modules, model, OmgConfig(**CFG))
         with pytest.raises(forge.OmgUserError, match="another extension that wraps Forge's UNet function .*tiled"):
             job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
-        generation.session = object()
-        with pytest.raises(forge.OmgUserError, match="ControlNet"):
-            generation.wrapper(None, {"input": torch.zeros(2, 4, 8, 8), "timestep": torch.ones(2), "cond_or_uncond": [1, 0],
-                                      "c": {"control": {"output": []}}})
     # a script after ours puts its own wrapper on (a clone of) our clone: named after pass 1, not "no UNet call"
     model = _ForgeModel()
     monkeypatch.setitem(sys.modules, "networks", _networks(tmp_path / "hero.safetensors"))

@@ -1,7 +1,8 @@
 """Against a running WebUI (``--api``): set OMG_WEBUI_URL (e.g. http://127.0.0.1:7860) to run.
 
 The WebUI needs the extension installed and two LoRAs for its checkpoint, named by
-OMG_LORAS (default "char1,char2"); OMG_FOREIGN_LORA names a LoRA made for another architecture.
+OMG_LORAS (default "char1,char2"); OMG_FOREIGN_LORA names a LoRA made for another architecture;
+OMG_CONTROLNET names a ControlNet model of the checkpoint's family (the ControlNet tests are skipped without it).
 Skipped when OMG_WEBUI_URL is not set.
 """
 import base64
@@ -14,6 +15,7 @@ import pytest
 
 URL = os.environ.get("OMG_WEBUI_URL")
 LORAS = os.environ.get("OMG_LORAS", "char1,char2").split(",")
+CONTROLNET = os.environ.get("OMG_CONTROLNET")
 pytestmark = pytest.mark.skipif(not URL, reason="OMG_WEBUI_URL not set")
 
 BASE = {"prompt": "a man and a woman hugging", "negative_prompt": "", "steps": 4, "width": 64, "height": 64,
@@ -105,3 +107,60 @@ def test_a_lora_for_another_architecture_is_an_error():
     name = os.environ["OMG_FOREIGN_LORA"]
     status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(concepts=[{"lora": name, "class_word": "man", "prompt": "a man"}])})
     assert status != 200 and "another architecture" in json.dumps(result)
+
+
+def _hint_png() -> str:
+    """A 64x64 hint: a white figure-sized block on black, as a base64 PNG."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(image).rectangle((12, 8, 36, 60), fill="white")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _controlnet_model() -> str:
+    """The host's full name of OMG_CONTROLNET ("name [hash]"): a wrong name is only logged by the hosts."""
+    with urllib.request.urlopen(URL.rstrip("/") + "/controlnet/model_list", timeout=60) as r:
+        names = [n for n in json.load(r)["model_list"] if n.split(" [")[0] == CONTROLNET]
+    assert names, f"ControlNet model {CONTROLNET} not in the host's list"
+    return names[0]
+
+
+def _with_controlnet(payload, weight=1.0, **unit):
+    unit = {"enabled": True, "module": "None", "model": _controlnet_model(), "weight": weight, "image": _hint_png(), **unit}
+    scripts = {**payload.get("alwayson_scripts", {}), "ControlNet": {"args": [unit]}}
+    return {**payload, "alwayson_scripts": scripts}
+
+
+def _image(result, i=0):
+    return base64.b64decode(result["images"][i])
+
+
+@pytest.mark.skipif(not CONTROLNET, reason="OMG_CONTROLNET (a ControlNet model name) not set")
+def test_controlnet_with_omg_disabled_is_bitwise_the_image_without_omg():
+    _, no_control = _post("/sdapi/v1/txt2img", BASE)
+    _, plain = _post("/sdapi/v1/txt2img", _with_controlnet(BASE))
+    _, off = _post("/sdapi/v1/txt2img", _with_controlnet({**BASE, **_omg(enabled=False)}))
+    assert _image(plain) == _image(off) and _image(plain) != _image(no_control)
+
+
+@pytest.mark.skipif(not CONTROLNET, reason="OMG_CONTROLNET (a ControlNet model name) not set")
+@pytest.mark.parametrize("mode", ["two passes", "fast"])
+def test_controlnet_acts_on_the_omg_image_in_a_batch_with_hires_and_the_model_comes_back(mode):
+    _, before = _post("/sdapi/v1/txt2img", BASE)
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_upscaler": "Latent",
+             "hr_additional_modules": ["Use same choices"], "batch_size": 2}
+    images = {}
+    for weight in (0.0, 1.0):
+        status, result = _post("/sdapi/v1/txt2img", _with_controlnet({**BASE, **hires, **_omg(mode=mode)}, weight))
+        assert status == 200, result
+        info = json.loads(result["info"])["infotexts"][0]
+        assert f"OMG mode: {mode}" in info or mode == "two passes"
+        images[weight] = _image(result)
+    assert images[0.0] != images[1.0]  # the unit's weight still matters with OMG
+    _, after = _post("/sdapi/v1/txt2img", BASE)
+    assert _image(before) == _image(after)

@@ -202,23 +202,33 @@ class TinyUNet(nn.Module):
             else:
                 p.copy_(0.02 * noise)
 
-    def forward(self, x, timesteps, context=None, y=None, **kwargs):
+    def forward(self, x, timesteps, context=None, y=None, control=None, **kwargs):
+        """``control``: ControlNet residuals as Forge's UNet takes them (``apply_control``)."""
         t_emb = timestep_embedding(timesteps, self.model_channels)
         emb = self.time_embed(t_emb.to(x.dtype))  # as Forge (and A1111 for its UNet dtype) cast it
         if hasattr(self, "label_emb"):
             emb = emb + self.label_emb(y)
         hs, h = [], x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = apply_control(block(h, emb, context), control, "input")
             hs.append(h)
-        h = self.middle_block(h, emb, context)
+        h = apply_control(self.middle_block(h, emb, context), control, "middle")
         for block in self.output_blocks:
-            h = torch.cat([h, hs.pop()], dim=1)
+            h = torch.cat([h, apply_control(hs.pop(), control, "output")], dim=1)
             for layer in block:
                 if isinstance(layer, Upsample):
                     layer.size = tuple(hs[-1].shape[-2:]) if hs else None
             h = block(h, emb, context)
         return self.out(h)
+
+
+def apply_control(h: torch.Tensor, control: dict | None, name: str) -> torch.Tensor:
+    """Forge's ``apply_control``: the next residual of ``name``, popped from the end of its list."""
+    if control is not None and control.get(name):
+        residual = control[name].pop()
+        if residual is not None:
+            h = h + residual
+    return h
 
 
 def text_context(seed: int, rows: int = 1, dim: int = 64) -> torch.Tensor:

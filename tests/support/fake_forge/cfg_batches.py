@@ -1,8 +1,9 @@
-"""Forge's CFG batching for txt2img (no areas, no ControlNet), as the UNet wrapper sees it.
+"""Forge's CFG batching for txt2img (no areas), as the UNet wrapper sees it.
 
 Forge stacks the uncond rows before the cond rows in one call and says so in
 ``cond_or_uncond`` (0 cond, 1 uncond), e.g. ``[1, 0]``; when its memory check fails it makes
-one call per chunk (``split=True`` here): ``[1]`` then ``[0]``.
+one call per chunk (``split=True`` here): ``[1]`` then ``[0]``. A ``control`` (ControlNet) gives
+the call's residuals before the wrapper, as Forge's ``calc_cond_uncond_batch`` does.
 """
 import math
 
@@ -17,7 +18,7 @@ def _crossattn(conds):
     return torch.cat([c.repeat(1, length // c.shape[1], 1) for c in conds])
 
 
-def sampling_function(unet_patcher, x, sigma, cond, uncond, cond_scale, split=False):
+def sampling_function(unet_patcher, x, sigma, cond, uncond, cond_scale, split=False, control=None):
     model, options = unet_patcher.model, unet_patcher.model_options
     by_kind = {COND: cond, UNCOND: uncond}
     predictions = {}
@@ -28,6 +29,8 @@ def sampling_function(unet_patcher, x, sigma, cond, uncond, cond_scale, split=Fa
         if "vector" in conds[0]:
             c["y"] = torch.cat([d["vector"] for d in conds])
         rows, t = torch.cat([x] * len(kinds)), torch.cat([sigma] * len(kinds))
+        if control is not None:
+            c["control"], c["control_model"] = control.get_control(rows, t, dict(c), len(kinds)), control
         wrapper = options.get("model_function_wrapper")
         if wrapper is not None:
             out = wrapper(model.apply_model, {"input": rows, "timestep": t, "c": c, "cond_or_uncond": list(kinds)})

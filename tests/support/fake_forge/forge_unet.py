@@ -3,7 +3,8 @@
 Built around ``tests/support/tiny_unet.TinyUNet`` (module names as ldm's, so LoRA keys
 are ``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight``...). Each
 transformer block follows Forge's ``BasicTransformerBlock._forward``: when an attn1/attn2
-replace patch is registered for its ``(block_name, number, transformer_index)`` the patch
+replace patch is registered for its ``(block_name, number, transformer_index)`` (or else its
+``(block_name, number)``) the patch
 gets the projected q, k, v and ``extra_options`` (the transformer options plus
 ``n_heads``, ``dim_head``, ``block``, ``block_index``); otherwise the attention module
 runs ``backend.attention.attention_function``.
@@ -38,7 +39,7 @@ class ForgeTransformerBlock(nn.Module):
 
     def _attend(self, attn, patches, n, context, extra):
         q, k, v = attn.to_q(n), attn.to_k(context), attn.to_v(context)
-        patch = patches.get(self.key)
+        patch = patches.get(self.key, patches.get(self.key[:2]))
         return attn.to_out(patch(q, k, v, extra) if patch is not None else attention_function(q, k, v, attn.heads))
 
 
@@ -68,7 +69,7 @@ class KModel(nn.Module):
         unet.forge_options["transformer_options"] = transformer_options
         try:
             c_in = 1 / (t ** 2 + 1) ** 0.5
-            eps = unet(x * c_in[:, None, None, None], self.schedule.sigma_to_t(t), context=c_crossattn, y=y)
+            eps = unet(x * c_in[:, None, None, None], self.schedule.sigma_to_t(t), context=c_crossattn, y=y, control=control)
         finally:
             unet.forge_options.clear()
         return x - eps * t[:, None, None, None]

@@ -2,14 +2,12 @@
 
 The behaviour the adapter depends on: ``clone()`` shares the model but owns a deep copy of
 ``model_options``, so whatever is set on a clone never reaches the original; replace patches
-are looked up in ``transformer_options["patches_replace"][target][(block, number, index)]``;
+are looked up in ``transformer_options["patches_replace"][target][(block, number, index)]``, then
+``[(block, number)]``;
 LoRA patches added to a patcher change the weights only when the patcher is loaded
 (``memory.load_model_gpu``).
 """
 import copy
-import itertools
-
-BLOCKS = ("input", "middle", "output")
 
 
 class ModelPatcher:
@@ -37,11 +35,13 @@ class ModelPatcher:
 
 
 class UnetPatcher(ModelPatcher):
-    def set_model_replace_all(self, patch, target="attn1"):
-        """``patch`` for every transformer block; the option dicts are replaced, never edited in place."""
+    def set_model_patch_replace(self, patch, name, block_name, number, transformer_index=None):
+        """``patch`` for one block (or, without an index, each of its transformer blocks); the option dicts are
+        replaced, never edited in place (Forge's ``set_model_patch_replace``)."""
         options = self.model_options["transformer_options"]
-        replace = {name: dict(table) for name, table in options.get("patches_replace", {}).items()}
-        replace[target] = {**replace.get(target, {}), **dict.fromkeys(itertools.product(BLOCKS, range(16), range(16)), patch)}
+        replace = {target: dict(table) for target, table in options.get("patches_replace", {}).items()}
+        key = (block_name, number) if transformer_index is None else (block_name, number, transformer_index)
+        replace.setdefault(name, {})[key] = patch
         self.model_options["transformer_options"] = {**options, "patches_replace": replace}
 
 
