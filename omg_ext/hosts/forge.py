@@ -1,4 +1,8 @@
-"""The Forge adapter (``lllyasviel/stable-diffusion-webui-forge``): the only code that touches Forge.
+"""The Forge adapter (``lllyasviel/stable-diffusion-webui-forge``, Forge Classic, reForge): the only
+code that touches a Forge.
+
+What differs between the Forge family's backends (``backend.*`` or ``ldm_patched.*``:
+attention function, memory, LoRA parsing and merging) is behind ``forge_backend``.
 
 Forge keeps A1111's processing and script API (``p.sample``, ``modules.rng``, the
 ``networks`` module of its built-in LoRA extension), so a ``ForgeGeneration`` is an
@@ -17,10 +21,10 @@ Forge keeps A1111's processing and script API (``p.sample``, ``modules.rng``, th
   back when the job ends. Row-routed LoRA forward hooks go on the UNet's modules (Forge's
   ``ForgeOperations`` layers, whatever their storage: the hook adds to their output) for
   the two passes only.
-- LoRA files are parsed by Forge's own loader (``backend.patcher.lora.load_lora`` with
-  ``model_lora_keys_unet`` / ``model_lora_keys_clip``), so every format Forge reads works.
+- LoRA files are parsed by the host's own loader (``load_lora`` with
+  ``model_lora_keys_unet`` / ``model_lora_keys_clip``), so every format it reads works.
   Plain LoRA becomes a ``LowRankDelta``; every other type (LoHa, LoKr, DoRA, diff…) the
-  dense difference Forge's own ``merge_lora_to_weight`` makes.
+  dense difference the host's own merge (``merge_lora_to_weight``, ``calculate_weight``) makes.
 - A concept's prompts are encoded on a cloned CLIP patcher carrying that concept's
   text-encoder patches; Forge merges them when it loads the clone, and loading the
   original patcher again afterwards restores its weights (Forge's ``LoraLoader`` backup).
@@ -28,7 +32,7 @@ Forge keeps A1111's processing and script API (``p.sample``, ``modules.rng``, th
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -38,6 +42,7 @@ from ..engine.rows import RowRole
 from ..engine.session import OmgSession
 from ..engine.memory import MemoryBudget
 from .a1111 import A1111Generation, OmgUserError, _networks, lora_on_disk, memory_budget
+from .forge_backend import ForgeBackend, forge_backend, plain_low_rank
 
 COND = 0
 """Forge's mark of a cond chunk in ``cond_or_uncond`` (uncond is 1)."""
@@ -211,6 +216,7 @@ class ForgeGeneration(A1111Generation):
     def __init__(self, p, cfg) -> None:
         check_model(p.sd_model)
         super().__init__(p, cfg)
+        self.backend = forge_backend()
         self.wrapper = UnetWrapper(self)
         self.patches: tuple[ProjectedAttention, ProjectedAttention] | None = None
         self.patch_tables: dict[tuple, dict] = {}
@@ -226,8 +232,7 @@ class ForgeGeneration(A1111Generation):
     @contextlib.contextmanager
     def patched(self, session: OmgSession) -> Iterator[None]:
         """LoRA hooks and attention patches for the scope; the job's original UNet patchers put back on exit."""
-        from backend.attention import attention_function  # Forge's own, the one its CrossAttention calls
-
+        attention_function = self.backend.attention()
         try:
             with session.installed(module_attention=False):
                 state = session.attention_state
@@ -288,27 +293,29 @@ class ForgeGeneration(A1111Generation):
     # -- concepts
     def load_concept(self, spec, negative: str) -> tuple[dict, dict, dict]:
         """(UNet deltas, cond, uncond): Forge's LoRA loader, the prompts encoded on a cloned CLIP patcher."""
-        unet_patches, clip_patches, filename = ({}, {}, "") if not spec.lora else forge_lora_patches(self.p.sd_model, spec.lora)
+        objects = self.p.sd_model.forge_objects
+        unet_patches, clip_patches, filename = ({}, {}, "") if not spec.lora else forge_lora_patches(self.backend, objects, spec.lora)
         if spec.lora and not unet_patches:
             raise OmgUserError(f"OMG: LoRA {spec.lora!r} has no layer of this checkpoint's UNet (made for another architecture?)")
         try:
-            deltas = unet_deltas(unet_patches, self.unet, spec.unet_weight)
+            deltas = unet_deltas(unet_patches, self.unet, spec.unet_weight,
+                                 lambda patch, base, key: self.backend.merge(objects, patch, base, spec.unet_weight, key))
         except (ValueError, RuntimeError) as e:
             raise OmgUserError(f"OMG: LoRA {spec.lora!r} does not fit this checkpoint (made for another architecture?): {e}") from e
-        with clip_patched(self.p.sd_model, clip_patches, filename, spec.te_weight):
+        with clip_patched(self.backend, objects, clip_patches, filename, spec.te_weight):
             cond, uncond = self.encode(spec.prompt, False), self.encode(negative, True)
         return deltas, as_forge_cond(cond), as_forge_cond(uncond)
 
     def memory_budget(self) -> MemoryBudget:
-        """Forge's own reading of free memory (CUDA, XPU, DirectML; the RAM on a CPU), the one its
+        """The host's own reading of free memory (CUDA, XPU, DirectML; the RAM on a CPU), the one its
         model loader plans with."""
-        from backend import memory_management
-
-        return memory_budget(lambda device: int(memory_management.get_free_memory(device)))
+        return memory_budget(self.backend.free_memory)
 
     def text_engine(self):
+        """Forge's ``text_processing_engine`` (CLIP-L's for SDXL); Classic and reForge keep A1111's."""
         model = self.p.sd_model
-        return getattr(model, "text_processing_engine", None) or getattr(model, "text_processing_engine_l", None)
+        engine = getattr(model, "text_processing_engine", None) or getattr(model, "text_processing_engine_l", None)
+        return engine or super().text_engine()
 
 
 def as_forge_cond(cond) -> dict:
@@ -318,21 +325,18 @@ def as_forge_cond(cond) -> dict:
     return {"c_crossattn": cond}
 
 
-def forge_lora_patches(sd_model, name: str) -> tuple[dict, dict, str]:
-    """(UNet patches, text-encoder patches, file name) of one LoRA, parsed by Forge's own loader."""
-    from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
-
+def forge_lora_patches(backend: ForgeBackend, objects, name: str) -> tuple[dict, dict, str]:
+    """(UNet patches, text-encoder patches, file name) of one LoRA, parsed by the host's own loader."""
     on_disk = lora_on_disk(name)
-    state_dict = _networks().load_lora_state_dict(on_disk.filename)
-    objects = sd_model.forge_objects
-    unet_patches, rest = load_lora(state_dict, model_lora_keys_unet(objects.unet.model, {}))
-    clip_patches, _ = load_lora(rest, model_lora_keys_clip(objects.clip.cond_stage_model, {}))
+    unet_patches, clip_patches = backend.lora_patches(_networks().load_lora_state_dict(on_disk.filename), objects)
     return unet_patches, clip_patches, on_disk.filename
 
 
-def unet_deltas(patches: dict, diffusion_model: torch.nn.Module, strength: float) -> dict:
-    """Forge patches (``diffusion_model.<layer>.weight|bias`` -> patch) as row-routed engine deltas."""
-    by_layer: dict[str, dict[str, tuple]] = {}
+def unet_deltas(patches: dict, diffusion_model: torch.nn.Module, strength: float,
+                merge: Callable[[object, torch.Tensor, str], torch.Tensor]) -> dict:
+    """Host patches (``diffusion_model.<layer>.weight|bias`` -> patch) as row-routed engine deltas;
+    ``merge(patch, base, key)``: ``base`` with the patch merged at the concept's strength, by the host."""
+    by_layer: dict[str, dict[str, object]] = {}
     for key, patch in patches.items():
         if not isinstance(key, str) or not key.startswith(UNET_PREFIX):
             raise ValueError(f"unsupported patch target {key!r}")
@@ -344,33 +348,29 @@ def unet_deltas(patches: dict, diffusion_model: torch.nn.Module, strength: float
         target = modules.get(layer)
         if target is None:
             raise ValueError(f"no layer {layer}")
-        kind, values = params.get("weight", ("", ()))
-        if set(params) == {"weight"} and kind == "lora" and values[4] is None:
-            up, down, alpha, mid = values[:4]
+        low_rank = plain_low_rank(params["weight"]) if set(params) == {"weight"} else None
+        if low_rank is not None:
+            up, down, alpha, mid = low_rank
             scale = strength * (alpha / down.shape[0] if alpha is not None else 1.0)
             deltas[layer] = LowRankDelta(up, down, mid, scale=scale).check(target, layer)
         else:
-            weight = dense_difference(target.weight, params.get("weight"), strength, f"{layer}.weight",
+            weight = dense_difference(target.weight, params.get("weight"), merge, f"{layer}.weight",
                                       scale=getattr(target, "scale_weight", None))
             bias = params.get("bias")
-            bias = None if bias is None else dense_difference(target.bias, bias, strength, f"{layer}.bias")
+            bias = None if bias is None else dense_difference(target.bias, bias, merge, f"{layer}.bias")
             deltas[layer] = DenseDelta(weight, bias).check(target, layer)
     return deltas
 
 
-def dense_difference(param: torch.Tensor, patch: tuple | None, strength: float, key: str,
-                     scale: torch.Tensor | None = None) -> torch.Tensor:
-    """What Forge's ``merge_lora_to_weight`` would add to ``param`` in float32: dequantised and, for
-    scaled fp8 checkpoints, times the layer's ``scale_weight`` first, as Forge's layers do per call."""
-    from backend.patcher.lora import merge_lora_to_weight
-
+def dense_difference(param: torch.Tensor, patch, merge, key: str, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """What the host's merge would add to ``param`` in float32: dequantised and, for scaled fp8
+    checkpoints, times the layer's ``scale_weight`` first, as Forge's layers do per call."""
     base = dequantized(param)
     if scale is not None:
         base = base * scale.float()
     if patch is None:
         return torch.zeros_like(base)
-    merged = merge_lora_to_weight([[strength, patch, 1.0, None, None]], base.clone(), key, computation_dtype=torch.float32)
-    return merged.float() - base
+    return merge(patch, base.clone(), key).float() - base
 
 
 def dequantized(param: torch.Tensor) -> torch.Tensor:
@@ -388,20 +388,17 @@ def dequantized(param: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def clip_patched(sd_model, patches: dict, filename: str, strength: float) -> Iterator[None]:
+def clip_patched(backend: ForgeBackend, objects, patches: dict, filename: str, strength: float) -> Iterator[None]:
     """The model encodes with a clone of its CLIP patcher carrying ``patches``; the original put back and reloaded on exit."""
     if not patches:
         yield
         return
-    from backend import memory_management
-
-    objects = sd_model.forge_objects
     original = objects.clip
     clone = original.clone()
-    clone.add_patches(filename=filename, patches=patches, strength_patch=strength)
+    backend.add_clip_patches(clone, patches, filename, strength)
     objects.clip = clone
     try:
         yield
     finally:
         objects.clip = original
-        memory_management.load_model_gpu(original.patcher)
+        backend.load_patcher(original.patcher)

@@ -10,14 +10,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from omg_ext.config import ConceptSpec, OmgConfig
-from omg_ext.hosts import a1111, forge
+from omg_ext.hosts import a1111, forge, forge_backend
 from omg_ext.engine.lora import DenseDelta, LowRankDelta, RowRoutedLoRA
 from omg_ext.engine.rows import RowRole
 from tests.support import fake_forge
 from tests.support.fake_forge.cfg_batches import sampling_function
 from tests.support.fake_forge.controlnet import RowResidualControl
+from tests.support.fake_forge.ldm_patched import LoRAAdapter
 from tests.support.fake_forge.lora_files import merge_lora_to_weight
-from tests.support.fake_forge.patchers import CLIP, UnetPatcher
+from tests.support.fake_forge.patchers import CLIP, LdmCLIP, UnetPatcher
 from tests.support.fake_forge.forge_unet import ForgeLinear, KModel, forge_unet, with_forge_linears
 from tests.support.sampling import SAMPLERS, DiscreteSchedule
 from tests.hosts.test_a1111_adapter import CTX, _Clip
@@ -44,25 +45,30 @@ class _Objects:
 
 
 class _ForgeModel:
-    """Forge's SD1.5 engine: ``forge_objects``, ``text_processing_engine``, ``get_learned_conditioning``."""
+    """A Forge SD1.5 engine: ``forge_objects`` and ``get_learned_conditioning``; the prompt tokenizer is
+    Forge's ``text_processing_engine`` or, in Forge Classic and reForge (``backend="ldm_patched"``),
+    A1111's ``cond_stage_model``."""
 
     is_sd1 = True
 
-    def __init__(self, fp8: bool = False):
-        self.text_processing_engine = _Clip()
+    def __init__(self, fp8: bool = False, backend: str = "backend"):
+        self.encoder, self.backend = _Clip(), backend
         torch.manual_seed(0)
-        for p in self.text_processing_engine.parameters():
+        for p in self.encoder.parameters():
             nn.init.normal_(p, std=0.2)
+        if backend == "backend":
+            self.text_processing_engine = self.encoder
+        else:
+            self.cond_stage_model = self.encoder
         diffusion_model = forge_unet(CTX, seed=0)
         unet = UnetPatcher(KModel(with_forge_linears(diffusion_model) if fp8 else diffusion_model))
-        self.forge_objects = _Objects(unet, CLIP(self.text_processing_engine))
+        self.forge_objects = _Objects(unet, (CLIP if backend == "backend" else LdmCLIP)(self.encoder))
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
 
     def get_learned_conditioning(self, prompts):
-        from backend import memory_management
-
-        memory_management.load_model_gpu(self.forge_objects.clip.patcher)
-        return torch.cat([self.text_processing_engine.encode(p) for p in prompts])
+        memory = sys.modules["backend.memory_management" if self.backend == "backend" else "ldm_patched.modules.model_management"]
+        memory.load_model_gpu(self.forge_objects.clip.patcher)
+        return torch.cat([self.encoder.encode(p) for p in prompts])
 
 
 class _Job:
@@ -111,7 +117,7 @@ def _write_lora(path, model, scale=0.5):
     """A kohya file: plain LoRA on a UNet attn2.to_k, a diff on a UNet conv, plain LoRA on the text encoder's proj."""
     g = torch.Generator().manual_seed(3)
     unet = model.forge_objects.unet.model.diffusion_model
-    to_k, proj_in, proj = unet.get_submodule(TO_K), unet.get_submodule(PROJ_IN), model.text_processing_engine.proj
+    to_k, proj_in, proj = unet.get_submodule(TO_K), unet.get_submodule(PROJ_IN), model.encoder.proj
     tensors = {
         "lora_unet_" + TO_K.replace(".", "_") + ".lora_up.weight": torch.randn(to_k.out_features, 2, generator=g) * scale,
         "lora_unet_" + TO_K.replace(".", "_") + ".lora_down.weight": torch.randn(2, to_k.in_features, generator=g) * scale,
@@ -137,16 +143,24 @@ CFG = dict(enabled=True, mask_dilation=0, mask_feather=0, concepts=[
 ])
 
 
-def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, fp8=False, control=None, **job_args):
+BACKENDS = pytest.mark.parametrize("backend", ["backend", "ldm_patched"])
+"""Forge, and Forge Classic / reForge."""
+
+
+def _merge(backend, strength):
+    return lambda patch, base, key: backend.merge(None, patch, base, strength, key)
+
+
+def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, fp8=False, control=None, backend="backend", **job_args):
     """A plain Forge job and an OMG job on one model: (plain, final, job, model, generation, weights before).
 
-    ``control(model, latent)``: a ControlNet for both jobs."""
-    model = _ForgeModel(fp8)
+    ``control(model, latent)``: a ControlNet for both jobs; ``backend``: "ldm_patched" for Forge Classic and reForge."""
+    model = _ForgeModel(fp8, backend)
     _write_lora(tmp_path / "hero.safetensors", model)
     monkeypatch.setitem(sys.modules, "networks", _networks(tmp_path / "hero.safetensors"))
     weights = {k: v.clone() for k, v in model.forge_objects.unet.model.state_dict().items()}
-    weights.update({"te." + k: v.clone() for k, v in model.text_processing_engine.state_dict().items()})
-    with fake_forge.installed() as modules:
+    weights.update({"te." + k: v.clone() for k, v in model.encoder.state_dict().items()})
+    with fake_forge.installed(backend) as modules:
         job = _Job(modules, model, **job_args)
         job.control = control and control(model, job.rng_shape[1:])
         c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
@@ -355,13 +369,14 @@ def _assert_untouched(model, weights, original_unet):
     assert not any(m._forward_hooks for m in unet_model.modules())
     assert not any("forward" in m.__dict__ for m in unet_model.modules())
     now = {k: v for k, v in unet_model.state_dict().items()}
-    now.update({"te." + k: v for k, v in model.text_processing_engine.state_dict().items()})
+    now.update({"te." + k: v for k, v in model.encoder.state_dict().items()})
     assert all(torch.equal(now[k], v) for k, v in weights.items())
 
 
 @torch.no_grad()
-def test_blend_start_one_gives_forges_own_image_bitwise(tmp_path, monkeypatch):
-    plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch, OmgConfig(blend_start=1.0, **CFG))
+@BACKENDS
+def test_blend_start_one_gives_forges_own_image_bitwise(tmp_path, monkeypatch, backend):
+    plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch, OmgConfig(blend_start=1.0, **CFG), backend=backend)
     assert torch.equal(final, plain)
     assert job.calls == 12  # pass 1 and pass 2 each call the denoiser 6 times
     counters = generation.prepared and generation.layout_images and generation
@@ -371,9 +386,11 @@ def test_blend_start_one_gives_forges_own_image_bitwise(tmp_path, monkeypatch):
 
 @torch.no_grad()
 @pytest.mark.parametrize("guidance", ["shared", "own"])
-def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monkeypatch, guidance):
-    plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch,
-                                                         OmgConfig(blend_start=0.5, concept_guidance=guidance, **CFG))
+@BACKENDS
+def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monkeypatch, guidance, backend):
+    plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, concept_guidance=guidance, **CFG),
+                                                         backend=backend)
+    assert generation.backend.name == ("Forge" if backend == "backend" else "Forge Classic / reForge")
     assert isinstance(final, torch.Tensor) and not torch.equal(final, plain)
     _assert_untouched(model, weights, model.forge_objects_after_applying_lora.unet)
     assert job.extra_generation_params["OMG c1 lora"] == "hero" and job.extra_generation_params["OMG c1 lora hash"] == "0123456789ab"
@@ -381,7 +398,7 @@ def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monk
     assert sorted(concept.deltas) == [TO_K, PROJ_IN]
     assert isinstance(concept.deltas[TO_K], LowRankDelta) and isinstance(concept.deltas[PROJ_IN], DenseDelta)
     # the concept prompt was encoded with the text-encoder LoRA at its weight, on a clone of the CLIP patcher
-    te = model.text_processing_engine
+    te = model.encoder
     lora_te = copy.deepcopy(te)
     from safetensors.torch import load_file
     sd = load_file(str(tmp_path / "hero.safetensors"))
@@ -390,7 +407,8 @@ def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monk
     assert not torch.allclose(concept.cond["c_crossattn"], te.encode("a man, red cape"))
     # split calls (one chunk per call) give the same image: the row roles follow cond_or_uncond
     # (batch composition changes float rounding only; wrong roles would change the image like OMG itself does)
-    _, split_final, *_ = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, concept_guidance=guidance, **CFG), split=True)
+    _, split_final, *_ = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, concept_guidance=guidance, **CFG), split=True,
+                              backend=backend)
     rounding, omg_effect = (split_final - final).abs().max(), (final - plain).abs().max()
     assert rounding < 1e-3 and omg_effect > 100 * rounding, (rounding, omg_effect)
 
@@ -415,25 +433,41 @@ def test_a_failure_in_either_pass_leaves_forge_as_it_was(tmp_path, monkeypatch):
         assert generation.session is None and not generation.swapped
 
 
-def test_forge_lora_patches_become_deltas_equal_to_forges_merge():
+@pytest.mark.parametrize("backend", ["backend", "ldm_patched"])
+def test_forge_lora_patches_become_deltas_equal_to_forges_merge(backend):
+    """Plain LoRA as Forge's tuple or reForge's ``LoRAAdapter`` becomes a low-rank delta; a diff, the host's merge."""
     unet = forge_unet(CTX, seed=0)
     to_k, proj_in = unet.get_submodule(TO_K), unet.get_submodule(PROJ_IN)
     g = torch.Generator().manual_seed(1)
-    lora = ("lora", (torch.randn(to_k.out_features, 4, generator=g), torch.randn(4, to_k.in_features, generator=g), 2.0, None, None))
+    up, down = torch.randn(to_k.out_features, 4, generator=g), torch.randn(4, to_k.in_features, generator=g)
+    lora = ("lora", (up, down, 2.0, None, None)) if backend == "backend" else LoRAAdapter((up, down, 2.0, None, None, None))
     diff = ("diff", (torch.randn(proj_in.weight.shape, generator=g),))
-    with fake_forge.installed():
-        deltas = forge.unet_deltas({f"diffusion_model.{TO_K}.weight": lora, f"diffusion_model.{PROJ_IN}.weight": diff}, unet, 0.8)
+    host = forge.ForgeBackend() if backend == "backend" else forge_backend.LdmPatchedBackend()
+    with fake_forge.installed(backend):
+        deltas = forge.unet_deltas({f"diffusion_model.{TO_K}.weight": lora, f"diffusion_model.{PROJ_IN}.weight": diff}, unet, 0.8,
+                                   _merge(host, 0.8))
         for name, patch in ((TO_K, lora), (PROJ_IN, diff)):
             weight = unet.get_submodule(name).weight
             expected = merge_lora_to_weight([[0.8, patch, 1.0, None, None]], weight.detach()) - weight.detach()
             delta = deltas[name]
             got = delta.dense() if isinstance(delta, LowRankDelta) else delta.weight
             torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
-    assert deltas[TO_K].scale == pytest.approx(0.8 * 2.0 / 4)
-    with pytest.raises(ValueError, match="unsupported patch target"):
-        forge.unet_deltas({("diffusion_model.x.weight", (0, 0, 4)): lora}, unet, 1.0)
-    with pytest.raises(ValueError, match="factors give"):
-        forge.unet_deltas({f"diffusion_model.{PROJ_IN}.weight": lora}, unet, 1.0)
+        assert isinstance(deltas[TO_K], LowRankDelta) and deltas[TO_K].scale == pytest.approx(0.8 * 2.0 / 4)
+        with pytest.raises(ValueError, match="unsupported patch target"):
+            forge.unet_deltas({("diffusion_model.x.weight", (0, 0, 4)): lora}, unet, 1.0, _merge(host, 1.0))
+        with pytest.raises(ValueError, match="factors give"):
+            forge.unet_deltas({f"diffusion_model.{PROJ_IN}.weight": lora}, unet, 1.0, _merge(host, 1.0))
+
+
+def test_plain_low_rank_reads_every_backends_lora_and_leaves_the_rest_dense():
+    up, down, scale = torch.ones(3, 2), torch.ones(2, 5), torch.ones(3, 1)
+    assert forge_backend.plain_low_rank(("lora", (up, down, 1.0, None))) == (up, down, 1.0, None)  # Classic
+    assert forge_backend.plain_low_rank(("lora", (up, down, None, None, None)))[:2] == (up, down)  # Forge
+    assert forge_backend.plain_low_rank(LoRAAdapter((up, down, 4.0, None, None, None)))[2] == 4.0  # reForge
+    assert forge_backend.plain_low_rank(("lora", (up, down, 1.0, None, scale))) is None  # DoRA: dense
+    assert forge_backend.plain_low_rank(LoRAAdapter((up, down, 1.0, None, None, [3, 5]))) is None  # reshaped: dense
+    assert forge_backend.plain_low_rank(("loha", (up, down, 1.0, up, down, None, None, None))) is None
+    assert forge_backend.plain_low_rank(("diff", (up,))) is None
 
 
 @torch.no_grad()
@@ -448,7 +482,7 @@ def test_rows_are_routed_through_forges_manual_cast_fp8_layers():
     patches = {f"diffusion_model.{TO_K}.weight": ("lora", (up, down, None, None, None)),
                f"diffusion_model.{TO_K[:-1]}v.weight": ("set", (replacement,))}  # "set" depends on the (scaled) base
     with fake_forge.installed():
-        deltas = forge.unet_deltas(patches, unet, 0.6)
+        deltas = forge.unet_deltas(patches, unet, 0.6, _merge(forge.ForgeBackend(), 0.6))
     router = RowRoutedLoRA(dict(unet.named_modules()), [deltas])
     x = torch.randn(3, 5, to_k.in_features, generator=g, dtype=torch.bfloat16)
     for layer, expected_weight in ((to_k, to_k.weight.float() * 0.5 + 0.6 * up @ down), (to_v, replacement)):
@@ -462,22 +496,25 @@ def test_rows_are_routed_through_forges_manual_cast_fp8_layers():
 
 
 @torch.no_grad()
-def test_a_concept_prompt_is_encoded_on_a_cloned_clip_patcher_and_the_weights_come_back_at_once():
-    model = _ForgeModel()
-    original, proj = model.forge_objects.clip, model.text_processing_engine.proj
+@BACKENDS
+def test_a_concept_prompt_is_encoded_on_a_cloned_clip_patcher_and_the_weights_come_back_at_once(backend):
+    model = _ForgeModel(backend=backend)
+    original, proj = model.forge_objects.clip, model.encoder.proj
     before = proj.weight.clone()
     delta = torch.full_like(before, 0.1)
-    with fake_forge.installed():
+    with fake_forge.installed(backend):
+        host = forge_backend.forge_backend()
+        assert isinstance(host, forge_backend.LdmPatchedBackend) == (backend == "ldm_patched")
         for fail in (False, True):
             with pytest.raises(RuntimeError, match="inside") if fail else contextlib.nullcontext():
-                with forge.clip_patched(model, {"proj.weight": ("diff", (delta,))}, "hero.safetensors", 0.5):
+                with forge.clip_patched(host, model.forge_objects, {"proj.weight": ("diff", (delta,))}, "hero.safetensors", 0.5):
                     assert model.forge_objects.clip is not original and original.patcher.patches == {}
-                    model.get_learned_conditioning(["a man"])  # Forge loads the clone: its patch is merged
-                    torch.testing.assert_close(model.text_processing_engine.proj.weight, before + 0.05)
+                    model.get_learned_conditioning(["a man"])  # the host loads the clone: its patch is merged
+                    torch.testing.assert_close(model.encoder.proj.weight, before + 0.05)
                     if fail:
                         raise RuntimeError("inside")
             assert model.forge_objects.clip is original
-            assert torch.equal(model.text_processing_engine.proj.weight, before), "restored before any other encode"
+            assert torch.equal(model.encoder.proj.weight, before), "restored before any other encode"
 
 
 @torch.no_grad()

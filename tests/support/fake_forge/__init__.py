@@ -6,14 +6,15 @@ imports, served by this folder's small modules: ``backend.attention`` (``attenti
 ``backend.memory_management`` (``memory.py``) and ``backend.patcher.lora``
 (``lora_files.py``). The patchers (``patchers.py``), Forge's CFG batching
 (``cfg_batches.py``) and a UNet that honours replace patches (``forge_unet.py``) are used
-by the tests directly.
+by the tests directly. ``installed("ldm_patched")`` serves Forge Classic's and reForge's
+``ldm_patched`` names instead (``ldm_patched.py``).
 """
 import contextlib
 import sys
 import types
 
 from .. import fake_a1111
-from . import attention, lora_files, memory
+from . import attention, ldm_patched, lora_files, memory
 
 
 def _modules() -> dict[str, types.ModuleType]:
@@ -24,8 +25,9 @@ def _modules() -> dict[str, types.ModuleType]:
 
 
 @contextlib.contextmanager
-def installed():
-    modules = _modules()
+def installed(backend: str = "backend"):
+    """The stand-in on ``sys.modules``: ``backend`` "backend" (Forge) or "ldm_patched" (Forge Classic, reForge)."""
+    modules = _modules() if backend == "backend" else ldm_patched.modules()
     saved = {k: sys.modules[k] for k in modules if k in sys.modules}
     sys.modules.update(modules)
     try:

@@ -40,7 +40,8 @@ def load_lora(lora, to_load):
 @torch.inference_mode()
 def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=torch.float32):
     weight = weight.clone() if weight.dtype == computation_dtype else weight.to(computation_dtype)
-    for strength, (kind, v), strength_model, offset, function in patches:
+    for strength, patch, strength_model, offset, function in patches:
+        kind, v = ("lora", patch.weights[:5]) if getattr(patch, "name", None) == "lora" else patch  # reForge's LoRAAdapter
         if kind == "diff":
             weight += strength * v[0].to(weight)
         elif kind == "set":

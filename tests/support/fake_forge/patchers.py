@@ -24,6 +24,7 @@ class ModelPatcher:
         return twin
 
     def add_patches(self, *, filename, patches, strength_patch=1.0, strength_model=1.0, online_mode=False):
+        """Forge's keyword-only signature (Classic and reForge: ``LdmCLIP``)."""
         parameters = dict(self.model.named_parameters())
         taken = {name for name in patches if name in parameters}
         for name in taken:
@@ -59,3 +60,10 @@ class CLIP:
 
     def add_patches(self, **kwargs):
         return self.patcher.add_patches(**kwargs)
+
+
+class LdmCLIP(CLIP):
+    """Forge Classic's and reForge's ``CLIP``: ComfyUI's positional ``add_patches(patches, strength_patch)``."""
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        return self.patcher.add_patches(filename=None, patches=patches, strength_patch=strength_patch, strength_model=strength_model)
