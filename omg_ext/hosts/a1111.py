@@ -19,6 +19,7 @@ prompts are encoded, and the previous values are restored exactly (``merged``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import importlib
 import logging
 from dataclasses import dataclass
@@ -42,6 +43,15 @@ from .mask_models import DOWNLOAD_OPTION, KEEP_OPTION, mask_models, release_mask
 def _networks():
     """The built-in Lora extension's module (imported by the WebUI at start-up)."""
     return importlib.import_module("networks")
+
+
+def add_callback(register, callback, name: str) -> None:
+    """A host callback, named where the host's ``on_…`` takes a name (A1111 1.8+, Forge, reForge);
+    Forge Classic's older script API does not."""
+    if "name" in inspect.signature(register).parameters:
+        register(callback, name=name)
+    else:
+        register(callback)
 
 
 class OmgUserError(ValueError):
@@ -396,7 +406,7 @@ class A1111Generation:
         state, start = shared.state, self.cfg.blend_start
         session.begin_fast(lambda t: state.sampling_step >= round(start * max(state.sampling_steps, 1)), make_masks,
                            context_key=self.context_key, share_uncond=self.cfg.concept_guidance == "shared")
-        script_callbacks.on_cfg_after_cfg(keep_denoised, name="omg fast mode")
+        add_callback(script_callbacks.on_cfg_after_cfg, keep_denoised, "omg fast mode")
         try:
             final = run()
         finally:
@@ -431,7 +441,7 @@ class A1111Generation:
             cond = {"context": context} if y is None else {"context": context, "y": y}
             return session(unet_fn, x, timesteps, cond, tracker.take(context))
 
-        script_callbacks.on_cfg_denoiser(tracker.on_denoiser, name="omg")
+        add_callback(script_callbacks.on_cfg_denoiser, tracker.on_denoiser, "omg")
         try:
             with session.installed():
                 unet.forward = forward

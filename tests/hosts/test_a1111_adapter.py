@@ -455,3 +455,18 @@ def test_pictures_come_from_latents_or_from_the_decoded_images_a_hires_job_retur
         latents = a1111.to_pictures(torch.zeros(2, 4, 8, 12))
     assert [p.size for p in decoded] == [(12, 8)] * 2 and decoded[0].getpixel((0, 0)) == (128, 128, 128)
     assert decoded[1].getpixel((0, 0)) == (255, 255, 255) and len(latents) == 2
+
+
+def test_a_callback_is_named_only_where_the_host_takes_a_name():
+    """Forge Classic keeps A1111's older ``on_cfg_after_cfg(callback)``; A1111 1.10, Forge and reForge take a name."""
+    registered = []
+
+    def older(callback):
+        registered.append((callback, None))
+
+    def newer(callback, *, name=None):
+        registered.append((callback, name))
+
+    a1111.add_callback(older, print, "omg")
+    a1111.add_callback(newer, print, "omg")
+    assert registered == [(print, None), (print, "omg")]
