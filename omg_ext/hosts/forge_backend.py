@@ -5,7 +5,8 @@ Every Forge keeps the same UNet patcher API (``forge_objects``, ``clone()``,
 ``cond_or_uncond``), so one adapter serves them all. What lives elsewhere is the backend:
 
 - ``backend.*``: lllyasviel's Forge since its rewrite of August 2024 (and Forge Neo, built
-  on it): ``backend.attention``, ``backend.memory_management``, ``backend.patcher.lora``.
+  on it): ``backend.attention``, ``backend.memory_management``, ``backend.patcher.lora``
+  (Neo's ``load_lora`` is newer ComfyUI's: patches only, plain LoRA as a ``LoRAAdapter``).
 - ``ldm_patched.*``: Forge Classic and reForge (and Forge before the rewrite), ComfyUI's
   code of 2024 kept in the WebUI: ``ldm_patched.ldm.modules.attention``,
   ``ldm_patched.modules.model_management``, ``ldm_patched.modules.lora``. Within it reForge
@@ -46,13 +47,25 @@ class ForgeBackend:
 
         memory_management.load_model_gpu(patcher)
 
-    def lora_patches(self, state_dict: dict, objects) -> tuple[dict, dict]:
-        """(UNet patches, text-encoder patches) of a LoRA state dict, parsed by Forge's loader."""
-        from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
+    def lora_module(self):
+        """The host's LoRA module: ``load_lora``, ``model_lora_keys_unet``, ``model_lora_keys_clip``."""
+        from backend.patcher import lora
 
-        unet, rest = load_lora(state_dict, model_lora_keys_unet(objects.unet.model, {}))
-        clip, _ = load_lora(rest, model_lora_keys_clip(objects.clip.cond_stage_model, {}))
-        return unet, clip
+        return lora
+
+    def lora_patches(self, state_dict: dict, objects) -> tuple[dict, dict]:
+        """(UNet patches, text-encoder patches) of a LoRA state dict, parsed by the host's own loader: both
+        key maps in one ``load_lora`` call, as reForge's and Forge Neo's loaders do (their ``load_lora``
+        returns only the patches, Forge's and Classic's also the keys left over); the UNet's patches are
+        the ones aimed at ``diffusion_model.*``."""
+        lora = self.lora_module()
+        key_map = lora.model_lora_keys_unet(objects.unet.model, {})
+        key_map = lora.model_lora_keys_clip(objects.clip.cond_stage_model, key_map)
+        patches = lora.load_lora(state_dict, key_map)
+        if isinstance(patches, tuple):
+            patches = patches[0]
+        unet = {k: v for k, v in patches.items() if (k if isinstance(k, str) else k[0]).startswith("diffusion_model.")}
+        return unet, {k: v for k, v in patches.items() if k not in unet}
 
     def merge(self, objects, patch, base: torch.Tensor, strength: float, key: str) -> torch.Tensor:
         """``base`` (float32) with ``patch`` merged at ``strength``, as Forge merges it."""
@@ -84,18 +97,10 @@ class LdmPatchedBackend(ForgeBackend):
 
         model_management.load_model_gpu(patcher)
 
-    def lora_patches(self, state_dict: dict, objects) -> tuple[dict, dict]:
-        """Both key maps in one ``load_lora`` call (as reForge's own loader does); the UNet's patches are
-        the ones aimed at ``diffusion_model.*``."""
+    def lora_module(self):
         from ldm_patched.modules import lora
 
-        key_map = lora.model_lora_keys_unet(objects.unet.model, {})
-        key_map = lora.model_lora_keys_clip(objects.clip.cond_stage_model, key_map)
-        patches = lora.load_lora(state_dict, key_map)
-        if isinstance(patches, tuple):  # Classic: (patches, keys left over)
-            patches = patches[0]
-        unet = {k: v for k, v in patches.items() if isinstance(k, str) and k.startswith("diffusion_model.")}
-        return unet, {k: v for k, v in patches.items() if k not in unet}
+        return lora
 
     def merge(self, objects, patch, base: torch.Tensor, strength: float, key: str) -> torch.Tensor:
         from ldm_patched.modules import lora
