@@ -27,6 +27,10 @@ MODES = ("two passes", "fast")
 ``fast``: one pass, each concept's LoRA and prompt masked in the host's rows (``engine/fast.py``)."""
 WEIGHT_RANGE = (-5.0, 5.0)
 PIXELS_RANGE = (0, 256)
+NO_CONTROL_UNIT = -1
+MAX_CONTROL_UNIT = 9
+"""A concept's own ControlNet unit: the unit's number in the WebUI's ControlNet panel (0 for "ControlNet Unit 0"),
+or -1 for none; the panel has at most 10 units."""
 
 
 class OmgConfigError(ValueError):
@@ -108,10 +112,11 @@ CONCEPT_FIELDS = (
     Field("class_word", "OMG c{n} class", _str, "Class word in the prompt"),
     Field("prompt", "OMG c{n} prompt", _str, "Concept prompt"),
     Field("negative_prompt", "OMG c{n} negative", _str, "Concept negative prompt"),
+    Field("control_unit", "OMG c{n} control unit", _int, "ControlNet unit for this concept only"),
 )
 
-OPTIONAL_TEXT = ("lora", "lora_hash", "negative_prompt", "regions")
-"""Left out of the infotext when empty, to keep the PNG info short."""
+OPTIONAL = {"lora": "", "lora_hash": "", "negative_prompt": "", "regions": "", "control_unit": NO_CONTROL_UNIT}
+"""Left out of the infotext at these values (their defaults), to keep the PNG info short."""
 
 
 @dataclass
@@ -123,6 +128,7 @@ class ConceptSpec:
     class_word: str = ""
     prompt: str = ""
     negative_prompt: str = ""
+    control_unit: int = NO_CONTROL_UNIT
 
     def is_unused(self) -> bool:
         return not self.class_word.strip() and not self.prompt.strip()
@@ -137,6 +143,9 @@ class ConceptSpec:
             value = getattr(self, attr)
             if not (math.isfinite(value) and WEIGHT_RANGE[0] <= value <= WEIGHT_RANGE[1]):
                 raise OmgConfigError(f"{where}.{attr}", f"OMG concept {n}: {attr.replace('_', ' ')} must be within {WEIGHT_RANGE}, got {value}")
+        if not NO_CONTROL_UNIT <= self.control_unit <= MAX_CONTROL_UNIT:
+            raise OmgConfigError(f"{where}.control_unit", f"OMG concept {n}: the ControlNet unit must be 0 to {MAX_CONTROL_UNIT} "
+                                 f"(the unit's number in the ControlNet panel) or -1 for none, got {self.control_unit}")
 
 
 @dataclass
@@ -186,6 +195,11 @@ class OmgConfig:
             raise OmgConfigError("concepts", f"OMG supports at most {MAX_CONCEPTS} concepts (got {len(self.concepts)})")
         for n, concept in enumerate(self.concepts, start=1):
             concept.validate(n)
+        units = [c.control_unit for c in self.concepts if c.control_unit != NO_CONTROL_UNIT]
+        if units and self.mode == "fast":
+            raise OmgConfigError("mode", "OMG fast mode has no concept rows: a ControlNet unit for one concept needs the two-pass mode")
+        if len(set(units)) < len(units):
+            raise OmgConfigError("concepts", f"OMG: two concepts name the same ControlNet unit ({', '.join(map(str, units))}); give each its own")
         return self
 
     def groups_by_class_word(self) -> list[list[int]]:
@@ -216,11 +230,11 @@ def to_infotext(cfg: OmgConfig) -> dict[str, Any]:
     """PNG-info entries of an enabled config (empty when disabled)."""
     if not cfg.enabled:
         return {}
-    out = {f.infotext: getattr(cfg, f.attr) for f in FIELDS if not (f.attr in OPTIONAL_TEXT and getattr(cfg, f.attr) == "")}
+    out = {f.infotext: getattr(cfg, f.attr) for f in FIELDS if not (f.attr in OPTIONAL and getattr(cfg, f.attr) == OPTIONAL[f.attr])}
     for n, concept in enumerate(cfg.concepts, start=1):
         for f in CONCEPT_FIELDS:
             value = getattr(concept, f.attr)
-            if not (f.attr in OPTIONAL_TEXT and value == ""):
+            if not (f.attr in OPTIONAL and value == OPTIONAL[f.attr]):
                 out[f.infotext.format(n=n)] = value
     return out
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 import gradio as gr
 
-from .config import (CONCEPT_FIELDS, DETECTORS, FIELDS, GUIDANCES, INSTANCE_ORDERS, MASK_SOURCES, MAX_CONCEPTS, MODES,
+from .config import (CONCEPT_FIELDS, DETECTORS, FIELDS, GUIDANCES, INSTANCE_ORDERS, MASK_SOURCES, MAX_CONCEPTS, MAX_CONTROL_UNIT, MODES, NO_CONTROL_UNIT,
                      SAM_MODELS, ConceptSpec, OmgConfig, prefill_prompt)
 
 DEFAULTS = OmgConfig()
@@ -33,6 +33,9 @@ def _component(field, value, lora_choices: list[str]):
         return gr.Dropdown(["", *lora_choices], value="", label=field.label)
     if field.attr == "lora_hash":
         return gr.Textbox(value="", visible=False, label=field.label)
+    if field.attr == "control_unit":  # a number, not a dropdown of pairs: gradio 3.41 (reForge, Forge Classic) has none
+        return gr.Number(value=value, precision=0, minimum=NO_CONTROL_UNIT, maximum=MAX_CONTROL_UNIT,
+                         label=f"{field.label} (-1: none)")
     if isinstance(value, bool):
         return gr.Checkbox(value=value, label=field.label)
     return gr.Textbox(value=value, label=field.label, lines=2 if "prompt" in field.attr else 1)

@@ -21,7 +21,7 @@ def _cfg(**kw):
 def test_the_tables_declare_every_setting_in_order():
     assert [f.name for f in fields(OmgConfig) if f.name != "concepts"] == [f.attr for f in FIELDS]
     assert [f.name for f in fields(ConceptSpec)] == [f.attr for f in CONCEPT_FIELDS]
-    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 15 + 5 * 7
+    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 15 + 5 * 8
 
 
 def test_defaults():
@@ -64,6 +64,24 @@ def test_bad_concepts_are_named_with_their_number():
         cfg.validate()
     cfg.concepts[1] = ConceptSpec(class_word="woman", prompt="p", unet_weight=9)
     with pytest.raises(OmgConfigError, match="OMG concept 2: unet weight must be within"):
+        cfg.validate()
+
+
+def test_a_concepts_own_controlnet_unit_is_checked_and_reaches_the_infotext_only_when_set():
+    cfg = _cfg()
+    assert "OMG c1 control unit" not in to_infotext(cfg)  # -1 (none), the default: left out
+    cfg.concepts[1].control_unit = 2
+    assert cfg.validate() is cfg and to_infotext(cfg)["OMG c2 control unit"] == 2
+    assert from_infotext({k: str(v) for k, v in to_infotext(cfg).items()}).concepts[1].control_unit == 2
+    cfg.concepts[0].control_unit = 2
+    with pytest.raises(OmgConfigError, match=r"two concepts name the same ControlNet unit \(2, 2\)"):
+        cfg.validate()
+    cfg.concepts[0].control_unit = 10
+    with pytest.raises(OmgConfigError, match="OMG concept 1: the ControlNet unit must be 0 to 9") as e:
+        cfg.validate()
+    assert e.value.field == "concepts[1].control_unit"
+    cfg.concepts[0].control_unit, cfg.mode = -1, "fast"
+    with pytest.raises(OmgConfigError, match="fast mode has no concept rows"):
         cfg.validate()
 
 

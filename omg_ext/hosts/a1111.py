@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy
 import torch
 
-from ..config import MASK_SOURCES, MODES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
+from ..config import MASK_SOURCES, MODES, NO_CONTROL_UNIT, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
 from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.masks import overlay
 from ..engine.memory import MemoryBudget, free_device_bytes
@@ -52,6 +52,19 @@ def add_callback(register, callback, name: str) -> None:
         register(callback, name=name)
     else:
         register(callback)
+
+
+def add_progress_job(steps: int) -> None:
+    """OMG's pass 1 as one more job of ``steps`` steps: in the WebUI's progress bar and ETA
+    (``state.job_count``; the host moves to the next job after it) and in the console's total bar,
+    whose total the host set from the job count before (for hires fix, or from the first step on)."""
+    from modules import shared
+
+    shared.state.job_count += 1
+    bar = getattr(shared.total_tqdm, "_tqdm", None)
+    if bar is not None:
+        bar.total += steps
+        bar.refresh()
 
 
 class OmgUserError(ValueError):
@@ -355,13 +368,15 @@ class A1111Generation:
                     return self.sample_fast(session, lambda: original(c, uc, seeds, subseeds, subseed_strength, prompts))
                 session.begin_pass1()
                 p.enable_hr = False
-                shared.state.job_count += 1  # the progress bar covers pass 1 as a job of its own
+                add_progress_job(p.steps)
+                shared.state.textinfo = "OMG pass 1 of 2: layout"
                 layout = original(c, uc, seeds, subseeds, subseed_strength, prompts)
                 p.enable_hr = enable_hr
                 if shared.state.interrupted or shared.state.skipped:
                     return layout
                 self.check_pass1(session)
                 shared.state.nextjob()
+                shared.state.textinfo = "OMG: making the masks"
                 results = self.concept_masks(session, layout)
                 masks = self.skip_missing(results)
                 for r in results:
@@ -372,6 +387,7 @@ class A1111Generation:
                 shape, seeds_, subseeds_, strength, h, w = rng_state
                 p.rng = rng.ImageRNG(shape, seeds_, subseeds=subseeds_, subseed_strength=strength,
                                      seed_resize_from_h=h, seed_resize_from_w=w)
+                shared.state.textinfo = "OMG pass 2 of 2: concepts"
                 final = original(c, uc, seeds, subseeds, subseed_strength, prompts)
         finally:
             p.enable_hr = enable_hr
@@ -457,6 +473,7 @@ class A1111Generation:
     def prepare(self) -> Prepared:
         """The concepts of the job (loaded once: they do not depend on the images' prompts)."""
         self.cfg.validate()
+        self.refuse_concept_units()
         concepts, labels = [], []
         for spec in self.cfg.concepts:
             negative = spec.negative_prompt or self.p.negative_prompts[0]
@@ -468,6 +485,13 @@ class A1111Generation:
         except ValueError as e:
             raise OmgUserError(str(e)) from e
         return Prepared(concepts, labels, regions)
+
+    def refuse_concept_units(self) -> None:
+        """A ControlNet unit for one concept needs a Forge (A1111's sd-webui-controlnet is not supported yet)."""
+        for n, spec in enumerate(self.cfg.concepts, start=1):
+            if spec.control_unit != NO_CONTROL_UNIT:
+                raise OmgUserError(f"OMG concept {n}: a ControlNet unit for one concept works in Forge, Forge Classic and "
+                                   "reForge only; set it to -1 here")
 
     def image_tokens(self, prompts: list[str]) -> list[list[list[int]]]:
         """Per image, per concept: the class word's positions in that image's own prompt.

@@ -32,10 +32,13 @@ Forge keeps A1111's processing and script API (``p.sample``, ``modules.rng``, th
 from __future__ import annotations
 
 import contextlib
+import inspect
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
+from ..config import NO_CONTROL_UNIT
 from ..engine.attention import ProjectedAttention
 from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.rows import RowRole
@@ -99,12 +102,20 @@ class UnetWrapper:
         options = c.get("transformer_options", {})
         per_row.update(control_rows)
         per_row[UNCOND_KEY] = torch.tensor([0.0 if role.is_cond else 1.0 for role in roles], device=x.device)
+        unit_rows = {}
+        if generation.concept_units:
+            per_row[CONCEPT_KEY] = torch.full((rows,), -1.0, device=x.device)
+            if control is not None:
+                unit_rows = concept_unit_residuals(generation.concept_units, c, x, t, len(args["cond_or_uncond"]), per_row)
 
         def unet_fn(x_, t_, cond):
             cond = dict(cond)
             uncond = cond.pop(UNCOND_KEY)
+            concept = cond.pop(CONCEPT_KEY, None)
             if control is not None:
                 cond["control"] = join_control(control, cond)
+                for j, template in unit_rows.items():
+                    add_to_rows(cond["control"], join_control(template, cond), concept == j)
             return apply_model(x_, t_, **shared, **cond, transformer_options=generation.call_options(options, uncond))
 
         return session(unet_fn, x, t, per_row, roles)
@@ -185,6 +196,57 @@ def split_control(control: dict | None, rows: int) -> tuple[dict | None, dict[st
     return template, per_row
 
 
+CONCEPT_KEY = "omg:concept"
+"""Each row's concept (-1: a host or reference row), when a concept has a ControlNet unit of its own: the host
+rows carry -1, each concept's conditioning its number, and the engine's expansion does the rest."""
+
+
+def concept_unit_residuals(units: dict[int, "ConceptUnit"], c: dict, x: torch.Tensor, t: torch.Tensor, chunks: int,
+                           per_row: dict) -> dict[int, dict]:
+    """Each concept's own ControlNet unit taken out of the residuals Forge summed for the host rows (which keep
+    the other units) and computed alone, for that concept's rows: ``per_row`` gets them as entries, and the
+    templates to rebuild them per engine call are returned by concept."""
+    chain = []
+    node = c.get("control_model")
+    while node is not None:
+        chain.append(node)
+        node = node.previous_controlnet
+    templates = {}
+    for j, concept_unit in units.items():
+        unit = concept_unit.find(chain[::-1])
+        if unit is None:
+            continue  # not active in this sampling (its image failed, or another sampling than the unit's)
+        previous, unit.previous_controlnet = unit.previous_controlnet, None
+        extra = {"transformer_options": c.get("transformer_options", {})} if takes_options(unit.get_control) else {}
+        try:
+            alone = unit.get_control(x, t, dict(c), chunks, **extra)
+        finally:
+            unit.previous_controlnet = previous
+        if alone is None:  # outside the unit's guidance start/end
+            continue
+        template, rows = split_control(alone, x.shape[0])
+        for key, residual in rows.items():
+            per_row[key] = per_row[key] - residual  # the host rows: the summed residuals without this unit
+            per_row[f"{key}+{j}"] = residual
+        templates[j] = {name: [f"{item}+{j}" if isinstance(item, str) else item for item in items]
+                        for name, items in template.items()}
+    return templates
+
+
+def takes_options(get_control) -> bool:
+    """reForge's ``get_control`` takes the call's transformer options too; Forge's and Classic's do not."""
+    return "transformer_options" in inspect.signature(get_control).parameters
+
+
+def add_to_rows(control: dict, extra: dict, rows: torch.Tensor) -> None:
+    """``extra``'s residuals added to the ``rows`` (a bool per row) of ``control``."""
+    where = rows.view(-1, 1, 1, 1)
+    for name, residuals in extra.items():
+        for i, residual in enumerate(residuals):
+            if isinstance(residual, torch.Tensor):
+                control[name][i] = control[name][i] + torch.where(where, residual, torch.zeros_like(residual))
+
+
 def join_control(template: dict, cond: dict) -> dict:
     """The residuals of one engine call, taken out of ``cond``; fresh lists, because Forge's UNet pops them."""
     return {name: [cond.pop(item) if isinstance(item, str) else item for item in residuals]
@@ -220,6 +282,7 @@ class ForgeGeneration(A1111Generation):
         self.wrapper = UnetWrapper(self)
         self.patches: tuple[ProjectedAttention, ProjectedAttention] | None = None
         self.patch_tables: dict[tuple, dict] = {}
+        self.concept_units: dict[int, ConceptUnit] = {}
         self.swapped: list[tuple[object, object, object]] = []
         self.patch_error: Exception | None = None
 
@@ -279,6 +342,21 @@ class ForgeGeneration(A1111Generation):
         except Exception as e:  # noqa: BLE001 - re-raised by `patched`
             self.patch_error = e
 
+    def refuse_concept_units(self) -> None:
+        """Forge's ControlNet units can be given to one concept (``prepare``)."""
+
+    def prepare(self):
+        """The concepts, and for each that has a ControlNet unit of its own, the unit's network (which the
+        ControlNet objects of the sampling share); each concept's conditioning then carries its number."""
+        prepared = super().prepare()
+        units = {j: spec.control_unit for j, spec in enumerate(self.cfg.concepts) if spec.control_unit != NO_CONTROL_UNIT}
+        self.concept_units = controlnet_unit_modules(self.p, units)
+        if self.concept_units:
+            for j, concept in enumerate(prepared.concepts):
+                for cond in (concept.cond, concept.uncond):
+                    cond[CONCEPT_KEY] = torch.tensor([float(j)])
+        return prepared
+
     def call_options(self, options: dict, uncond: torch.Tensor) -> dict:
         """The transformer options of one engine call: its rows' own marks and OMG's attention patches
         (built once per table of other extensions' patches: they are the same on every call)."""
@@ -323,6 +401,47 @@ def as_forge_cond(cond) -> dict:
     if isinstance(cond, dict):
         return {"c_crossattn": cond["crossattn"], "y": cond["vector"]}
     return {"c_crossattn": cond}
+
+
+def controlnet_unit_modules(p, units: dict[int, int]) -> dict[int, "ConceptUnit"]:
+    """Concept -> its ControlNet unit (``units``: concept -> the unit's number in the ControlNet panel),
+    read from the ControlNet script of the job: its units in the panel's order and, per enabled unit,
+    the loaded model it keeps in ``current_params``."""
+    if not units:
+        return {}
+    script = next((s for s in p.scripts.alwayson_scripts if s.title() == "ControlNet"), None) if p.scripts else None
+    if script is None:
+        raise OmgUserError("OMG: a concept has a ControlNet unit of its own, but this WebUI has no ControlNet")
+    panel = list(p.script_args[script.args_from:script.args_to])
+    enabled = [k for k, unit in enumerate(panel) if (unit.get("enabled") if isinstance(unit, dict) else getattr(unit, "enabled", False))]
+    params = getattr(script, "current_params", {})
+    networks = {k: getattr(getattr(getattr(params.get(i), "model", None), "model_patcher", None), "control_model", None)
+                for i, k in enumerate(enabled)}
+    in_chain = [k for k in enabled if networks[k] is not None]  # the units that put a ControlNet in Forge's chain, in order
+    found = {}
+    for j, k in units.items():
+        if k not in enabled:
+            raise OmgUserError(f"OMG concept {j + 1}: ControlNet unit {k} is not enabled (enable it, or set the concept's unit to -1)")
+        if networks[k] is None:
+            raise OmgUserError(f"OMG concept {j + 1}: ControlNet unit {k} has no ControlNet model loaded (an IP-Adapter or "
+                               "another kind of unit cannot be given to one concept yet)")
+        found[j] = ConceptUnit(networks[k], in_chain.index(k))
+    return found
+
+
+@dataclass(frozen=True)
+class ConceptUnit:
+    """A concept's own ControlNet unit: its network and its place among the chain's units (first added = 0).
+    Two units with the same model file share the network (Forge caches loaded models): the place tells them apart."""
+
+    network: torch.nn.Module
+    place: int
+
+    def find(self, chain_in_order: list):
+        """This unit's ControlNet object in the sampling's chain, or None."""
+        if self.place < len(chain_in_order) and chain_in_order[self.place].control_model is self.network:
+            return chain_in_order[self.place]
+        return next((n for n in chain_in_order if getattr(n, "control_model", None) is self.network), None)
 
 
 def forge_lora_patches(backend: ForgeBackend, objects, name: str) -> tuple[dict, dict, str]:

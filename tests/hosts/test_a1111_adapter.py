@@ -152,6 +152,14 @@ class _Model:
         return torch.cat([self.cond_stage_model.encode(p) for p in prompts])
 
 
+def _recording_textinfo(sample, state, shown):
+    """The job's sampling, recording what the progress text says when each sampling run starts."""
+    def recording(*args):
+        shown.append(state.textinfo)
+        return sample(*args)
+    return recording
+
+
 class _Job:
     """Enough of ``StableDiffusionProcessingTxt2Img`` for the adapter, with an A1111-style CFG denoiser."""
 
@@ -235,13 +243,18 @@ def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch,
         plain = job.sample(model.get_learned_conditioning(["a man and a woman"]), model.get_learned_conditioning(["blurry"]), [7], [7], 0, job.prompts)
         job.rng = modules.rng.ImageRNG((4, 16, 16), job.seeds)
         generation = a1111.A1111Generation(job, cfg)
-        generation.attach()
         c, uc = model.get_learned_conditioning(["a man and a woman"]), model.get_learned_conditioning(["blurry"])
         jobs_before = (modules.shared.state.job_count, modules.shared.state.job_no)
+        modules.shared.total_tqdm._tqdm = bar = types.SimpleNamespace(total=6, refresh=lambda: None)  # as after a hires init
+        shown = []
+        job.sample = _recording_textinfo(job.sample, modules.shared.state, shown)
+        generation.attach()  # the recording sample inside OMG's
         final = job.sample(c, uc, [7], [7], 0, job.prompts)
         assert not modules.script_callbacks.callback_map["callbacks_cfg_denoiser"]
-        # the progress bar counts pass 1 as a job of its own
+        # the progress bar counts pass 1 as a job of its own, the console's total bar its steps; each pass says what it is
         assert (modules.shared.state.job_count, modules.shared.state.job_no) == (jobs_before[0] + 1, jobs_before[1] + 1)
+        assert bar.total == 6 + 6
+        assert shown == ["OMG pass 1 of 2: layout", "OMG pass 2 of 2: concepts"]
     assert job.calls == 6 + 6 + 6  # the plain run, pass 1, pass 2 (the denoiser runs; replays cost no UNet)
     assert [[suffix for _, suffix in pictures] for pictures in generation.layout_images] == [["-omg-layout", "-omg-masks"]]
     assert job.extra_generation_params["OMG c1 lora"] == "hero"
@@ -470,3 +483,11 @@ def test_a_callback_is_named_only_where_the_host_takes_a_name():
     a1111.add_callback(older, print, "omg")
     a1111.add_callback(newer, print, "omg")
     assert registered == [(print, None), (print, "omg")]
+
+
+def test_a_concepts_own_controlnet_unit_is_refused_in_a1111_with_what_to_do():
+    cfg = OmgConfig(enabled=True, concepts=[ConceptSpec(class_word="man", prompt="a man"),
+                                            ConceptSpec(class_word="woman", prompt="a woman", control_unit=0)])
+    with pytest.raises(a1111.OmgUserError, match="OMG concept 2: a ControlNet unit for one concept works in Forge, "
+                                                 "Forge Classic and reForge only; set it to -1 here"):
+        a1111.A1111Generation.refuse_concept_units(types.SimpleNamespace(cfg=cfg))

@@ -151,10 +151,11 @@ def _merge(backend, strength):
     return lambda patch, base, key: backend.merge(None, patch, base, strength, key)
 
 
-def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, fp8=False, control=None, backend="backend", **job_args):
+def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, fp8=False, control=None, backend="backend", before_omg=None, **job_args):
     """A plain Forge job and an OMG job on one model: (plain, final, job, model, generation, weights before).
 
-    ``control(model, latent)``: a ControlNet for both jobs; ``backend``: "ldm_patched" for Forge Classic and reForge."""
+    ``control(model, latent)``: a ControlNet for both jobs; ``backend``: "ldm_patched" for Forge Classic and reForge;
+    ``before_omg(job)``: called before OMG is attached (other scripts' state)."""
     model = _ForgeModel(fp8, backend)
     _write_lora(tmp_path / "hero.safetensors", model)
     monkeypatch.setitem(sys.modules, "networks", _networks(tmp_path / "hero.safetensors"))
@@ -166,6 +167,8 @@ def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, fp8=False, control=None,
         c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
         plain = job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
         job.rng, job.calls, job.fail_at_call = modules.rng.ImageRNG(job.rng_shape, job.seeds), 0, fail_at_call
+        if before_omg is not None:
+            before_omg(job)
         generation = forge.ForgeGeneration(job, cfg)
         generation.attach()
         job.hooks.append(lambda p, **kwargs: generation.patch_unet())
@@ -250,6 +253,74 @@ def test_a_controlnet_reaches_every_row_with_its_host_rows_residuals(tmp_path, m
     _, without, *_ = _run(tmp_path, monkeypatch, cfg, control=_controlnet(0.0), prompts=prompts, seeds=[7, 8], latent=latent)
     _, no_control, *_ = _run(tmp_path, monkeypatch, cfg, prompts=prompts, seeds=[7, 8], latent=latent)
     assert torch.equal(without, no_control) and (final - without).abs().max() > 0.05
+
+
+def _two_units(concept_unit):
+    """A ``_run`` ControlNet: Forge's chain of unit 0 (strength 1) and unit 1 (strength 2), and the ControlNet
+    script the job carries (its panel: both enabled; per enabled unit the loaded model)."""
+    def control(model, latent):
+        unet = model.forge_objects.unet.model.diffusion_model
+        first = RowResidualControl(unet, latent, CTX, 1.0)
+        second = RowResidualControl(unet, latent, CTX, 2.0, previous=first)  # Forge prepends: the last unit is the head
+        second.control_model = first.control_model  # one model file in both units: Forge's cache shares the network
+        params = {i: types.SimpleNamespace(model=types.SimpleNamespace(model_patcher=types.SimpleNamespace(control_model=u.control_model)))
+                  for i, u in enumerate((first, second))}
+        script = types.SimpleNamespace(title=lambda: "ControlNet", args_from=0, args_to=2, current_params=params)
+        control.script = script
+        return second
+    control.concept_unit = concept_unit
+    return control
+
+
+@torch.no_grad()
+def test_a_concepts_own_controlnet_unit_acts_on_its_rows_only(tmp_path, monkeypatch):
+    """Unit 1 is concept 1's: its rows get units 0 + 1, every other row unit 0 alone."""
+    concepts = [ConceptSpec(**{**vars(CFG["concepts"][0]), "control_unit": 1}), CFG["concepts"][1]]
+    cfg = OmgConfig(**{**CFG, "concepts": concepts}, blend_start=0.5)
+    calls, control = [], _two_units(1)
+
+    def with_spy(model, latent):
+        calls.append(_calls_with_control(model, monkeypatch))
+        return control(model, latent)
+
+    def job_with_script(job):
+        job.scripts = types.SimpleNamespace(alwayson_scripts=[control.script])
+        job.script_args = [{"enabled": True}, {"enabled": True}]
+
+    plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch, cfg, control=with_spy, prompts=["a man and a woman"] * 2,
+                                                         seeds=[7, 8], latent=(12, 16), before_omg=job_with_script)
+    assert isinstance(final, torch.Tensor)
+    _assert_untouched(model, weights, model.forge_objects_after_applying_lora.unet)
+    first = job.control.previous_controlnet
+    rows = [(x[r], residual[r]) for x, residual in calls[0][job.steps:] for r in range(x.shape[0])]
+
+    def alone(x, shape, strength):
+        return strength * first.residual(x[None], shape)[0]
+
+    both = [torch.allclose(res, alone(x, res.shape, 3.0), atol=1e-5) for x, res in rows]
+    unit0 = [torch.allclose(res, alone(x, res.shape, 1.0), atol=1e-5) for x, res in rows]
+    blending = job.steps // 2
+    assert both.count(True) == blending * 2  # concept 1's cond rows: one per image per blending step
+    assert unit0.count(True) == len(rows) - blending * 2 - 2 * (blending - 1)  # all the rest but drifted reference rows
+    # without a unit of its own, concept 1's rows get both units like every row
+    cfg_global = OmgConfig(**CFG, blend_start=0.5)
+    _, everywhere, *_ = _run(tmp_path, monkeypatch, cfg_global, control=_two_units(-1), prompts=["a man and a woman"] * 2,
+                             seeds=[7, 8], latent=(12, 16))
+    assert (final - everywhere).abs().max() > 0.05
+
+
+@torch.no_grad()
+def test_a_concept_unit_that_is_not_there_is_named(tmp_path, monkeypatch):
+    concepts = [ConceptSpec(**{**vars(CFG["concepts"][0]), "control_unit": 2}), CFG["concepts"][1]]
+    control = _two_units(2)
+
+    def job_with_script(job):
+        control(job.sd_model, (16, 16))
+        job.scripts = types.SimpleNamespace(alwayson_scripts=[control.script])
+        job.script_args = [{"enabled": True}, {"enabled": False}, {"enabled": False}]
+
+    with pytest.raises(forge.OmgUserError, match="OMG concept 1: ControlNet unit 2 is not enabled"):
+        _run(tmp_path, monkeypatch, OmgConfig(**{**CFG, "concepts": concepts}), before_omg=job_with_script)
 
 
 @torch.no_grad()

@@ -109,14 +109,14 @@ def test_a_lora_for_another_architecture_is_an_error():
     assert status != 200 and "another architecture" in json.dumps(result)
 
 
-def _hint_png() -> str:
+def _hint_png(box=(12, 8, 36, 60)) -> str:
     """A 64x64 hint: a white figure-sized block on black, as a base64 PNG."""
     import io
 
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (64, 64))
-    ImageDraw.Draw(image).rectangle((12, 8, 36, 60), fill="white")
+    ImageDraw.Draw(image).rectangle(box, fill="white")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
@@ -164,3 +164,45 @@ def test_controlnet_acts_on_the_omg_image_in_a_batch_with_hires_and_the_model_co
     assert images[0.0] != images[1.0]  # the unit's weight still matters with OMG
     _, after = _post("/sdapi/v1/txt2img", BASE)
     assert _image(before) == _image(after)
+
+
+def test_the_progress_bar_covers_both_passes_as_one_job_and_names_each_pass():
+    """Polled while an OMG job runs: the progress never runs back for pass 2 and the text names the pass."""
+    import threading
+    import time
+
+    job = threading.Thread(target=_post, args=("/sdapi/v1/txt2img", {**BASE, "steps": 12, **_omg()}))
+    job.start()
+    seen = []
+    while job.is_alive():
+        with urllib.request.urlopen(URL.rstrip("/") + "/sdapi/v1/progress?skip_current_image=true", timeout=60) as r:
+            progress = json.load(r)
+        if progress["state"]["job_count"] > 0:
+            seen.append((progress["progress"], progress["textinfo"] or ""))
+        time.sleep(0.2)
+    job.join()
+    texts = [text for _, text in seen]
+    assert any("OMG pass 1 of 2" in t for t in texts) and any("OMG pass 2 of 2" in t for t in texts), texts
+    values = [value for value, _ in seen if value > 0]
+    assert all(b >= a - 0.02 for a, b in zip(values, values[1:])), values  # never back to the start for pass 2
+    assert max(values) > 0.6, values
+
+
+@pytest.mark.skipif(not CONTROLNET, reason="OMG_CONTROLNET (a ControlNet model name) not set")
+def test_a_concepts_own_controlnet_unit_changes_the_image_and_a_missing_unit_is_named():
+    units = [{"enabled": True, "module": "None", "model": _controlnet_model(), "weight": 1.0, "image": _hint_png()},
+             {"enabled": True, "module": "None", "model": _controlnet_model(), "weight": 1.0, "image": _hint_png((30, 8, 56, 60))}]
+    images = {}
+    for unit in (-1, 1):
+        payload = {**BASE, **_omg()}
+        payload["alwayson_scripts"]["OMG multi-concept"]["args"][0]["concepts"][1]["control_unit"] = unit
+        payload["alwayson_scripts"]["ControlNet"] = {"args": units}
+        status, result = _post("/sdapi/v1/txt2img", payload)
+        assert status == 200, result
+        images[unit] = _image(result)
+        if unit == 1:
+            assert "OMG c2 control unit: 1" in json.loads(result["info"])["infotexts"][0]
+    assert images[-1] != images[1]  # unit 1 on the woman's rows only, not on every row
+    payload["alwayson_scripts"]["OMG multi-concept"]["args"][0]["concepts"][1]["control_unit"] = 2
+    status, result = _post("/sdapi/v1/txt2img", payload)
+    assert status != 200 and "ControlNet unit 2 is not enabled" in json.dumps(result)

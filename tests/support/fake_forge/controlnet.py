@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 
 class RowResidualControl:
-    """``get_control(x, t, cond, batched_number)``: per row ``strength · mean_c(x_row)`` at each block's size, times a fixed per-channel vector."""
+    """``get_control(x, t, cond, batched_number)``: per row ``strength · mean_c(x_row)`` at each block's size, times a
+    fixed per-channel vector, plus the ``previous_controlnet``'s (the units before it in Forge's chain)."""
 
-    def __init__(self, unet, latent: tuple[int, int], context_dim: int, strength: float = 1.0) -> None:
-        self.strength = strength
+    def __init__(self, unet, latent: tuple[int, int], context_dim: int, strength: float = 1.0, previous=None) -> None:
+        self.strength, self.previous_controlnet = strength, previous
+        self.control_model = torch.nn.Identity()  # the unit's network: Forge's copies of a unit share it
         self.calls: list[int] = []
         self.shapes = self._shapes(unet, latent, context_dim)
 
@@ -42,5 +44,9 @@ class RowResidualControl:
         shapes = self.shapes
         inputs = [self.residual(x, s) for s in shapes["input"]]
         # Forge pops from the end: input residuals in reverse block order, skips reused by the output blocks
-        return {"input": inputs[::-1], "middle": [self.residual(x, shapes["middle"][0])],
-                "output": [self.residual(x, s) for s in shapes["input"]]}
+        own = {"input": inputs[::-1], "middle": [self.residual(x, shapes["middle"][0])],
+               "output": [self.residual(x, s) for s in shapes["input"]]}
+        if self.previous_controlnet is None:
+            return own
+        previous = self.previous_controlnet.get_control(x, t, cond, batched_number)  # Forge's chain: units summed
+        return {name: [a + b for a, b in zip(own[name], previous[name])] for name in own}

@@ -7,6 +7,7 @@ class State:
     job_no = 0
     sampling_step = 0
     sampling_steps = 0
+    textinfo = None
     """Set by the samplers' step callback in the WebUI; by the test jobs' samplers here."""
 
     def nextjob(self):
@@ -25,3 +26,13 @@ class Options:
 
 
 opts = Options()
+
+
+class TotalTQDM:
+    """``shared.total_tqdm``: the console's "Total progress" bar; ``_tqdm`` exists once the host set its total."""
+
+    def __init__(self):
+        self._tqdm = None
+
+
+total_tqdm = TotalTQDM()
