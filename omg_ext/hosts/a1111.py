@@ -22,6 +22,7 @@ import contextlib
 import inspect
 import importlib
 import logging
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -65,6 +66,20 @@ def add_progress_job(steps: int) -> None:
     if bar is not None:
         bar.total += steps
         bar.refresh()
+
+
+AND_MESSAGE = ("OMG gives each character its own prompt and LoRA, so it does not take AND (composable diffusion) in "
+               "the prompt: write one prompt that names every character by its class word, without AND, and put each "
+               "character's details in its concept prompt")
+"""Why AND is refused in every host: AND makes several cond rows per image, each its own subprompt, which is how
+Regional Prompter and Latent Couple split a picture; OMG splits it by masks, and its masks are read at the class
+words' places in the image's one prompt."""
+
+
+def refuse_and(prompts: list[str]) -> None:
+    """``AND`` (A1111's own pattern: a whole word, upper case) in any prompt of the job fails it before sampling."""
+    if any(re.search(r"\bAND\b", prompt) for prompt in prompts):
+        raise OmgUserError(AND_MESSAGE)
 
 
 class OmgUserError(ValueError):
@@ -288,7 +303,7 @@ class RowTracker:
     def on_denoiser(self, params) -> None:
         cond, uncond = _crossattn(params.text_cond), _crossattn(params.text_uncond)
         if cond.shape[0] != self.images:
-            raise OmgUserError("OMG does not support AND in the prompt yet")
+            raise OmgUserError(AND_MESSAGE)
         self.roles = [RowRole(True, b) for b in range(self.images)] + [RowRole(False, b) for b in range(uncond.shape[0])]
         self.conds = list(cond) + list(uncond)
         self.offset = 0
@@ -322,6 +337,7 @@ class A1111Generation:
     """OMG for one txt2img job ``p``."""
 
     def __init__(self, p, cfg: OmgConfig) -> None:
+        refuse_and(list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")]))
         self.p, self.cfg = p, cfg
         self.unet = self.unet_module()
         self.prepared: Prepared | None = None

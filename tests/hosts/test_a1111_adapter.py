@@ -491,3 +491,11 @@ def test_a_concepts_own_controlnet_unit_is_refused_in_a1111_with_what_to_do():
     with pytest.raises(a1111.OmgUserError, match="OMG concept 2: a ControlNet unit for one concept works in Forge, "
                                                  "Forge Classic and reForge only; set it to -1 here"):
         a1111.A1111Generation.refuse_concept_units(types.SimpleNamespace(cfg=cfg))
+
+
+@pytest.mark.parametrize("prompts", [["a man AND a woman"], ["a man and a woman", "a man AND a woman on grass"]])
+def test_and_in_any_prompt_of_the_job_is_refused_before_sampling_with_what_to_do(prompts):
+    p = types.SimpleNamespace(all_prompts=prompts)
+    with pytest.raises(a1111.OmgUserError, match="does not take AND .* without AND, and put each character's details in its concept prompt"):
+        a1111.A1111Generation(p, OmgConfig(enabled=True))
+    a1111.refuse_and(["a man and a woman, ANDROID", "sANDy beach"])  # only the whole upper-case word is AND

@@ -206,3 +206,10 @@ def test_a_concepts_own_controlnet_unit_changes_the_image_and_a_missing_unit_is_
     payload["alwayson_scripts"]["OMG multi-concept"]["args"][0]["concepts"][1]["control_unit"] = 2
     status, result = _post("/sdapi/v1/txt2img", payload)
     assert status != 200 and "ControlNet unit 2 is not enabled" in json.dumps(result)
+
+
+def test_and_in_the_prompt_is_refused_with_what_to_do_and_runs_without_omg():
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, "prompt": "a man AND a woman", **_omg()})
+    assert status != 200 and "does not take AND" in json.dumps(result) and "concept prompt" in json.dumps(result)
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, "prompt": "a man AND a woman", **_omg(enabled=False)})
+    assert status == 200, result
