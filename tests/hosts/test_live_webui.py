@@ -213,3 +213,29 @@ def test_and_in_the_prompt_is_refused_with_what_to_do_and_runs_without_omg():
     assert status != 200 and "does not take AND" in json.dumps(result) and "concept prompt" in json.dumps(result)
     status, result = _post("/sdapi/v1/txt2img", {**BASE, "prompt": "a man AND a woman", **_omg(enabled=False)})
     assert status == 200, result
+
+
+def test_interrupt_or_skip_at_any_stage_of_a_hires_batch_job_leaves_the_model_as_it_was():
+    """Interrupts spread over a job of two images (batch count 2) with hires fix — pass 1, mask making,
+    pass 2, the hires pass, between the images — and a Skip: each job ends as the host ends one, and the
+    next plain image is bitwise the one before."""
+    import threading
+    import time
+
+    job = {**BASE, "steps": 8, "n_iter": 2, "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5,
+           "hr_upscaler": "Latent", "hr_additional_modules": ["Use same choices"], **_omg()}
+    _, before = _post("/sdapi/v1/txt2img", BASE)
+    start = time.perf_counter()
+    status, result = _post("/sdapi/v1/txt2img", job)
+    whole = time.perf_counter() - start
+    assert status == 200 and len(result["images"]) >= 2, result
+    for action, fraction in [("interrupt", f) for f in (0.1, 0.3, 0.45, 0.6, 0.8, 0.95)] + [("skip", 0.3)]:
+        answers = []
+        worker = threading.Thread(target=lambda: answers.append(_post("/sdapi/v1/txt2img", job)))
+        worker.start()
+        time.sleep(whole * fraction)
+        _post(f"/sdapi/v1/{action}", {})
+        worker.join()
+        assert answers[0][0] == 200, (action, fraction, answers[0])
+        _, after = _post("/sdapi/v1/txt2img", BASE)
+        assert _image(before) == _image(after), (action, fraction)
