@@ -16,6 +16,8 @@ import pytest
 URL = os.environ.get("OMG_WEBUI_URL")
 LORAS = os.environ.get("OMG_LORAS", "char1,char2").split(",")
 CONTROLNET = os.environ.get("OMG_CONTROLNET")
+IPADAPTER = os.environ.get("OMG_IPADAPTER")
+"""An IP-Adapter model name (SD1.5, used with the host's "CLIP-ViT-H (IPAdapter)" preprocessor)."""
 pytestmark = pytest.mark.skipif(not URL, reason="OMG_WEBUI_URL not set")
 
 BASE = {"prompt": "a man and a woman hugging", "negative_prompt": "", "steps": 4, "width": 64, "height": 64,
@@ -122,11 +124,12 @@ def _hint_png(box=(12, 8, 36, 60)) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _controlnet_model() -> str:
-    """The host's full name of OMG_CONTROLNET ("name [hash]"): a wrong name is only logged by the hosts."""
+def _controlnet_model(name=None) -> str:
+    """The host's full name of a ControlNet-panel model ("name [hash]"): a wrong name is only logged by the hosts."""
+    name = name or CONTROLNET
     with urllib.request.urlopen(URL.rstrip("/") + "/controlnet/model_list", timeout=60) as r:
-        names = [n for n in json.load(r)["model_list"] if n.split(" [")[0] == CONTROLNET]
-    assert names, f"ControlNet model {CONTROLNET} not in the host's list"
+        names = [n for n in json.load(r)["model_list"] if n.split(" [")[0] == name]
+    assert names, f"ControlNet model {name} not in the host's list"
     return names[0]
 
 
@@ -239,3 +242,21 @@ def test_interrupt_or_skip_at_any_stage_of_a_hires_batch_job_leaves_the_model_as
         assert answers[0][0] == 200, (action, fraction, answers[0])
         _, after = _post("/sdapi/v1/txt2img", BASE)
         assert _image(before) == _image(after), (action, fraction)
+
+
+@pytest.mark.skipif(not IPADAPTER, reason="OMG_IPADAPTER (an IP-Adapter model name) not set")
+def test_an_ip_adapter_unit_acts_on_the_omg_image_and_omg_off_changes_nothing():
+    def with_ip(payload, box):
+        unit = {"enabled": True, "module": "CLIP-ViT-H (IPAdapter)", "model": _controlnet_model(IPADAPTER), "weight": 1.0,
+                "image": _hint_png(box)}
+        return {**payload, "alwayson_scripts": {**payload.get("alwayson_scripts", {}), "ControlNet": {"args": [unit]}}}
+
+    images = {}
+    for box in ((12, 8, 36, 60), (30, 8, 56, 60)):  # two reference images: the same unit, the same memory plan
+        status, result = _post("/sdapi/v1/txt2img", with_ip({**BASE, **_omg()}, box))
+        assert status == 200, result
+        images[box] = _image(result)
+    assert len(set(images.values())) == 2  # the image prompt still acts inside OMG's attention
+    _, alone = _post("/sdapi/v1/txt2img", with_ip(BASE, (12, 8, 36, 60)))
+    _, off = _post("/sdapi/v1/txt2img", with_ip({**BASE, **_omg(enabled=False)}, (12, 8, 36, 60)))
+    assert _image(alone) == _image(off)
