@@ -76,6 +76,14 @@ Regional Prompter and Latent Couple split a picture; OMG splits it by masks, and
 words' places in the image's one prompt."""
 
 
+def refuse_concept_units(cfg: OmgConfig) -> None:
+    """A ControlNet unit for one concept, in a host that cannot give it one."""
+    for n, spec in enumerate(cfg.concepts, start=1):
+        if spec.control_unit != NO_CONTROL_UNIT:
+            raise OmgUserError(f"OMG concept {n}: a ControlNet unit for one concept works in Forge, Forge Classic and "
+                               "reForge only; set it to -1 here")
+
+
 def refuse_and(prompts: list[str]) -> None:
     """``AND`` (A1111's own pattern: a whole word, upper case) in any prompt of the job fails it before sampling."""
     if any(re.search(r"\bAND\b", prompt) for prompt in prompts):
@@ -336,6 +344,9 @@ class Prepared:
 class A1111Generation:
     """OMG for one txt2img job ``p``."""
 
+    takes_concept_units = False
+    """Whether a concept can have a ControlNet unit of its own (the Forge family's ControlNet; not sd-webui-controlnet yet)."""
+
     def __init__(self, p, cfg: OmgConfig) -> None:
         refuse_and(list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")]))
         self.p, self.cfg = p, cfg
@@ -489,7 +500,8 @@ class A1111Generation:
     def prepare(self) -> Prepared:
         """The concepts of the job (loaded once: they do not depend on the images' prompts)."""
         self.cfg.validate()
-        self.refuse_concept_units()
+        if not self.takes_concept_units:
+            refuse_concept_units(self.cfg)
         concepts, labels = [], []
         for spec in self.cfg.concepts:
             negative = spec.negative_prompt or self.p.negative_prompts[0]
@@ -501,13 +513,6 @@ class A1111Generation:
         except ValueError as e:
             raise OmgUserError(str(e)) from e
         return Prepared(concepts, labels, regions)
-
-    def refuse_concept_units(self) -> None:
-        """A ControlNet unit for one concept needs a Forge (A1111's sd-webui-controlnet is not supported yet)."""
-        for n, spec in enumerate(self.cfg.concepts, start=1):
-            if spec.control_unit != NO_CONTROL_UNIT:
-                raise OmgUserError(f"OMG concept {n}: a ControlNet unit for one concept works in Forge, Forge Classic and "
-                                   "reForge only; set it to -1 here")
 
     def image_tokens(self, prompts: list[str]) -> list[list[list[int]]]:
         """Per image, per concept: the class word's positions in that image's own prompt.

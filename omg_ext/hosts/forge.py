@@ -101,7 +101,7 @@ class UnetWrapper:
         shared = {k: v for k, v in c.items() if k not in per_row and k not in ("control", "transformer_options")}
         options = c.get("transformer_options", {})
         per_row.update(control_rows)
-        per_row[UNCOND_KEY] = torch.tensor([0.0 if role.is_cond else 1.0 for role in roles], device=x.device)
+        per_row[UNCOND_KEY] = torch.tensor([0.0 if role.is_cond else 1.0 for role in roles])  # on the CPU: read per call, no sync
         unit_rows = {}
         if generation.concept_units:
             per_row[CONCEPT_KEY] = torch.full((rows,), -1.0, device=x.device)
@@ -275,6 +275,8 @@ def conflict_error(wrapper) -> OmgUserError:
 class ForgeGeneration(A1111Generation):
     """OMG for one txt2img job ``p`` in Forge."""
 
+    takes_concept_units = True
+
     def __init__(self, p, cfg) -> None:
         check_model(p.sd_model)
         super().__init__(p, cfg)
@@ -341,9 +343,6 @@ class ForgeGeneration(A1111Generation):
             self.swapped.append((objects, unet, clone))
         except Exception as e:  # noqa: BLE001 - re-raised by `patched`
             self.patch_error = e
-
-    def refuse_concept_units(self) -> None:
-        """Forge's ControlNet units can be given to one concept (``prepare``)."""
 
     def prepare(self):
         """The concepts, and for each that has a ControlNet unit of its own, the unit's network (which the

@@ -37,15 +37,17 @@ class ForgeBackend:
 
         return attention_function
 
-    def free_memory(self, device) -> int:
+    def memory_module(self):
+        """The host's memory manager: ``get_free_memory``, ``load_model_gpu``."""
         from backend import memory_management
 
-        return int(memory_management.get_free_memory(device))
+        return memory_management
+
+    def free_memory(self, device) -> int:
+        return int(self.memory_module().get_free_memory(device))
 
     def load_patcher(self, patcher) -> None:
-        from backend import memory_management
-
-        memory_management.load_model_gpu(patcher)
+        self.memory_module().load_model_gpu(patcher)
 
     def lora_module(self):
         """The host's LoRA module: ``load_lora``, ``model_lora_keys_unet``, ``model_lora_keys_clip``."""
@@ -69,9 +71,7 @@ class ForgeBackend:
 
     def merge(self, objects, patch, base: torch.Tensor, strength: float, key: str) -> torch.Tensor:
         """``base`` (float32) with ``patch`` merged at ``strength``, as Forge merges it."""
-        from backend.patcher.lora import merge_lora_to_weight
-
-        return merge_lora_to_weight([[strength, patch, 1.0, None, None]], base, key, computation_dtype=torch.float32)
+        return self.lora_module().merge_lora_to_weight([[strength, patch, 1.0, None, None]], base, key, computation_dtype=torch.float32)
 
     def add_clip_patches(self, clip, patches: dict, filename: str, strength: float) -> None:
         clip.add_patches(filename=filename, patches=patches, strength_patch=strength)
@@ -87,15 +87,10 @@ class LdmPatchedBackend(ForgeBackend):
 
         return attention.optimized_attention
 
-    def free_memory(self, device) -> int:
+    def memory_module(self):
         from ldm_patched.modules import model_management
 
-        return int(model_management.get_free_memory(device))
-
-    def load_patcher(self, patcher) -> None:
-        from ldm_patched.modules import model_management
-
-        model_management.load_model_gpu(patcher)
+        return model_management
 
     def lora_module(self):
         from ldm_patched.modules import lora
@@ -103,8 +98,7 @@ class LdmPatchedBackend(ForgeBackend):
         return lora
 
     def merge(self, objects, patch, base: torch.Tensor, strength: float, key: str) -> torch.Tensor:
-        from ldm_patched.modules import lora
-
+        lora = self.lora_module()
         if hasattr(lora, "calculate_weight"):  # reForge
             return lora.calculate_weight([(strength, patch, 1.0, None, None)], base, key)
         return objects.unet.calculate_weight([(strength, patch, 1.0)], base, key)  # Classic: the patcher's method

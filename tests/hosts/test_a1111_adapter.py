@@ -490,7 +490,7 @@ def test_a_concepts_own_controlnet_unit_is_refused_in_a1111_with_what_to_do():
                                             ConceptSpec(class_word="woman", prompt="a woman", control_unit=0)])
     with pytest.raises(a1111.OmgUserError, match="OMG concept 2: a ControlNet unit for one concept works in Forge, "
                                                  "Forge Classic and reForge only; set it to -1 here"):
-        a1111.A1111Generation.refuse_concept_units(types.SimpleNamespace(cfg=cfg))
+        a1111.refuse_concept_units(cfg)
 
 
 @pytest.mark.parametrize("prompts", [["a man AND a woman"], ["a man and a woman", "a man AND a woman on grass"]])
