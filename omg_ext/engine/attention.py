@@ -10,6 +10,10 @@ pass-1 image is exactly the image the host would have made.
   probabilities of each concept's class-word tokens, averaged over heads and summed
   over the word's tokens, are added to per-image maps. The projections are recomputed
   for the capture rows only (77 keys: cheap), the output is the module's own.
+- Keeping (pass 1): every cross-attention layer's output of the cond rows is kept, by
+  layer, for pass 2 (``layout.LayoutOutputs``); giving back (pass 2): a host cond row's
+  output is replaced by the one kept — the same as replacement below, without its
+  reference row (``layout.LayoutTargets``).
 - Replacement ("prompt-to-prompt replace"): a reference row (the pass-1 latent with the
   global prompt) lends its probabilities to its target rows (the global cond rows of
   the same image): ``out_target = softmax(q_ref k_refᵀ · scale) · v_target``. All
@@ -33,6 +37,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .fast import FastCall
+    from .layout import LayoutOutputs, LayoutTargets
 
 CAPTURE_FACTORS = (2, 4)
 """Downsampling factors of the layers whose cross-attention forms the concept maps."""
@@ -57,6 +62,10 @@ class AttentionCall:
     """[images, concepts, h, w] accumulator at 1/2 latent resolution, added to in place."""
     fast: "FastCall | None" = None
     """Fast mode: cross-attention combines per-concept keys and values by mask (``fast_cross_attention``)."""
+    keep: "LayoutOutputs | None" = None
+    """Pass 1: where every cross-attention layer keeps its cond rows' outputs."""
+    layout: "LayoutTargets | None" = None
+    """Pass 2: host cond rows whose cross-attention outputs are pass 1's kept ones."""
     _word_selection: dict = field(default_factory=dict, repr=False)
 
     def word_selection(self, probs: torch.Tensor) -> torch.Tensor:
@@ -78,6 +87,8 @@ class AttentionCall:
         factor, hw = layer_factor(tokens, self.latent_hw)
         if self.fast is not None and is_cross:
             return "fast", hw
+        if self.layout is not None and is_cross:
+            return "layout", hw
         if self.replace and (is_cross or (self.replace_self and factor == SELF_REPLACE_FACTOR)):
             return "replace", hw
         if is_cross and self.capture_rows and factor in CAPTURE_FACTORS:
@@ -190,7 +201,8 @@ def attend_with_replacement(
 
 
 class OmgAttention:
-    """The instance ``forward`` of one attention module (``attn1`` or ``attn2``)."""
+    """The instance ``forward`` of one attention module (``attn1`` or ``attn2``); the object itself
+    names its layer among pass 1's kept outputs."""
 
     def __init__(self, module: nn.Module, is_cross: bool, state: "AttentionState") -> None:
         self.module, self.is_cross, self.state = module, is_cross, state
@@ -211,8 +223,12 @@ class OmgAttention:
         if action == "fast":
             return fast_cross_attention(self.module, x, context, call.fast)
         out = self.original(x, context=context, mask=mask, **kwargs)
+        if action == "layout":
+            return call.layout.apply(self, out)
         if action == "capture":
             self._capture(x, context, call, hw)
+        if call.keep is not None and self.is_cross:
+            call.keep.keep(self, out)
         return out
 
     def _replaced(self, x: torch.Tensor, context: torch.Tensor, call: AttentionCall) -> torch.Tensor:
@@ -292,15 +308,24 @@ class ProjectedAttention:
         if action == "replace":
             return attend_with_replacement(q, k, v, heads, scale, call.replace)
         if action == "fast":
-            block = (*extra_options["block"], extra_options["block_index"])
+            block = block_key(extra_options)
             if block not in self.modules:
                 raise RuntimeError(f"OMG fast mode: no cross-attention module known for transformer block {block}")
             return fast_attention(q, k, v, heads, scale, self.modules[block], call.fast)
         out = self.attention(q, k, v, heads)
+        if action == "layout":
+            return call.layout.apply(block_key(extra_options), out)
         if action == "capture":
             rows = [r for r, _ in call.capture_rows]
             add_word_maps(probabilities(q[rows], k[rows], heads, scale), call, hw)
+        if call.keep is not None and self.is_cross:
+            call.keep.keep(block_key(extra_options), out)
         return out
+
+
+def block_key(extra_options: dict) -> tuple:
+    """A transformer block's name in a Forge attention patch's options: (block name, number, index)."""
+    return (*extra_options["block"], extra_options["block_index"])
 
 
 @dataclass

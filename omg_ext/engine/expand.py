@@ -162,8 +162,13 @@ def concept_spans(rows: list[ExpandedRow]) -> list[tuple[int, int, int]]:
 
 def replace_pairs(rows: list[ExpandedRow]) -> list[tuple[int, list[int]]]:
     """(reference row, [its host row]) positions within one call."""
-    host_pos = {r.host: p for p, r in enumerate(rows) if r.concept == GLOBAL and not r.is_reference}
+    host_pos = {host: p for p, host in host_positions(rows)}
     return [(p, [host_pos[r.host]]) for p, r in enumerate(rows) if r.is_reference]
+
+
+def host_positions(rows: list[ExpandedRow]) -> list[tuple[int, int]]:
+    """(position within one call, host row) of the call's host rows."""
+    return [(p, r.host) for p, r in enumerate(rows) if r.concept == GLOBAL and not r.is_reference]
 
 
 def run_units(units: list[list[ExpandedRow]], limit: RowLimit, run: Callable[[list[ExpandedRow]], torch.Tensor],

@@ -10,6 +10,11 @@ call at that fraction of pass 1's calls. That needs no knowledge of the sampler:
 sampler evaluates the same number of times per step, however many that is, so a
 fraction of the calls is the same fraction of the steps. Outputs of the calls from the
 blend start on are dropped when pass 2 starts: pass 2 never replays them.
+
+A call may also keep its cond rows' cross-attention outputs (``layout.LayoutOutputs``): pass 2's
+layout reference without a reference row. They are kept up to ``layout_limit`` bytes, the
+latest calls first (the blended calls are the late ones): a call without them gets a
+reference row in pass 2.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+from .layout import LayoutOutputs
 
 
 def threshold(timesteps: Sequence[float], fraction: float) -> float:
@@ -38,6 +45,8 @@ class RecordedCall:
     x: torch.Tensor
     t: torch.Tensor
     out: torch.Tensor | None
+    layout: LayoutOutputs | None = None
+    """Pass 1's cross-attention outputs of the call's cond rows, if kept."""
 
     def replays(self, x: torch.Tensor, t: torch.Tensor) -> bool:
         """The cheap check that lets the recorded output stand in for a UNet call: same input, same time."""
@@ -48,7 +57,8 @@ class RecordedCall:
 
 
 def _nbytes(call: RecordedCall) -> int:
-    return sum(t.numel() * t.element_size() for t in (call.x, call.t, call.out) if t is not None)
+    return sum(t.numel() * t.element_size() for t in (call.x, call.t, call.out) if t is not None) + (
+        call.layout.nbytes if call.layout is not None else 0)
 
 
 @dataclass
@@ -57,22 +67,42 @@ class PassRecord:
 
     peak_nbytes: int = 0
     """The most the record held (at the end of pass 1), for the benchmark and the log."""
+    layout_limit: int | None = None
+    """The most bytes of kept cross-attention outputs (None: no limit)."""
+    layout_nbytes: int = 0
     _next: int = 0
 
-    def add(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None) -> None:
-        call = RecordedCall(x.clone(), t.clone(), None if out is None else out.clone())
+    def add(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None,
+            layout: LayoutOutputs | None = None) -> None:
+        call = RecordedCall(x.clone(), t.clone(), None if out is None else out.clone(), layout)
         self.calls.append(call)
         self.peak_nbytes += _nbytes(call)  # the record only grows until pass 2 drops outputs
+        if layout is not None:
+            self.layout_nbytes += layout.nbytes
+            self._fit_layout()
+
+    def _fit_layout(self) -> None:
+        """Drop the earliest calls' kept outputs until the rest fit the limit."""
+        for call in self.calls:
+            if self.layout_limit is None or self.layout_nbytes <= self.layout_limit:
+                return
+            if call.layout is not None:
+                self.layout_nbytes -= call.layout.nbytes
+                call.layout = None
 
     def threshold(self, fraction: float) -> float:
         """The timestep from which on calls belong to the last ``1 - fraction`` of the calls."""
         return threshold([float(c.t.max()) for c in self.calls], fraction)
 
     def drop_outputs_from(self, threshold: float) -> None:
-        """Free the outputs pass 2 will compute anyway (calls at or below the blend start)."""
+        """Free what pass 2 will not use: the outputs of the calls it computes anyway (at or below
+        the blend start) and the kept attention outputs of the calls it replays."""
         for call in self.calls:
             if float(call.t.max()) <= threshold:
                 call.out = None
+            elif call.layout is not None:  # replayed, never blended: its outputs are not needed
+                self.layout_nbytes -= call.layout.nbytes
+                call.layout = None
 
     def start_replay(self) -> None:
         """Pass 2 starts: its next call corresponds to pass 1's first."""

@@ -28,8 +28,10 @@ import torch
 from torch import nn
 
 from .attention import AttentionCall, AttentionState, WordMaps, installed_attention
-from .expand import BlendMasks, ConceptCond, RowLimit, blend, concept_spans, expand, replace_pairs, run_units, stack
+from .expand import (BlendMasks, ConceptCond, RowLimit, blend, concept_spans, expand, host_positions, replace_pairs,
+                     run_units, stack)
 from .fast import FastCall, LayerMasks
+from .layout import LayoutOutputs, LayoutTargets, keep_limit
 from .lora import Delta, RowRoutedLoRA
 from .memory import MemoryBudget
 from .masks import MaskResult, masks_from_attention
@@ -69,17 +71,21 @@ class OmgSession:
         self, unet: nn.Module, concepts: Sequence[Concept], *, images: int,
         layout: bool = True, max_rows: int | None = None,
         image_tokens: Sequence[Sequence[Sequence[int]]] | None = None, memory: MemoryBudget | None = None,
+        keep_attention: bool = True,
     ) -> None:
         """``image_tokens[image][concept]``: class-word positions where the images' prompts
         differ (wildcards, a prompt matrix); by default every image uses ``Concept.tokens``.
         ``memory``: how pass 2's calls are sized to the free memory (default: CUDA's free memory,
-        no limit elsewhere)."""
+        no limit elsewhere). ``keep_attention``: pass 1 keeps its cross-attention outputs as
+        pass 2's layout reference, up to ``layout.keep_limit`` bytes, instead of pass 2 running a
+        reference row per image (``layout.py``: the same image, a row fewer, more memory)."""
         if not concepts:
             raise ValueError("OMG needs at least one concept")
         if max_rows is not None and max_rows < 2:
             raise ValueError(f"max_rows must be at least 2 (a reference row runs beside its host row), got {max_rows}")
         self.unet, self.concepts, self.images = unet, list(concepts), images
         self.layout, self.row_limit = layout, RowLimit(max_rows)
+        self.keep_attention = layout and keep_attention
         self.memory = memory or MemoryBudget()
         self.router = RowRoutedLoRA(dict(unet.named_modules()), [c.deltas for c in concepts])
         self.conds = [ConceptCond(c.cond, c.uncond) for c in concepts]
@@ -182,11 +188,15 @@ class OmgSession:
             raise ValueError(f"{len(rows)} row roles for a call of {x.shape[0]} rows")
         if self.mode == "pass1":
             capture = self.maps.capture(x, t, rows)
+            if capture is not None and self.keep_attention:
+                if not self.record.calls:
+                    self.record.layout_limit = keep_limit(self.memory.available(x.device))
+                capture.keep = LayoutOutputs([i for i, _ in capture.capture_rows])
             if self.memory.wants_measure(x.device):
                 out = self.memory.measure(lambda: self._run(unet_fn, x, t, cond, capture), x)
             else:
                 out = self._run(unet_fn, x, t, cond, capture)
-            self.record.add(x, t, out)
+            self.record.add(x, t, out, capture.keep if capture is not None else None)
             return out
         if self.mode == "pass2":
             recorded = self.record.next_call(x, t)
@@ -225,12 +235,15 @@ class OmgSession:
 
     def _blended(self, unet_fn: UnetFn, x, t, cond, rows: Sequence[RowRole], recorded: RecordedCall | None) -> torch.Tensor:
         """The expanded batch (host, reference and concept rows) of one call, blended by the masks."""
-        with_reference = self.layout and float(t.max()) > self.layout_until_t
-        reference = recorded.x if (recorded is not None and with_reference) else None
+        with_layout = self.layout and recorded is not None and float(t.max()) > self.layout_until_t
         replace_self = float(t.max()) > self.self_attention_until_t
+        kept = recorded.layout if with_layout and not replace_self else None  # self-attention needs the reference row
+        reference = recorded.x if with_layout and kept is None else None
 
         def run(call_rows):
-            call = AttentionCall(tuple(x.shape[-2:]), replace=replace_pairs(call_rows), replace_self=replace_self)
+            layout = None if kept is None else LayoutTargets(kept, host_positions(call_rows))
+            call = AttentionCall(tuple(x.shape[-2:]), replace=replace_pairs(call_rows), replace_self=replace_self,
+                                 layout=layout)
             return self._run(unet_fn, *stack(call_rows), call, concept_spans(call_rows))
 
         units = expand(x, t, cond, rows, self.conds, reference, self.share_uncond)

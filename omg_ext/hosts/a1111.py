@@ -386,6 +386,7 @@ class A1111Generation:
             self.prepared = self.prepare()
         images = len(prompts)
         self.session = session = OmgSession(self.unet, self.prepared.concepts, images=images,
+                                            layout=self.cfg.layout_preservation,
                                             image_tokens=self.image_tokens(prompts), memory=self.memory_budget())
         enable_hr = getattr(p, "enable_hr", False)
         rng_state = (p.rng.shape, p.seeds, p.subseeds, p.subseed_strength, p.seed_resize_from_h, p.seed_resize_from_w)

@@ -66,8 +66,8 @@ def test_every_call_before_blend_start_is_replayed(unet, concepts, sampler):
     assert before >= 4 and after >= 4  # 4 of 8 steps on each side, more for heun
     p2 = r.session.counters["pass2"]
     assert p2.replayed == before
-    # every blended call: 2 host rows + 1 reference + 2 concepts x 2 rows, one UNet call
-    assert (p2.calls, p2.rows) == (after, after * 7)
+    # every blended call: 2 host rows + 2 concepts x 2 rows, one UNet call (the layout from pass 1's kept attention)
+    assert (p2.calls, p2.rows) == (after, after * 6)
     assert not torch.equal(r.final, r.layout)
 
 
@@ -94,11 +94,12 @@ def test_shared_uncond_guides_the_concept_against_the_hosts_uncond_row(unet, con
                          latent_shape=(1, 4, 16, 16))
     torch.testing.assert_close(r.final, reference, rtol=1e-3, atol=1e-3)  # merged vs unmerged rounding, 6 steps
     blended = r.session.counters["pass2"]
-    assert blended.rows == blended.calls * 4  # host cond + uncond, reference, one concept cond row: no concept uncond row
+    assert blended.rows == blended.calls * 3  # host cond + uncond, one concept cond row: no concept uncond row
 
 
-def _one_blended_call(unet, concepts, x, t, cond, rows, masks, max_rows=None, layout=True, raw=None):
-    session = OmgSession(unet, concepts, images=masks.shape[0], layout=layout, max_rows=max_rows)
+def _one_blended_call(unet, concepts, x, t, cond, rows, masks, max_rows=None, layout=True, raw=None, keep_attention=True):
+    session = OmgSession(unet, concepts, images=masks.shape[0], layout=layout, max_rows=max_rows,
+                         keep_attention=keep_attention)
     raw = raw or unet_fn(unet)
     with session.installed():
         session.begin_pass1()
@@ -116,24 +117,28 @@ def test_concept_row_in_shared_batch_equals_it_alone_with_lora_merged(unet, conc
     masks = torch.zeros(1, 2, 16, 16)
     masks[0, which] = 1  # the host rows come back as exactly this concept's rows
     out, session = _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(1), masks)
-    assert session.counters["pass2"].rows == 7
+    assert session.counters["pass2"].rows == 6
     c = concepts[which]
     alone = unet_fn(merged(unet, c.deltas))(x, t, {"context": torch.cat([c.cond["context"], c.uncond["context"]])})
     torch.testing.assert_close(out, alone, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("max_rows,calls", [(2, 7), (3, 5), (5, 3)])
-def test_chunked_equals_unchunked(unet, concepts, max_rows, calls):
+@pytest.mark.parametrize("keep_attention,max_rows,calls", [(False, 2, 7), (False, 3, 5), (False, 5, 3), (True, 2, 6),
+                                                           (True, 5, 3)])
+def test_chunked_equals_unchunked(unet, concepts, keep_attention, max_rows, calls):
+    """A reference row never leaves its host row's call (units of 2); kept attention needs no unit."""
     x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(4))
     t = torch.full((4,), 300.0)
     cond = {"context": torch.cat([_ctx(1, 2), _ctx(2, 2)])}
     masks = _half_masks(2)
     masks[1] = masks[1].flip(-1)  # each image its own masks
-    whole, s1 = _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(2), masks)
-    chunked, s2 = _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(2), masks, max_rows=max_rows)
+    rows = roles_cond_then_uncond(2)
+    whole, s1 = _one_blended_call(unet, concepts, x, t, cond, rows, masks, keep_attention=keep_attention)
+    chunked, s2 = _one_blended_call(unet, concepts, x, t, cond, rows, masks, max_rows=max_rows,
+                                    keep_attention=keep_attention)
     assert s1.counters["pass2"].calls == 1 and s2.counters["pass2"].calls == calls
-    assert s1.counters["pass2"].rows == s2.counters["pass2"].rows == 14
+    assert s1.counters["pass2"].rows == s2.counters["pass2"].rows == (12 if keep_attention else 14)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
 
 
@@ -199,7 +204,7 @@ def test_layout_replacement_gives_host_cond_rows_the_reference_probabilities(une
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(6))
     t = torch.full((2,), 700.0)
     cond = {"context": torch.cat([_ctx(1), _ctx(2)])}
-    session = OmgSession(unet, concepts, images=1)
+    session = OmgSession(unet, concepts, images=1, keep_attention=False)
     raw = unet_fn(unet)
     modules = dict(unet.named_modules())
     with session.installed():
@@ -313,9 +318,10 @@ def test_a_call_out_of_memory_is_halved_until_it_fits_and_stays_so(unet, concept
     t = torch.full((4,), 300.0)
     cond = {"context": torch.cat([_ctx(1, 2), _ctx(2, 2)])}
     masks = _half_masks(2, (12, 16))
-    whole, _ = _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(2), masks)
+    whole, _ = _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(2), masks, keep_attention=False)
     gpu = _SmallGpu(unet, fits=4, error=error)
-    chunked, session = _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(2), masks, raw=gpu)
+    chunked, session = _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(2), masks, raw=gpu,
+                                         keep_attention=False)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
     # pass 1's 4 rows fit; pass 2's 14 rows fail, then 7, then calls of at most 3 rows (a reference beside its host)
     assert gpu.sizes[:3] == [4, 14, 7] and max(gpu.sizes[3:]) <= 3 and sum(gpu.sizes[3:]) == 14
@@ -328,7 +334,8 @@ def test_out_of_memory_with_one_unit_left_or_another_error_is_raised(unet, conce
     x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 300.0)
     cond = {"context": torch.cat([_ctx(1), _ctx(2)])}
     with pytest.raises(torch.OutOfMemoryError):  # a host row and its reference need 2 rows
-        _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(1), _half_masks(1, (8, 8)), raw=_SmallGpu(unet, fits=1))
+        _one_blended_call(unet, concepts, x, t, cond, roles_cond_then_uncond(1), _half_masks(1, (8, 8)), raw=_SmallGpu(unet, fits=1),
+                          keep_attention=False)
 
     def broken(x, t, cond):
         raise RuntimeError("expected scalar type Half but found Float")
@@ -507,15 +514,16 @@ def test_masks_before_pass1_name_the_cause(unet, concepts):
 
 
 @torch.no_grad()
-def test_a_call_at_another_time_than_pass_1s_has_no_layout_reference(unet, concepts):
-    """The reference row is the pass-1 latent of the same call; a call at another timestep (a
-    sampler that diverged, a hires pass) must blend without one, not borrow a wrong layout."""
+@pytest.mark.parametrize("keep_attention", [False, True])
+def test_a_call_at_another_time_than_pass_1s_has_no_layout_reference(unet, concepts, keep_attention):
+    """The reference row (or kept attention) is the pass-1 latent of the same call; a call at another
+    timestep (a sampler that diverged, a hires pass) must blend without one, not borrow a wrong layout."""
     x = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(5))
     cond, rows, masks = {"context": torch.cat([_ctx(1), _ctx(2)])}, roles_cond_then_uncond(1), _half_masks(1, (8, 12))
     raw = unet_fn(unet)
 
     def pass2_output(layout, pass1_t, **pass2):
-        session = OmgSession(unet, concepts, images=1, layout=layout)
+        session = OmgSession(unet, concepts, images=1, layout=layout, keep_attention=keep_attention)
         with session.installed():
             session.begin_pass1()
             session(raw, x, torch.full((2,), pass1_t), cond, rows)
@@ -526,7 +534,7 @@ def test_a_call_at_another_time_than_pass_1s_has_no_layout_reference(unet, conce
     assert session.counters["pass2"].rows == 6  # no reference row ran
     assert torch.equal(shifted, pass2_output(False, 500.0)[0])
     same, session = pass2_output(True, 300.0)
-    assert session.counters["pass2"].rows == 7 and not torch.equal(same, shifted)
+    assert session.counters["pass2"].rows == (6 if keep_attention else 7) and not torch.equal(same, shifted)
     # self-attention preservation is off unless asked for
     assert torch.equal(same, pass2_output(True, 300.0, self_attention_until=0.0)[0])
     assert not torch.equal(same, pass2_output(True, 300.0, self_attention_until=1.0)[0])
@@ -550,7 +558,7 @@ def test_blend_masks_follow_a_hires_latent_bilinearly_per_image():
 @torch.no_grad()
 def test_layout_until_drops_the_reference_rows_for_the_last_steps(unet, concepts):
     cond, uncond = _global()
-    run = dict(steps=8, blend_start=0.5, masks=_half_masks())
+    run = dict(steps=8, blend_start=0.5, masks=_half_masks(), keep_attention=False)
     full = run_omg(unet, concepts, cond, uncond, **run)
     window = run_omg(unet, concepts, cond, uncond, layout_until=0.75, **run)
     none = run_omg(unet, concepts, cond, uncond, layout=False, **run)
@@ -561,3 +569,65 @@ def test_layout_until_drops_the_reference_rows_for_the_last_steps(unet, concepts
     assert torch.equal(at_blend_start.final, none.final)
     with pytest.raises(ValueError, match=r"layout_until must be a fraction of the steps in \[0, 1\], got -0.1"):
         run_omg(unet, concepts, cond, uncond, layout_until=-0.1, **run)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sampler,latent", [("euler", (16, 12)), ("dpmpp_2m", (12, 20)), ("heun", (16, 16))])
+def test_kept_attention_gives_the_reference_rows_image_with_a_row_fewer(unet, concepts, sampler, latent):
+    """Pass 1's kept cross-attention outputs are what a reference row computes: the same image, one row
+    fewer per host cond row and blended call. Without layout preservation the image differs."""
+    cond, uncond = {"context": torch.cat([_ctx(1), _ctx(3)])}, {"context": _ctx(2, 2)}  # two images, two prompts
+    masks = torch.zeros(2, 2, *latent)  # the host rows show in the middle third
+    masks[:, 0, :, :latent[1] // 3], masks[:, 1, :, 2 * latent[1] // 3:] = 1, 1
+    run = dict(sampler=sampler, steps=6, latent_shape=(2, 4, *latent), blend_start=0.5, masks=masks, seeds=[1, 2])
+    kept = run_omg(unet, concepts, cond, uncond, **run)
+    reference = run_omg(unet, concepts, cond, uncond, keep_attention=False, **run)
+    none = run_omg(unet, concepts, cond, uncond, layout=False, **run)
+    # batch composition moves floats by up to ~3e-4; layout preservation (small in a random UNet) by 10x more
+    assert (kept.final - reference.final).abs().max() * 10 < (kept.final - none.final).abs().max()
+    k2, r2 = kept.session.counters["pass2"], reference.session.counters["pass2"]
+    assert k2.calls == r2.calls > 0 and r2.rows - k2.rows == 2 * k2.calls  # the two images' cond rows
+
+
+@torch.no_grad()
+def test_kept_outputs_over_their_limit_give_way_to_reference_rows_in_the_earliest_blended_calls(unet, concepts, monkeypatch):
+    from omg_ext.engine import session as session_module
+    cond, uncond = _global()
+    run = dict(steps=8, blend_start=0.5, masks=_half_masks())
+    full = run_omg(unet, concepts, cond, uncond, **run)
+    record = full.session.record
+    kept = [c.layout is not None for c in record.calls]
+    assert kept == [False] * 4 + [True] * 4  # the replayed calls' outputs are dropped when pass 2 starts
+    per_call = record.calls[-1].layout.nbytes
+    assert per_call > 0 and record.layout_nbytes == 4 * per_call
+    monkeypatch.setattr(session_module, "keep_limit", lambda free: int(2.5 * per_call))
+    limited = run_omg(unet, concepts, cond, uncond, **run)
+    assert [c.layout is not None for c in limited.session.record.calls] == [False] * 6 + [True] * 2
+    assert limited.session.counters["pass2"].rows == full.session.counters["pass2"].rows + 2  # two reference rows
+    torch.testing.assert_close(limited.final, full.final, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_host_cond_row_takes_pass_1s_cross_attention_output_at_every_layer(unet, concepts):
+    x = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(6))
+    t = torch.full((2,), 700.0)
+    cond = {"context": torch.cat([_ctx(1), _ctx(2)])}
+    session, raw = OmgSession(unet, concepts, images=1), unet_fn(unet)
+    layers = {name: m for name, m in unet.named_modules() if name.endswith("attn2")}
+    seen, handles = {}, []
+    for name, module in layers.items():
+        handles.append(module.register_forward_hook(lambda m, i, out, name=name: seen.setdefault(name, []).append(out)))
+    try:
+        with session.installed():
+            session.begin_pass1()
+            session(raw, x + 0.5, t, cond, roles_cond_then_uncond(1))  # pass 1's latent differs from pass 2's
+            session.begin_pass2(_half_masks(1, (16, 12)), blend_start=0.0)
+            session(raw, x, t, cond, roles_cond_then_uncond(1))
+    finally:
+        for h in handles:
+            h.remove()
+    assert session.counters["pass2"].rows == 6  # host cond, host uncond, 2 concepts x 2: no reference row
+    for name in layers:
+        pass1, pass2 = seen[name]
+        assert torch.equal(pass2[0], pass1[0]), name  # host cond row: pass 1's output, as kept
+        assert not torch.allclose(pass2[1], pass1[1], atol=1e-3), name  # host uncond row: its own

@@ -40,7 +40,7 @@ def _host_calls(session, raw, *, dtype=None, device=None, fail_at=None):
 def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, latent_shape=(1, 4, 16, 16),
             blend_start=0.3, layout=True, self_attention_until=0.0, layout_until=1.0, share_uncond=False, max_rows=None, masks=None,
             dilation=0, feather=0, groups=None, batch_cond_uncond=True, cfg_scale=7.0,
-            fail_at=None, seeds=None, dtype=None, device=None, memory=None, raw=None) -> OmgResult:
+            fail_at=None, seeds=None, dtype=None, device=None, memory=None, raw=None, keep_attention=True) -> OmgResult:
     """Pass 1, masks, pass 2. ``fail_at`` injects an exception at a stage.
 
     ``masks``: a tensor [images, concepts, H, W], a function of the session and the layout
@@ -48,9 +48,11 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
     ``dtype``: the UNet's half precision; its calls (and so the engine) see latents and
     conditioning in it, the sampler keeps float32, as the WebUIs do. ``device``: where the UNet
     (and concepts) are: the calls move there and back. ``memory``: the session's
-    ``MemoryBudget``; ``raw``: the host's UNet call (default: the tiny UNet's).
+    ``MemoryBudget``; ``raw``: the host's UNet call (default: the tiny UNet's); ``keep_attention``: pass 2's
+    layout from pass 1's kept attention outputs (default) or from reference rows.
     """
-    session = OmgSession(unet, concepts, images=latent_shape[0], layout=layout, max_rows=max_rows, memory=memory)
+    session = OmgSession(unet, concepts, images=latent_shape[0], layout=layout, max_rows=max_rows, memory=memory,
+                         keep_attention=keep_attention)
     raw = raw or unet_fn(unet)
     kwargs = dict(seed=seed, steps=steps, latent_shape=latent_shape, cfg_scale=cfg_scale, batch_cond_uncond=batch_cond_uncond,
                   seeds=seeds)
