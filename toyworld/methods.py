@@ -80,7 +80,9 @@ class Settings:
     layout: bool = OmgConfig.layout_preservation
     self_attention_until: float = OmgConfig.self_attention_until
     layout_until: float = 1.0
-    """Fraction of the steps after which pass 2 runs without reference rows (1: layout to the end)."""
+    """Fraction of the steps after which pass 2 runs without layout preservation (1: layout to the end)."""
+    keep_attention: bool = True
+    """Layout from pass 1's kept cross-attention outputs (the engine's default) or from reference rows."""
     share_uncond: bool = OmgConfig.concept_guidance == "shared"
     """Concepts guided against the host's uncond rows (no concept uncond rows)."""
     dilation: int = OmgConfig.mask_dilation
@@ -194,7 +196,7 @@ def _omg_run(world: ToyWorld, case: Case, seeds: list[int], s: Settings):
     result = run_omg(world.model.unet, concepts, cond, uncond, steps=STEPS, latent_shape=(rows, 3, SIZE, SIZE),
                      cfg_scale=CFG, seeds=seeds, blend_start=s.blend_start, layout=s.layout,
                      self_attention_until=s.self_attention_until, layout_until=s.layout_until, share_uncond=s.share_uncond,
-                     masks=_mask_maker(world, case, s, rows))
+                     keep_attention=s.keep_attention, masks=_mask_maker(world, case, s, rows))
     return result, cond, uncond
 
 
@@ -256,6 +258,7 @@ ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG weight 0.8": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8)),
     "OMG no layout": lambda w, c, s: omg(w, c, s, Settings(layout=False)),
     "OMG layout to 0.6": lambda w, c, s: omg(w, c, s, Settings(layout_until=0.6)),
+    "OMG reference rows": lambda w, c, s: omg(w, c, s, Settings(keep_attention=False)),
     "OMG own uncond": lambda w, c, s: omg(w, c, s, Settings(share_uncond=False)),
     "OMG fast own uncond": lambda w, c, s: omg_fast(w, c, s, Settings(share_uncond=False)),
     "OMG blend 0.2": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.2)),
