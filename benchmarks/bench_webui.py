@@ -1,8 +1,10 @@
 """OMG (two passes and fast mode) vs plain wall time in a running WebUI (A1111 or Forge, ``--api``), side by side in one run.
 
-Each round times one plain txt2img job, one OMG job (two concepts, each with a LoRA) and
-one OMG fast-mode job with the same seed and size, in turn, after a warm-up; the medians
-and their ratios to plain are printed, and the same for hires fix (unless ``--no-hires``).
+Each round times one plain txt2img job, one OMG job (two concepts, each with a LoRA), the
+same OMG job with reference rows instead of kept attention (the setting
+``omg_keep_attention`` off for that request: less memory, more compute) and one OMG fast-mode
+job with the same seed and size, in turn, after a warm-up; the medians and their ratios to
+plain are printed, and the same for hires fix (unless ``--no-hires``).
 ``--controlnet NAME`` adds one ControlNet unit (that model, no preprocessor, a block as hint)
 to every job, plain included: the ratios are then OMG + ControlNet to ControlNet alone.
 
@@ -73,13 +75,16 @@ def main() -> None:
           f"LoRAs {first}/{second}, median of {args.runs}" + (f", ControlNet {args.controlnet} on every job" if args.controlnet else ""))
     fast = json.loads(json.dumps(omg))
     fast["alwayson_scripts"]["OMG multi-concept"]["args"][0]["mode"] = "fast"
+    reference_rows = {**omg, "override_settings": {"omg_keep_attention": False}}
+    jobs = {"plain": {}, "OMG": omg, "OMG ref rows": reference_rows, "fast": fast}
     for label, extra in (("txt2img", {}), ("hires fix x1.5", hires))[:1 if args.no_hires else 2]:
-        times: dict[str, list[float]] = {"plain": [], "OMG": [], "fast": []}
+        times: dict[str, list[float]] = {name: [] for name in jobs}
         for _ in range(args.runs):
-            for name, job in (("plain", {}), ("OMG", omg), ("fast", fast)):
+            for name, job in jobs.items():
                 times[name].append(timed(args.url, {**plain, **extra, **job}))
-        p, o, f = (statistics.median(times[name]) for name in ("plain", "OMG", "fast"))
-        print(f"  {label:15s} plain {p:7.2f} s | OMG {o:7.2f} s | fast {f:7.2f} s | OMG/plain {o / p:.2f} | fast/plain {f / p:.2f}")
+        p, o, r, f = (statistics.median(times[name]) for name in jobs)
+        print(f"  {label:15s} plain {p:7.2f} s | OMG {o:7.2f} s | OMG ref rows {r:7.2f} s | fast {f:7.2f} s | "
+              f"OMG/plain {o / p:.2f} | ref rows/plain {r / p:.2f} | fast/plain {f / p:.2f}")
 
 
 if __name__ == "__main__":

@@ -393,6 +393,24 @@ def test_a_job_inside_a1111s_autocast_runs_in_half_precision_and_stays_close(two
 
 
 @torch.no_grad()
+def test_the_keep_attention_setting_off_runs_a_reference_row_per_image_for_the_same_image(two_concepts):
+    model, cfg = two_concepts
+    prompts = ["a man and a woman", "on grass a woman hugs a tall man"]
+    with fake_a1111.installed() as modules:
+        kept, session = _run_job(modules, model, cfg, prompts, [7, 8], (12, 16))
+        modules.shared.opts.data[a1111.KEEP_ATTENTION_OPTION] = False
+        try:
+            reference, ref_session = _run_job(modules, model, cfg, prompts, [7, 8], (12, 16))
+        finally:
+            del modules.shared.opts.data[a1111.KEEP_ATTENTION_OPTION]
+    calls = session.counters["pass2"].calls
+    assert calls == ref_session.counters["pass2"].calls > 0
+    assert (session.counters["pass2"].rows, ref_session.counters["pass2"].rows) == (calls * 8, calls * 10)
+    assert all(c.layout is None for c in ref_session.record.calls)
+    torch.testing.assert_close(kept, reference, rtol=1e-3, atol=1e-3)
+
+
+@torch.no_grad()
 def test_the_memory_setting_caps_pass2_calls_and_the_image_stays_the_same(two_concepts):
     model, cfg = two_concepts
     prompts = ["a man and a woman"] * 2
