@@ -112,7 +112,7 @@ CONCEPT_FIELDS = (
     Field("class_word", "OMG c{n} class", _str, "Class word in the prompt"),
     Field("prompt", "OMG c{n} prompt", _str, "Concept prompt"),
     Field("negative_prompt", "OMG c{n} negative", _str, "Concept negative prompt"),
-    Field("control_unit", "OMG c{n} control unit", _int, "ControlNet unit for this concept only"),
+    Field("control_unit", "OMG c{n} control unit", _int, "ControlNet or IP-Adapter unit for this concept only"),
 )
 
 OPTIONAL = {"lora": "", "lora_hash": "", "negative_prompt": "", "regions": "", "control_unit": NO_CONTROL_UNIT}
@@ -197,7 +197,7 @@ class OmgConfig:
             concept.validate(n)
         units = [c.control_unit for c in self.concepts if c.control_unit != NO_CONTROL_UNIT]
         if units and self.mode == "fast":
-            raise OmgConfigError("mode", "OMG fast mode has no concept rows: a ControlNet unit for one concept needs the two-pass mode")
+            raise OmgConfigError("mode", "OMG fast mode has no concept rows: a ControlNet or IP-Adapter unit for one concept needs the two-pass mode")
         if len(set(units)) < len(units):
             raise OmgConfigError("concepts", f"OMG: two concepts name the same ControlNet unit ({', '.join(map(str, units))}); give each its own")
         return self

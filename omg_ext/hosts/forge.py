@@ -32,6 +32,7 @@ Forge keeps A1111's processing and script API (``p.sample``, ``modules.rng``, th
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -103,10 +104,10 @@ class UnetWrapper:
         per_row.update(control_rows)
         per_row[UNCOND_KEY] = torch.tensor([0.0 if role.is_cond else 1.0 for role in roles])  # on the CPU: read per call, no sync
         unit_rows = {}
-        if generation.concept_units:
+        if generation.concept_units or generation.image_prompts:
             per_row[CONCEPT_KEY] = torch.full((rows,), -1.0, device=x.device)
-            if control is not None:
-                unit_rows = concept_unit_residuals(generation.concept_units, c, x, t, len(args["cond_or_uncond"]), per_row)
+        if generation.concept_units and control is not None:
+            unit_rows = concept_unit_residuals(generation.concept_units, c, x, t, len(args["cond_or_uncond"]), per_row)
 
         def unet_fn(x_, t_, cond):
             cond = dict(cond)
@@ -116,7 +117,7 @@ class UnetWrapper:
                 cond["control"] = join_control(control, cond)
                 for j, template in unit_rows.items():
                     add_to_rows(cond["control"], join_control(template, cond), concept == j)
-            return apply_model(x_, t_, **shared, **cond, transformer_options=generation.call_options(options, uncond))
+            return apply_model(x_, t_, **shared, **cond, transformer_options=generation.call_options(options, uncond, concept))
 
         return session(unet_fn, x, t, per_row, roles)
 
@@ -126,14 +127,21 @@ UNCOND_KEY = "omg:uncond"
 described to Forge's patches (IP-Adapter, ControlNet weighting) as one chunk per row."""
 
 
-def row_options(options: dict, uncond: torch.Tensor) -> dict:
+ROW_CONCEPTS = "omg_row_concepts"
+"""Transformer option of an engine call: each row's concept (-1: host or reference row), when a concept has a unit."""
+
+
+def row_options(options: dict, uncond: torch.Tensor, concept: torch.Tensor | None = None) -> dict:
     """Forge's transformer options for rows whose marks are ``uncond``: ``cond_or_uncond`` one chunk per row
     (so a patch that splits rows by it — IP-Adapter — finds each row's own), with the ``cond_mark`` and
-    index lists Forge derives from it."""
+    index lists Forge derives from it; ``concept``: each row's concept, for per-concept image prompts."""
     marks = [int(m) for m in uncond.tolist()]
-    return {**options, "cond_or_uncond": marks, "cond_mark": uncond.to(options["cond_mark"]) if "cond_mark" in options else uncond,
-            "cond_indices": [i for i, m in enumerate(marks) if m == 0],
-            "uncond_indices": [i for i, m in enumerate(marks) if m == 1]}
+    row = {**options, "cond_or_uncond": marks, "cond_mark": uncond.to(options["cond_mark"]) if "cond_mark" in options else uncond,
+           "cond_indices": [i for i, m in enumerate(marks) if m == 0],
+           "uncond_indices": [i for i, m in enumerate(marks) if m == 1]}
+    if concept is not None:
+        row[ROW_CONCEPTS] = concept
+    return row
 
 
 class AroundPatch:
@@ -142,30 +150,70 @@ class AroundPatch:
     Such a patch returns the plain attention plus what it adds (the image prompt's attention);
     OMG's attention takes the place of the plain one: ``omg + (theirs - plain)``. Without an OMG
     call in progress it is their patch alone, exactly.
+
+    ``image_prompts`` (IP-Adapter entry -> concept): entries that act on that concept's rows
+    only. IP-Adapter's patch adds one term per unit (``CrossAttentionPatch``: parallel lists,
+    one entry per unit); the patch is run with the other entries for every row and with
+    each such entry alone for its concept's rows.
     """
 
-    def __init__(self, omg: ProjectedAttention, theirs) -> None:
-        self.omg, self.theirs = omg, theirs
+    def __init__(self, omg: ProjectedAttention, theirs, image_prompts: dict[int, int] | None = None) -> None:
+        self.omg, self.theirs, self.image_prompts = omg, theirs, image_prompts or {}
+        self._parts: tuple | None = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        theirs = self.theirs(q, k, v, extra_options)
-        if self.omg.state.call is None:
-            return theirs
-        return self.omg(q, k, v, extra_options) + (theirs - self.omg.attention(q, k, v, extra_options["n_heads"]))
+        if not self.image_prompts:
+            theirs = self.theirs(q, k, v, extra_options)
+            if self.omg.state.call is None:
+                return theirs
+            return self.omg(q, k, v, extra_options) + (theirs - self.omg.attention(q, k, v, extra_options["n_heads"]))
+        plain = self.omg.attention(q, k, v, extra_options["n_heads"])
+        everyone, alone = self.parts()
+        own = plain if self.omg.state.call is None else self.omg(q, k, v, extra_options)
+        out = own + (everyone(q, k, v, extra_options) - plain)
+        concepts = extra_options.get(ROW_CONCEPTS)
+        for concept, patch in alone:
+            rows = None if concepts is None else (concepts == concept).view(-1, 1, 1)
+            if rows is not None and bool(rows.any()):
+                out = out + (patch(q, k, v, extra_options) - plain) * rows.to(out.dtype)
+        return out
+
+    def parts(self) -> tuple:
+        """(their patch without the per-concept entries, [(concept, their patch with its entry alone)])."""
+        if self._parts is None:
+            self._parts = (image_prompt_entries(self.theirs, lambda i: i not in self.image_prompts),
+                           [(j, image_prompt_entries(self.theirs, lambda i, e=e: i == e)) for e, j in self.image_prompts.items()])
+        return self._parts
+
+
+def image_prompt_entries(patch, keep: Callable[[int], bool]):
+    """A copy of IP-Adapter's ``CrossAttentionPatch`` holding only the entries (units) ``keep`` accepts: every
+    per-unit list of it (weights, conds, unconds, masks, sigma ranges…) filtered alike."""
+    weights = getattr(patch, "weights", None)
+    if not isinstance(weights, list):
+        raise RuntimeError(f"OMG: this IP-Adapter's attention patch ({type(patch).__name__}) keeps no per-unit lists; "
+                           "a unit for one concept is not possible with it")
+    clone = copy.copy(patch)
+    for name, value in vars(patch).items():
+        if isinstance(value, list) and len(value) == len(weights):
+            setattr(clone, name, [item for i, item in enumerate(value) if keep(i)])
+    return clone
 
 
 FORGE_BLOCKS = [(name, number, index) for name in ("input", "middle", "output") for number in range(16) for index in range(16)]
 """Every key Forge's ``set_model_replace_all`` covers: (block name, number, transformer index)."""
 
 
-def with_omg_patches(replace: dict, cross: ProjectedAttention, self_attention: ProjectedAttention | None) -> dict:
+def with_omg_patches(replace: dict, cross: ProjectedAttention, self_attention: ProjectedAttention | None,
+                     image_prompts: dict[int, int] | None = None) -> dict:
     """A ``patches_replace`` table: OMG's attn2 (around another extension's patch of that block, looked up as
-    Forge does: by block and index, then by block) and, for self-attention preservation, its attn1."""
+    Forge does: by block and index, then by block) and, for self-attention preservation, its attn1.
+    ``image_prompts``: IP-Adapter entries given to one concept (``AroundPatch``)."""
     theirs = replace.get("attn2", {})
     attn2 = {}
     for key in FORGE_BLOCKS:
         other = theirs.get(key, theirs.get(key[:2]))
-        attn2[key] = cross if other is None else AroundPatch(cross, other)
+        attn2[key] = cross if other is None else AroundPatch(cross, other, image_prompts)
     table = {**replace, "attn2": attn2}
     if self_attention is not None:
         table["attn1"] = dict.fromkeys(FORGE_BLOCKS, self_attention)
@@ -285,6 +333,8 @@ class ForgeGeneration(A1111Generation):
         self.patches: tuple[ProjectedAttention, ProjectedAttention] | None = None
         self.patch_tables: dict[tuple, dict] = {}
         self.concept_units: dict[int, ConceptUnit] = {}
+        self.image_prompts: dict[int, int] = {}
+        """IP-Adapter entry (the unit's place among the enabled IP-Adapter units) -> the concept it acts on alone."""
         self.swapped: list[tuple[object, object, object]] = []
         self.patch_error: Exception | None = None
 
@@ -349,23 +399,23 @@ class ForgeGeneration(A1111Generation):
         ControlNet objects of the sampling share); each concept's conditioning then carries its number."""
         prepared = super().prepare()
         units = {j: spec.control_unit for j, spec in enumerate(self.cfg.concepts) if spec.control_unit != NO_CONTROL_UNIT}
-        self.concept_units = controlnet_unit_modules(self.p, units)
-        if self.concept_units:
+        self.concept_units, self.image_prompts = controlnet_unit_modules(self.p, units)
+        if self.concept_units or self.image_prompts:
             for j, concept in enumerate(prepared.concepts):
                 for cond in (concept.cond, concept.uncond):
                     cond[CONCEPT_KEY] = torch.tensor([float(j)])
         return prepared
 
-    def call_options(self, options: dict, uncond: torch.Tensor) -> dict:
-        """The transformer options of one engine call: its rows' own marks and OMG's attention patches
-        (built once per table of other extensions' patches: they are the same on every call)."""
+    def call_options(self, options: dict, uncond: torch.Tensor, concept: torch.Tensor | None = None) -> dict:
+        """The transformer options of one engine call: its rows' own marks (and concepts) and OMG's attention
+        patches (built once per table of other extensions' patches: they are the same on every call)."""
         replace = options.get("patches_replace", {})
         key = tuple((target, block, id(patch)) for target, patches in replace.items() for block, patch in patches.items())
         if key not in self.patch_tables:
             cross, self_attention = self.patches
             keep_self = self.cfg.self_attention_until > 0 and self.cfg.mode != "fast"
-            self.patch_tables[key] = with_omg_patches(replace, cross, self_attention if keep_self else None)
-        return {**row_options(options, uncond), "patches_replace": self.patch_tables[key]}
+            self.patch_tables[key] = with_omg_patches(replace, cross, self_attention if keep_self else None, self.image_prompts)
+        return {**row_options(options, uncond, concept), "patches_replace": self.patch_tables[key]}
 
     # -- concepts
     def load_concept(self, spec, negative: str) -> tuple[dict, dict, dict]:
@@ -402,30 +452,35 @@ def as_forge_cond(cond) -> dict:
     return {"c_crossattn": cond}
 
 
-def controlnet_unit_modules(p, units: dict[int, int]) -> dict[int, "ConceptUnit"]:
-    """Concept -> its ControlNet unit (``units``: concept -> the unit's number in the ControlNet panel),
-    read from the ControlNet script of the job: its units in the panel's order and, per enabled unit,
-    the loaded model it keeps in ``current_params``."""
+def controlnet_unit_modules(p, units: dict[int, int]) -> tuple[dict[int, "ConceptUnit"], dict[int, int]]:
+    """Concept -> its ControlNet unit, and IP-Adapter entry -> concept, for the concepts' own units (``units``:
+    concept -> the unit's number in the ControlNet panel), read from the ControlNet script of the job: its units
+    in the panel's order and, per enabled unit, the loaded model it keeps in ``current_params``. An IP-Adapter
+    unit's entry is its place among the enabled IP-Adapter units (the order their patches were added in)."""
     if not units:
-        return {}
+        return {}, {}
     script = next((s for s in p.scripts.alwayson_scripts if s.title() == "ControlNet"), None) if p.scripts else None
     if script is None:
         raise OmgUserError("OMG: a concept has a ControlNet unit of its own, but this WebUI has no ControlNet")
     panel = list(p.script_args[script.args_from:script.args_to])
     enabled = [k for k, unit in enumerate(panel) if (unit.get("enabled") if isinstance(unit, dict) else getattr(unit, "enabled", False))]
     params = getattr(script, "current_params", {})
-    networks = {k: getattr(getattr(getattr(params.get(i), "model", None), "model_patcher", None), "control_model", None)
-                for i, k in enumerate(enabled)}
+    models = {k: getattr(params.get(i), "model", None) for i, k in enumerate(enabled)}
+    networks = {k: getattr(getattr(model, "model_patcher", None), "control_model", None) for k, model in models.items()}
     in_chain = [k for k in enabled if networks[k] is not None]  # the units that put a ControlNet in Forge's chain, in order
-    found = {}
+    image_units = [k for k in enabled if hasattr(models[k], "ip_adapter")]  # IP-Adapter units, in the order they patch
+    found, image_prompts = {}, {}
     for j, k in units.items():
         if k not in enabled:
             raise OmgUserError(f"OMG concept {j + 1}: ControlNet unit {k} is not enabled (enable it, or set the concept's unit to -1)")
-        if networks[k] is None:
-            raise OmgUserError(f"OMG concept {j + 1}: ControlNet unit {k} has no ControlNet model loaded (an IP-Adapter or "
-                               "another kind of unit cannot be given to one concept yet)")
-        found[j] = ConceptUnit(networks[k], in_chain.index(k))
-    return found
+        if networks[k] is not None:
+            found[j] = ConceptUnit(networks[k], in_chain.index(k))
+        elif k in image_units:
+            image_prompts[image_units.index(k)] = j
+        else:
+            raise OmgUserError(f"OMG concept {j + 1}: ControlNet unit {k} has neither a ControlNet nor an IP-Adapter model "
+                               "loaded; only those can be given to one concept")
+    return found, image_prompts
 
 
 @dataclass(frozen=True)

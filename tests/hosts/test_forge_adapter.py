@@ -668,3 +668,90 @@ def test_forges_layout_from_kept_attention_is_the_reference_rows_layout(tmp_path
     monkeypatch.setattr(a1111, "OmgSession", functools.partial(a1111.OmgSession, keep_attention=False))
     _, reference, *_ = _run(tmp_path, monkeypatch, cfg, **run)
     assert (kept - reference).abs().max() * 50 < (kept - none).abs().max()  # batch composition ~4e-5, layout ~1e-2
+
+
+def test_an_ip_adapter_entry_given_to_a_concept_adds_its_term_to_that_concepts_rows_only():
+    from omg_ext.engine.attention import AttentionState, ProjectedAttention
+    from tests.support.fake_forge.attention import attention_function
+    from tests.support.fake_forge.ip_adapter import CrossAttentionPatch
+    patch = CrossAttentionPatch(1.0, 0.3, -0.2)  # unit A: every row
+    patch.set_new_condition(2.0, 5.0, -1.0)  # unit B: concept 0's rows only
+    patch.set_new_condition(1.0, 0.07, 0.01)  # unit C: every row
+    around = forge.AroundPatch(ProjectedAttention(AttentionState(), True, attention_function), patch, {1: 0})
+    q, k, v = (torch.randn(5, 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    extra = {"n_heads": 2, "dim_head": 4, "cond_or_uncond": [0, 1, 0, 1, 0],
+             forge.ROW_CONCEPTS: torch.tensor([-1.0, -1.0, 0.0, 0.0, 1.0])}
+    added = around(q, k, v, extra) - attention_function(q, k, v, 2)
+    expected = torch.tensor([0.37, -0.19, 10.37, -2.19, 0.37])  # host cond, host uncond, concept 0 cond/uncond, concept 1
+    torch.testing.assert_close(added, expected.view(-1, 1, 1).expand_as(added), rtol=0, atol=1e-5)
+    assert len(patch.weights) == 3 and patch.conds == [0.3, 5.0, 0.07]  # theirs untouched: filtered copies
+    without_marks = around(q, k, v, {k_: v_ for k_, v_ in extra.items() if k_ != forge.ROW_CONCEPTS})
+    torch.testing.assert_close(without_marks - attention_function(q, k, v, 2),
+                               torch.tensor([0.37, -0.19, 0.37, -0.19, 0.37]).view(-1, 1, 1).expand_as(added), rtol=0, atol=1e-5)
+
+
+def _control_script(*kinds):
+    """The ControlNet script of a job whose panel has one enabled unit per kind ("controlnet" or "ip-adapter")."""
+    params = {}
+    for i, kind in enumerate(kinds):
+        model = (types.SimpleNamespace(ip_adapter={}) if kind == "ip-adapter" else
+                 types.SimpleNamespace(model_patcher=types.SimpleNamespace(control_model=nn.Linear(1, 1))))
+        params[i] = types.SimpleNamespace(model=model)
+    script = types.SimpleNamespace(title=lambda: "ControlNet", args_from=0, args_to=len(kinds), current_params=params)
+    return script, [{"enabled": True} for _ in kinds]
+
+
+def test_concept_units_are_told_apart_by_kind_and_an_ip_adapter_unit_by_its_place_among_ip_adapters():
+    script, args = _control_script("ip-adapter", "controlnet", "ip-adapter", "controlnet")
+    p = types.SimpleNamespace(scripts=types.SimpleNamespace(alwayson_scripts=[script]), script_args=args)
+    units, image_prompts = forge.controlnet_unit_modules(p, {0: 2, 1: 3, 2: 0})
+    assert image_prompts == {1: 0, 0: 2}  # unit 2 is the second IP-Adapter: entry 1
+    assert list(units) == [1] and units[1].place == 1 and units[1].network is script.current_params[3].model.model_patcher.control_model
+    script.current_params[1] = types.SimpleNamespace(model=types.SimpleNamespace())  # a unit of another kind (e.g. Revision)
+    with pytest.raises(forge.OmgUserError, match="OMG concept 2: ControlNet unit 1 has neither a ControlNet nor an IP-Adapter model"):
+        forge.controlnet_unit_modules(p, {1: 1})
+
+
+@torch.no_grad()
+def test_a_concepts_own_ip_adapter_unit_reaches_its_rows_and_never_the_layout_pass(tmp_path, monkeypatch):
+    """Two IP-Adapter units; the second is concept 1's: every OMG call runs it alone on concept 1's rows only."""
+    from tests.support.fake_forge import ip_adapter
+    seen = []
+    called = ip_adapter.CrossAttentionPatch.__call__
+
+    def spy(self, q, k, v, extra_options):
+        seen.append((tuple(self.conds), extra_options.get(forge.ROW_CONCEPTS)))
+        return called(self, q, k, v, extra_options)
+
+    monkeypatch.setattr(ip_adapter.CrossAttentionPatch, "__call__", spy)
+    blocks = [("input", 1), ("input", 2), ("middle", 0), ("output", 3)]
+
+    def with_units(entries, concept_unit):
+        def before(job):
+            def ip_adapter_script(p, **kwargs):
+                clone = p.sd_model.forge_objects.unet.clone()
+                for entry in entries:
+                    ip_adapter.apply(clone, blocks, **entry)
+                p.sd_model.forge_objects.unet = clone
+            job.hooks.insert(0, ip_adapter_script)
+            script, args = _control_script(*["ip-adapter"] * len(entries))
+            job.scripts, job.script_args = types.SimpleNamespace(alwayson_scripts=[script]), args
+        concepts = [ConceptSpec(**{**vars(CFG["concepts"][0]), "control_unit": concept_unit}), CFG["concepts"][1]]
+        return OmgConfig(**{**CFG, "concepts": concepts}, blend_start=0.5), before
+
+    face_a, face_b = {"weight": 1.0, "cond": 0.3, "uncond": -0.2}, {"weight": 1.0, "cond": 2.0, "uncond": -0.5}
+    cfg, before = with_units([face_a, face_b], 1)
+    plain, own, job, model, generation, weights = _run(tmp_path, monkeypatch, cfg, before_omg=before, seeds=[7, 8],
+                                                       prompts=["a man and a woman"] * 2)
+    assert not any(m._forward_hooks for m in model.forge_objects.unet.model.modules())  # (the IP-Adapter script swaps the patcher)
+    omg_calls = [(conds, concepts) for conds, concepts in seen if concepts is not None]
+    assert omg_calls and {conds for conds, _ in omg_calls} == {(0.3,), (2.0,)}  # never both units on one row
+    assert all(bool((concepts == 0).any()) for conds, concepts in omg_calls if conds == (2.0,))
+    first_blended = next(i for i, (_, concepts) in enumerate(omg_calls) if bool((concepts == 0).any()))
+    assert first_blended > 0 and all(conds == (0.3,) for conds, _ in omg_calls[:first_blended])  # pass 1: unit A only
+    seen.clear()
+    _, everywhere, *_ = _run(tmp_path, monkeypatch, with_units([face_a, face_b], -1)[0], before_omg=with_units([face_a, face_b], -1)[1],
+                             seeds=[7, 8], prompts=["a man and a woman"] * 2)
+    _, without_b, *_ = _run(tmp_path, monkeypatch, with_units([face_a], -1)[0], before_omg=with_units([face_a], -1)[1],
+                            seeds=[7, 8], prompts=["a man and a woman"] * 2)
+    assert (own - everywhere).abs().max() > 0.05 and (own - without_b).abs().max() > 0.05

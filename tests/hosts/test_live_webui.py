@@ -273,3 +273,25 @@ def test_an_ip_adapter_unit_acts_on_the_omg_image_and_omg_off_changes_nothing():
     _, alone = _post("/sdapi/v1/txt2img", with_ip(BASE, (12, 8, 36, 60)))
     _, off = _post("/sdapi/v1/txt2img", with_ip({**BASE, **_omg(enabled=False)}, (12, 8, 36, 60)))
     assert _image(alone) == _image(off)
+
+
+@pytest.mark.skipif(not IPADAPTER, reason="OMG_IPADAPTER (an IP-Adapter model name) not set")
+def test_an_ip_adapter_unit_for_one_concept_changes_the_image_and_its_reference_image_acts_there():
+    """Two IP-Adapter units (two reference images); unit 1 given to the woman alone: another image than unit 1
+    on every row, and its reference image still matters."""
+    def units(second_box):
+        return [{"enabled": True, "module": "CLIP-ViT-H (IPAdapter)", "model": _controlnet_model(IPADAPTER), "weight": 1.0,
+                 "image": _hint_png(box)} for box in ((12, 8, 36, 60), second_box)]
+
+    images = {}
+    for unit, box in ((-1, (30, 8, 56, 60)), (1, (30, 8, 56, 60)), (1, (4, 30, 60, 56))):
+        payload = {**BASE, **_omg()}
+        payload["alwayson_scripts"]["OMG multi-concept"]["args"][0]["concepts"][1]["control_unit"] = unit
+        payload["alwayson_scripts"]["ControlNet"] = {"args": units(box)}
+        status, result = _post("/sdapi/v1/txt2img", payload)
+        assert status == 200, result
+        images[unit, box] = _image(result)
+        assert not _blank(images[unit, box])
+        if unit == 1:
+            assert "OMG c2 control unit: 1" in json.loads(result["info"])["infotexts"][0]
+    assert len(set(images.values())) == 3
