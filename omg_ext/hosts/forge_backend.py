@@ -6,7 +6,8 @@ Every Forge keeps the same UNet patcher API (``forge_objects``, ``clone()``,
 
 - ``backend.*``: lllyasviel's Forge since its rewrite of August 2024 (and Forge Neo, built
   on it): ``backend.attention``, ``backend.memory_management``, ``backend.patcher.lora``
-  (Neo's ``load_lora`` is newer ComfyUI's: patches only, plain LoRA as a ``LoRAAdapter``).
+  (Neo's ``load_lora`` is newer ComfyUI's: plain LoRA as a ``LoRAAdapter``, the keys left
+  over returned with the patches).
 - ``ldm_patched.*``: Forge Classic and reForge (and Forge before the rewrite), ComfyUI's
   code of 2024 kept in the WebUI: ``ldm_patched.ldm.modules.attention``,
   ``ldm_patched.modules.model_management``, ``ldm_patched.modules.lora``. Within it reForge
@@ -57,9 +58,9 @@ class ForgeBackend:
 
     def lora_patches(self, state_dict: dict, objects) -> tuple[dict, dict]:
         """(UNet patches, text-encoder patches) of a LoRA state dict, parsed by the host's own loader: both
-        key maps in one ``load_lora`` call, as reForge's and Forge Neo's loaders do (their ``load_lora``
-        returns only the patches, Forge's and Classic's also the keys left over); the UNet's patches are
-        the ones aimed at ``diffusion_model.*``."""
+        key maps in one ``load_lora`` call (reForge's ``load_lora`` returns only the patches, Forge's,
+        Neo's and Classic's also the keys left over); the UNet's patches are the ones aimed at
+        ``diffusion_model.*``."""
         lora = self.lora_module()
         key_map = lora.model_lora_keys_unet(objects.unet.model, {})
         key_map = lora.model_lora_keys_clip(objects.clip.cond_stage_model, key_map)

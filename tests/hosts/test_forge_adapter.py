@@ -53,6 +53,7 @@ class _ForgeModel:
     is_sd1 = True
 
     def __init__(self, fp8: bool = False, backend: str = "backend"):
+        backend = "backend" if backend == "neo" else backend  # Neo keeps Forge's names
         self.encoder, self.backend = _Clip(), backend
         torch.manual_seed(0)
         for p in self.encoder.parameters():
@@ -155,7 +156,8 @@ def _merge(backend, strength):
 def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, fp8=False, control=None, backend="backend", before_omg=None, **job_args):
     """A plain Forge job and an OMG job on one model: (plain, final, job, model, generation, weights before).
 
-    ``control(model, latent)``: a ControlNet for both jobs; ``backend``: "ldm_patched" for Forge Classic and reForge;
+    ``control(model, latent)``: a ControlNet for both jobs; ``backend``: "ldm_patched" for Forge Classic and reForge,
+    "neo" for Forge Neo;
     ``before_omg(job)``: called before OMG is attached (other scripts' state)."""
     model = _ForgeModel(fp8, backend)
     _write_lora(tmp_path / "hero.safetensors", model)
@@ -457,11 +459,11 @@ def test_blend_start_one_gives_forges_own_image_bitwise(tmp_path, monkeypatch, b
 
 @torch.no_grad()
 @pytest.mark.parametrize("guidance", ["shared", "own"])
-@BACKENDS
+@pytest.mark.parametrize("backend", ["backend", "neo", "ldm_patched"])
 def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monkeypatch, guidance, backend):
     plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, concept_guidance=guidance, **CFG),
                                                          backend=backend)
-    assert generation.backend.name == ("Forge" if backend == "backend" else "Forge Classic / reForge")
+    assert generation.backend.name == ("Forge Classic / reForge" if backend == "ldm_patched" else "Forge")
     assert isinstance(final, torch.Tensor) and not torch.equal(final, plain)
     _assert_untouched(model, weights, model.forge_objects_after_applying_lora.unet)
     assert job.extra_generation_params["OMG c1 lora"] == "hero" and job.extra_generation_params["OMG c1 lora hash"] == "0123456789ab"
@@ -504,16 +506,16 @@ def test_a_failure_in_either_pass_leaves_forge_as_it_was(tmp_path, monkeypatch):
         assert generation.session is None and not generation.swapped
 
 
-@pytest.mark.parametrize("backend", ["backend", "ldm_patched"])
+@pytest.mark.parametrize("backend", ["backend", "neo", "ldm_patched"])
 def test_forge_lora_patches_become_deltas_equal_to_forges_merge(backend):
-    """Plain LoRA as Forge's tuple or reForge's ``LoRAAdapter`` becomes a low-rank delta; a diff, the host's merge."""
+    """Plain LoRA as Forge's tuple or reForge's and Neo's ``LoRAAdapter`` becomes a low-rank delta; a diff, the host's merge."""
     unet = forge_unet(CTX, seed=0)
     to_k, proj_in = unet.get_submodule(TO_K), unet.get_submodule(PROJ_IN)
     g = torch.Generator().manual_seed(1)
     up, down = torch.randn(to_k.out_features, 4, generator=g), torch.randn(4, to_k.in_features, generator=g)
     lora = ("lora", (up, down, 2.0, None, None)) if backend == "backend" else LoRAAdapter((up, down, 2.0, None, None, None))
     diff = ("diff", (torch.randn(proj_in.weight.shape, generator=g),))
-    host = forge.ForgeBackend() if backend == "backend" else forge_backend.LdmPatchedBackend()
+    host = forge_backend.LdmPatchedBackend() if backend == "ldm_patched" else forge.ForgeBackend()
     with fake_forge.installed(backend):
         deltas = forge.unet_deltas({f"diffusion_model.{TO_K}.weight": lora, f"diffusion_model.{PROJ_IN}.weight": diff}, unet, 0.8,
                                    _merge(host, 0.8))

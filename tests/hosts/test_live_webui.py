@@ -33,6 +33,15 @@ def _omg(**changes):
     return {"alwayson_scripts": {"OMG multi-concept": {"args": [cfg]}}}
 
 
+def _hires(**changes):
+    """Hires fix at 1.5x and strength 0.5 with the host's first latent upscaler, or its plain resize ("None")
+    where it has none (Forge Neo lists no latent modes); Forge's API needs ``hr_additional_modules``."""
+    with urllib.request.urlopen(URL.rstrip("/") + "/sdapi/v1/latent-upscale-modes", timeout=60) as r:
+        modes = [m["name"] for m in json.load(r)]
+    return {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_upscaler": modes[0] if modes else "None",
+            "hr_additional_modules": ["Use same choices"], **changes}
+
+
 def _post(path, payload):
     req = urllib.request.Request(URL.rstrip("/") + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -61,9 +70,7 @@ def test_two_concepts_give_image_layout_and_masks_with_infotext():
 
 def test_fast_mode_makes_one_image_with_its_masks_and_leaves_the_model_as_it_was():
     _, before = _post("/sdapi/v1/txt2img", BASE)
-    status, result = _post("/sdapi/v1/txt2img", {**BASE, "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5,
-                                                 "hr_upscaler": "Latent", "hr_additional_modules": ["Use same choices"],  # Forge's API needs it
-                                                 **_omg(mode="fast")})
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_hires(), **_omg(mode="fast")})
     assert status == 200, result
     assert len(result["images"]) == 2  # the image and its masks over it (no layout pass in fast mode)
     assert "OMG mode: fast" in json.loads(result["info"])["infotexts"][0]
@@ -166,8 +173,7 @@ def test_controlnet_with_omg_disabled_is_bitwise_the_image_without_omg():
 @pytest.mark.parametrize("mode", ["two passes", "fast"])
 def test_controlnet_acts_on_the_omg_image_in_a_batch_with_hires_and_the_model_comes_back(mode):
     _, before = _post("/sdapi/v1/txt2img", BASE)
-    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_upscaler": "Latent",
-             "hr_additional_modules": ["Use same choices"], "batch_size": 2}
+    hires = _hires(batch_size=2)
     images = {}
     for weight in (0.0, 1.0):
         status, result = _post("/sdapi/v1/txt2img", _with_controlnet({**BASE, **hires, **_omg(mode=mode)}, weight))
@@ -236,8 +242,7 @@ def test_interrupt_or_skip_at_any_stage_of_a_hires_batch_job_leaves_the_model_as
     import threading
     import time
 
-    job = {**BASE, "steps": 8, "n_iter": 2, "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5,
-           "hr_upscaler": "Latent", "hr_additional_modules": ["Use same choices"], **_omg()}
+    job = {**BASE, "steps": 8, "n_iter": 2, **_hires(), **_omg()}
     _, before = _post("/sdapi/v1/txt2img", BASE)
     start = time.perf_counter()
     status, result = _post("/sdapi/v1/txt2img", job)

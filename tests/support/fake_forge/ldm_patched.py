@@ -20,9 +20,13 @@ class LoRAAdapter:
         self.weights = weights
 
 
-def load_lora(lora, to_load, log_missing=True):
-    patches, _ = lora_files.load_lora(lora, to_load)
+def as_adapters(patches: dict) -> dict:
+    """Forge's ``("lora", values)`` patches as newer ComfyUI's ``LoRAAdapter`` objects (reForge, Forge Neo)."""
     return {k: LoRAAdapter((*v[1][:4], None, None)) if v[0] == "lora" else v for k, v in patches.items()}
+
+
+def load_lora(lora, to_load, log_missing=True):
+    return as_adapters(lora_files.load_lora(lora, to_load)[0])
 
 
 def calculate_weight(patches, weight, key, intermediate_dtype=torch.float32, original_weights=None):
