@@ -7,6 +7,10 @@ job with the same seed and size, in turn, after a warm-up; the medians and their
 plain are printed, and the same for hires fix (unless ``--no-hires``).
 ``--controlnet NAME`` adds one ControlNet unit (that model, no preprocessor, a block as hint)
 to every job, plain included: the ratios are then OMG + ControlNet to ControlNet alone.
+``--regional-prompter`` adds the incumbent, timed in the same rounds: Regional Prompter
+(``hako-mikan/sd-webui-regional-prompter``, installed in that WebUI) in Latent mode with two
+regions side by side, one LoRA each (``a man <lora:A:1> BREAK a woman <lora:B:1>``), as users
+split two characters today.
 
     python benchmarks/bench_webui.py --url http://127.0.0.1:7861 --loras char1,char2 --size 128 --steps 8 --runs 2
 """
@@ -48,6 +52,15 @@ def controlnet_unit(url: str, name: str, size: int) -> dict:
     return {"enabled": True, "module": "None", "model": full, "weight": 1.0, "image": base64.b64encode(buffer.getvalue()).decode()}
 
 
+def regional_prompter_latent(first: str, second: str) -> dict:
+    """Regional Prompter's API args (its README's table, in order): active, Matrix mode split into columns
+    1:1, no base or common prompt, Latent calculation; the two regions' prompts carry one LoRA each."""
+    args = [True, False, "Matrix", "Columns", "Mask", "Prompt", "1,1", "0", False, False, False, "Latent", False,
+            "0", "0", "0", "", "0", "0", False]
+    return {"prompt": f"a man hugging <lora:{first}:1> BREAK a woman hugging <lora:{second}:1>",
+            "alwayson_scripts": {"Regional Prompter": {"args": args}}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:7860")
@@ -58,6 +71,7 @@ def main() -> None:
     parser.add_argument("--blend-start", type=float, default=0.3)
     parser.add_argument("--no-hires", action="store_true", help="time txt2img only")
     parser.add_argument("--controlnet", help="a ControlNet model name: every job (plain too) gets one unit of it")
+    parser.add_argument("--regional-prompter", action="store_true", help="also time Regional Prompter's Latent mode (installed in that WebUI)")
     args = parser.parse_args()
     first, second = args.loras.split(",")
     plain = {"prompt": "a man and a woman hugging", "negative_prompt": "", "steps": args.steps, "width": args.size,
@@ -77,14 +91,22 @@ def main() -> None:
     fast["alwayson_scripts"]["OMG multi-concept"]["args"][0]["mode"] = "fast"
     reference_rows = {**omg, "override_settings": {"omg_keep_attention": False}}
     jobs = {"plain": {}, "OMG": omg, "OMG ref rows": reference_rows, "fast": fast}
+    if args.regional_prompter:
+        jobs["RP Latent"] = regional_prompter_latent(first, second)
+        if args.controlnet:
+            jobs["RP Latent"]["alwayson_scripts"].update(plain["alwayson_scripts"])
     for label, extra in (("txt2img", {}), ("hires fix x1.5", hires))[:1 if args.no_hires else 2]:
         times: dict[str, list[float]] = {name: [] for name in jobs}
         for _ in range(args.runs):
             for name, job in jobs.items():
                 times[name].append(timed(args.url, {**plain, **extra, **job}))
-        p, o, r, f = (statistics.median(times[name]) for name in jobs)
-        print(f"  {label:15s} plain {p:7.2f} s | OMG {o:7.2f} s | OMG ref rows {r:7.2f} s | fast {f:7.2f} s | "
-              f"OMG/plain {o / p:.2f} | ref rows/plain {r / p:.2f} | fast/plain {f / p:.2f}")
+        median = {name: statistics.median(times[name]) for name in jobs}
+        p = median["plain"]
+        print(f"  {label}: " + " | ".join(f"{name} {t:.2f} s" for name, t in median.items()))
+        print("    " + " | ".join(f"{name}/plain {t / p:.2f}" for name, t in median.items() if name != "plain"))
+        if args.regional_prompter:
+            rp = median["RP Latent"]
+            print(f"    OMG/RP Latent {median['OMG'] / rp:.2f} | fast/RP Latent {median['fast'] / rp:.2f}")
 
 
 if __name__ == "__main__":

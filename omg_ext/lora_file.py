@@ -65,3 +65,15 @@ def check_lora_file(path: str | Path) -> None:
     if not any(key.endswith(DIFF_SUFFIXES) or any(mark in key for mark in LORA_KEY_MARKS) for key in keys):
         raise BadLoraFile(f"{path.name} holds no LoRA weights ({len(keys)} tensors, none a LoRA's): "
                           "is it a checkpoint, a VAE or an embedding?")
+
+
+def lora_layer_count(path: str | Path) -> int | None:
+    """How many layers a LoRA file names (kohya ``name.lora_up.weight``, ``name.alpha``, ``name.hada_w1_a``,
+    PEFT ``name.lora_A.weight`` … all count once for ``name``), from its header; None for a file that is
+    not safetensors (a pickle: the host reads it). Bundled embeddings (``bundle_emb.*``) are not layers."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        keys = [k for k in f.keys() if not k.startswith("bundle_emb.")]
+    return len({(k[:-len(".weight")] if k.endswith(".weight") else k).rsplit(".", 1)[0] for k in keys})

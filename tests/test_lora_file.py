@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from omg_ext.lora_file import BadLoraFile, check_lora_file
+from omg_ext.lora_file import BadLoraFile, check_lora_file, lora_layer_count
 
 
 def _lora(path, **extra):
@@ -53,3 +53,17 @@ def test_good_files_pass(tmp_path, extra):
     check_lora_file(tmp_path / "diff.safetensors")
     (tmp_path / "old.pt").write_bytes(b"a pickle: the host's loader judges it")
     check_lora_file(tmp_path / "old.pt")
+
+
+def test_the_layers_a_file_names_are_counted_once_each_whatever_its_format(tmp_path):
+    z = torch.zeros(2, 2)
+    keys = {"lora_unet_a.lora_up.weight": z, "lora_unet_a.lora_down.weight": z, "lora_unet_a.alpha": torch.tensor(1.0),  # kohya LoRA
+            "lora_unet_b.hada_w1_a": z, "lora_unet_b.hada_w1_b": z, "lora_unet_b.hada_w2_a": z,  # LoHa
+            "lora_unet_c.diff": z, "lora_unet_c.diff_b": torch.zeros(2),  # full difference, weight and bias
+            "unet.down.0.to_k.lora_A.weight": z, "unet.down.0.to_k.lora_B.weight": z,  # PEFT / diffusers
+            "lora_te_d.lora_up.weight": z, "lora_te_d.lora_down.weight": z, "lora_te_d.dora_scale": z,  # DoRA
+            "bundle_emb.hero.string_to_param.*": z}  # a bundled embedding: not a layer
+    save_file({k: v.clone() for k, v in keys.items()}, str(tmp_path / "mixed.safetensors"))
+    assert lora_layer_count(tmp_path / "mixed.safetensors") == 5
+    (tmp_path / "old.pt").write_bytes(b"a pickle")
+    assert lora_layer_count(tmp_path / "old.pt") is None

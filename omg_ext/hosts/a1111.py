@@ -35,7 +35,7 @@ from ..engine.masks import overlay
 from ..engine.memory import MemoryBudget, free_device_bytes
 from ..engine.rows import RowRole
 from ..engine.session import Concept, OmgSession
-from ..lora_file import BadLoraFile, check_lora_file
+from ..lora_file import BadLoraFile, check_lora_file, lora_layer_count
 from ..masks.regions import Regions, parse_regions
 from ..masks.sources import MaskInputs, concept_masks
 from .mask_models import DOWNLOAD_OPTION, KEEP_OPTION, mask_models, release_mask_models
@@ -227,7 +227,8 @@ def load_concept_lora(name: str, unet_weight: float, te_weight: float, unet_modu
     belongs to the concept, and a weight delta also reaches layers a forward hook cannot,
     such as OpenCLIP's ``MultiheadAttention`` in SDXL.
     """
-    net = _networks().load_network(name, lora_on_disk(name))
+    on_disk = lora_on_disk(name)
+    net = _networks().load_network(name, on_disk)
     net.te_multiplier, net.unet_multiplier = te_weight, unet_weight
     unet, te = {}, []
     try:
@@ -241,7 +242,18 @@ def load_concept_lora(name: str, unet_weight: float, te_weight: float, unet_modu
         raise OmgUserError(f"OMG: LoRA {name!r} does not fit this checkpoint (made for another architecture?): {e}") from e
     if not unet:
         raise OmgUserError(f"OMG: LoRA {name!r} has no layer of this checkpoint's UNet (made for another architecture?)")
+    refuse_mostly_unmatched(name, on_disk.filename, len(net.modules))
     return unet, te
+
+
+def refuse_mostly_unmatched(name: str, filename: str, matched: int) -> None:
+    """Refuse a LoRA of which the host's parser found fewer than half the layers in this checkpoint: made
+    for another model family, it would act on a few layers that happen to share a name and shape (the
+    hosts apply such a file silently or skip it with a console warning)."""
+    total = lora_layer_count(filename)
+    if total and 2 * matched < total:
+        raise OmgUserError(f"OMG: LoRA {name!r} fits only {matched} of its {total} layers to this checkpoint "
+                           "(made for another architecture?)")
 
 
 def text_encoder_deltas(key: str, module) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -45,7 +45,7 @@ from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.rows import RowRole
 from ..engine.session import OmgSession
 from ..engine.memory import MemoryBudget
-from .a1111 import A1111Generation, OmgUserError, _networks, lora_on_disk, memory_budget
+from .a1111 import A1111Generation, OmgUserError, _networks, lora_on_disk, memory_budget, refuse_mostly_unmatched
 from .forge_backend import ForgeBackend, forge_backend, plain_low_rank
 
 COND = 0
@@ -424,6 +424,8 @@ class ForgeGeneration(A1111Generation):
         unet_patches, clip_patches, filename = ({}, {}, "") if not spec.lora else forge_lora_patches(self.backend, objects, spec.lora)
         if spec.lora and not unet_patches:
             raise OmgUserError(f"OMG: LoRA {spec.lora!r} has no layer of this checkpoint's UNet (made for another architecture?)")
+        if spec.lora:
+            refuse_mostly_unmatched(spec.lora, filename, len(unet_patches) + len(clip_patches))
         try:
             deltas = unet_deltas(unet_patches, self.unet, spec.unet_weight,
                                  lambda patch, base, key: self.backend.merge(objects, patch, base, spec.unet_weight, key))

@@ -331,6 +331,25 @@ def test_lora_for_another_architecture_is_named_and_text_encoder_deltas_reach_at
         a1111.load_concept_lora("nope", 1.0, 1.0, unet_modules, te_modules)
 
 
+
+def test_a_lora_whose_layers_mostly_miss_this_checkpoint_is_named(monkeypatch, tmp_path):
+    """The host's parser matched 2 of the file's 5 layers (an SD1.5 LoRA on SDXL shares a few names and shapes)."""
+    path = tmp_path / "hero.safetensors"
+    save_file({f"lora_unet_l{i}.{part}.weight": torch.zeros(2, 2) for i in range(5) for part in ("lora_up", "lora_down")}, str(path))
+    layer, other = nn.Linear(8, 6), nn.Linear(8, 6)
+    net = types.SimpleNamespace(modules={"l0": _LoraModule(layer), "l1": _LoraModule(other)}, te_multiplier=1.0, unet_multiplier=1.0)
+    networks = types.ModuleType("networks")
+    networks.available_networks, networks.load_network = {"hero": types.SimpleNamespace(filename=str(path))}, lambda name, on_disk: net
+    networks.list_available_networks = lambda: None
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    modules = {id(layer): ("layer", layer), id(other): ("other", other)}
+    with pytest.raises(a1111.OmgUserError, match=r"^OMG: LoRA 'hero' fits only 2 of its 5 layers to this checkpoint "
+                                                 r"\(made for another architecture\?\)$"):
+        a1111.load_concept_lora("hero", 1.0, 1.0, modules, {})
+    net.modules["l2"] = _LoraModule(third := nn.Linear(8, 6))
+    unet, _ = a1111.load_concept_lora("hero", 1.0, 1.0, {**modules, id(third): ("third", third)}, {})
+    assert sorted(unet) == ["layer", "other", "third"]  # 3 of 5: more than half, used
+
 @pytest.fixture
 def two_concepts(monkeypatch, hero_file):
     """(model, settings): the stand-in model with the WebUI's LoRA list installed, and two concepts

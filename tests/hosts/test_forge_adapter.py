@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from omg_ext.config import ConceptSpec, OmgConfig
@@ -426,6 +426,29 @@ def test_a_truncated_lora_is_named_before_forge_reads_it_and_the_folder_is_untou
     assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.iterdir()) == listing
 
 
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["backend", "ldm_patched"])
+@pytest.mark.parametrize("foreign, refused", [(3, False), (4, True)])
+def test_a_lora_whose_layers_mostly_miss_this_checkpoint_is_refused(tmp_path, monkeypatch, backend, foreign, refused):
+    """A LoRA for another model family shares a few layer names (and shapes) with this checkpoint: its three
+    layers here plus ``foreign`` layers this UNet lacks; refused when fewer than half of them fit, and the
+    model stays as it was."""
+    model = _ForgeModel(backend=backend)
+    path = tmp_path / "hero.safetensors"
+    _write_lora(path, model)
+    extra = {f"lora_unet_output_blocks_{20 + i}_1_proj_in.{part}.weight": torch.zeros(4, 4) for i in range(foreign)
+             for part in ("lora_up", "lora_down")}
+    save_file({**load_file(str(path)), **extra}, str(path))
+    monkeypatch.setitem(sys.modules, "networks", _networks(path))
+    original = model.forge_objects.unet
+    with fake_forge.installed(backend) as modules:
+        job, generation, c, uc = _omg_job(modules, model, OmgConfig(**CFG))
+        with pytest.raises(forge.OmgUserError, match=rf"^OMG: LoRA 'hero' fits only 3 of its {3 + foreign} layers to this "
+                                                     r"checkpoint \(made for another architecture\?\)$") if refused else contextlib.nullcontext():
+            job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
+    assert model.forge_objects.unet is original
+
 def _omg_job(modules, model, cfg, **job_args):
     """A Forge job with OMG attached as the Script does it: (job, generation, cond, uncond)."""
     job = _Job(modules, model, **job_args)
@@ -473,7 +496,6 @@ def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monk
     # the concept prompt was encoded with the text-encoder LoRA at its weight, on a clone of the CLIP patcher
     te = model.encoder
     lora_te = copy.deepcopy(te)
-    from safetensors.torch import load_file
     sd = load_file(str(tmp_path / "hero.safetensors"))
     lora_te.proj.weight += 0.7 * sd["lora_te_proj.lora_up.weight"] @ sd["lora_te_proj.lora_down.weight"]
     torch.testing.assert_close(concept.cond["c_crossattn"], lora_te.encode("a man, red cape"), rtol=1e-5, atol=1e-5)

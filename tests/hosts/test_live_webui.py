@@ -98,6 +98,28 @@ def test_a_concept_whose_class_word_is_missing_is_skipped_and_the_rest_is_made()
     assert "OMG concept 2 skipped: class word 'dog' does not appear in the prompt" in info
 
 
+
+def test_drawn_regions_and_an_xyz_axis_of_omg_work_through_the_api():
+    """Regions as the canvas writes them make the masks (no attention needed), and the host's X/Y/Z plot
+    varies an OMG setting per cell: its script arguments are the host's own defaults (``/sdapi/v1/script-info``)
+    with the X axis set to "[OMG] Blend start"."""
+    regions = json.dumps({"width": 64, "height": 64, "boxes": {"1": [0, 0, 32, 64], "2": [32, 0, 64, 64]}})
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(mask_source="regions", regions=regions)})
+    assert status == 200, result
+    info = json.loads(result["info"])["infotexts"][0]
+    assert "OMG mask source: regions" in info and 'OMG mask sources used: "regions, regions"' in info
+    with urllib.request.urlopen(URL.rstrip("/") + "/sdapi/v1/script-info", timeout=60) as r:
+        xyz = next(s for s in json.load(r) if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    # the host's defaults as the script receives them: axis types as indices (the dropdowns' type), no dropdown values
+    args = [a["choices"].index(a["value"]) if a["label"].endswith(" type") else [] if a["value"] is None else a["value"]
+            for a in xyz["args"]]
+    args[0], args[1] = xyz["args"][0]["choices"].index("[OMG] Blend start"), "0.25, 0.5"
+    args[[a["label"] for a in xyz["args"]].index("Include Sub Images")] = True  # each cell's image with its infotext
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(), "script_name": "x/y/z plot", "script_args": args})
+    assert status == 200, result
+    infotexts = json.loads(result["info"])["infotexts"]
+    assert any("OMG blend start: 0.25" in t for t in infotexts) and any("OMG blend start: 0.5" in t for t in infotexts)
+
 def test_interrupt_in_either_pass_leaves_the_model_as_it_was():
     import threading
     import time
