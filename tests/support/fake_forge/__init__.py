@@ -25,7 +25,7 @@ def _modules(neo: bool = False) -> dict[str, types.ModuleType]:
     if neo:
         lora = types.ModuleType("backend.patcher.lora")
         lora.__dict__.update({k: getattr(lora_files, k) for k in ("merge_lora_to_weight", "model_lora_keys_unet", "model_lora_keys_clip")})
-        lora.load_lora = lambda sd, to_load: (lambda patches, left: (ldm_patched.as_adapters(patches), left))(*lora_files.load_lora(sd, to_load))
+        lora.load_lora = ldm_patched.neo_load_lora
     backend.attention, backend.memory_management, backend.patcher, patcher.lora = attention, memory, patcher, lora
     return {"backend": backend, "backend.attention": attention, "backend.memory_management": memory,
             "backend.patcher": patcher, "backend.patcher.lora": lora}

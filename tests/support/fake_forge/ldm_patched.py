@@ -29,6 +29,12 @@ def load_lora(lora, to_load, log_missing=True):
     return as_adapters(lora_files.load_lora(lora, to_load)[0])
 
 
+def neo_load_lora(lora, to_load):
+    """Forge Neo's ``load_lora``: the patches as ``LoRAAdapter`` objects, with the keys left over."""
+    patches, left = lora_files.load_lora(lora, to_load)
+    return as_adapters(patches), left
+
+
 def calculate_weight(patches, weight, key, intermediate_dtype=torch.float32, original_weights=None):
     return lora_files.merge_lora_to_weight(patches, weight, key, computation_dtype=intermediate_dtype)
 
