@@ -80,11 +80,15 @@ class UnetWrapper:
     """Forge's ``model_function_wrapper``: a UNet call of the job, through the engine.
 
     Forge deep-copies patcher options when a patcher is cloned; this object holds the
-    job's state and must stay shared, so copying returns it.
+    job's state and must stay shared, so copying returns it. Another extension's wrapper
+    found on the UNet patcher (``inner``: e.g. the one Regional Prompter leaves there after
+    its first job, idle from then on) keeps running inside it: it sees each of OMG's calls
+    as a UNet call of those rows.
     """
 
     def __init__(self, generation: "ForgeGeneration") -> None:
         self.generation = generation
+        self.inner = None
 
     def __deepcopy__(self, memo) -> "UnetWrapper":
         return self
@@ -94,7 +98,7 @@ class UnetWrapper:
         generation = self.generation
         session = generation.session
         if session is None:
-            return apply_model(x, t, **c)
+            return self.through_inner(apply_model, x, t, c, args["cond_or_uncond"])
         rows = x.shape[0]
         roles = row_roles(args["cond_or_uncond"], rows)
         control, control_rows = split_control(c.get("control"), rows)
@@ -117,9 +121,25 @@ class UnetWrapper:
                 cond["control"] = join_control(control, cond)
                 for j, template in unit_rows.items():
                     add_to_rows(cond["control"], join_control(template, cond), concept == j)
-            return apply_model(x_, t_, **shared, **cond, transformer_options=generation.call_options(options, uncond, concept))
+            call = {**shared, **cond, "transformer_options": generation.call_options(options, uncond, concept)}
+            return self.through_inner(apply_model, x_, t_, call, [int(m) for m in uncond.tolist()])
 
         return session(unet_fn, x, t, per_row, roles)
+
+    def through_inner(self, apply_model, x: torch.Tensor, t: torch.Tensor, c: dict, cond_or_uncond: list) -> torch.Tensor:
+        """One UNet call, through the other extension's wrapper if there is one. A wrapper that calls the
+        UNet with another input than it was given (tiles, resizes: MultiDiffusion…) is refused: OMG's
+        rows, masks and attention are laid out for the whole latent."""
+        inner = self.inner
+        if inner is None:
+            return apply_model(x, t, **c)
+
+        def same_input(x_, t_, **c_):
+            if x_.shape != x.shape:
+                raise conflict_error(inner)
+            return apply_model(x_, t_, **c_)
+
+        return inner(same_input, {"input": x, "timestep": t, "c": c, "cond_or_uncond": cond_or_uncond})
 
 
 UNCOND_KEY = "omg:uncond"
@@ -315,9 +335,11 @@ def attention_modules_by_block(unet: torch.nn.Module) -> dict[tuple[str, int, in
 
 
 def conflict_error(wrapper) -> OmgUserError:
-    """The refusal when another extension wraps Forge's UNet function (MultiDiffusion…)."""
-    return OmgUserError("OMG cannot run together with another extension that wraps Forge's UNet "
-                        f"function ({getattr(wrapper, '__qualname__', type(wrapper).__name__)})")
+    """The refusal when another extension's wrapper of Forge's UNet function tiles or resizes its input
+    (MultiDiffusion…), or replaces OMG's wrapper."""
+    return OmgUserError("OMG cannot run together with another extension that wraps Forge's UNet function and "
+                        "changes its input or replaces OMG's wrapper (tiled diffusion, MultiDiffusion…): "
+                        f"{getattr(wrapper, '__qualname__', type(wrapper).__name__)}")
 
 
 class ForgeGeneration(A1111Generation):
@@ -385,8 +407,7 @@ class ForgeGeneration(A1111Generation):
             existing = unet.model_options.get("model_function_wrapper")
             if existing is self.wrapper:
                 return
-            if existing is not None:
-                raise conflict_error(existing)
+            self.wrapper.inner = existing
             clone = unet.clone()
             clone.set_model_unet_function_wrapper(self.wrapper)
             objects.unet = clone

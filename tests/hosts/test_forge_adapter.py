@@ -642,6 +642,35 @@ def test_patching_is_idempotent_and_survives_forges_deep_copies(tmp_path, monkey
 
 
 @torch.no_grad()
+def test_another_extensions_idle_wrapper_runs_inside_omgs_calls_and_one_that_tiles_is_refused(tmp_path, monkeypatch):
+    """Regional Prompter leaves its UNet wrapper on Forge's patcher after its first job (idle from then on):
+    OMG runs it inside each of its calls, as it runs without OMG, and gives the image it gives without it. A
+    wrapper that calls the UNet on tiles of its input (MultiDiffusion) cannot work with OMG's rows: refused."""
+    cfg = OmgConfig(blend_start=0.5, **CFG)
+    alone = _run(tmp_path, monkeypatch, cfg)[1]
+    seen = []
+
+    def idle(apply_model, args):
+        seen.append((args["input"].shape[0], list(args["cond_or_uncond"])))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def tiles(apply_model, args):
+        x, halves = args["input"], []
+        for part in x.split(x.shape[-1] // 2, dim=-1):
+            halves.append(apply_model(part, args["timestep"], **args["c"]))
+        return torch.cat(halves, dim=-1)
+
+    def leave(wrapper):
+        return lambda job: job.sd_model.forge_objects_after_applying_lora.unet.set_model_unet_function_wrapper(wrapper)
+
+    final = _run(tmp_path, monkeypatch, cfg, before_omg=leave(idle))[1]
+    assert torch.equal(final, alone)
+    assert max(rows for rows, _ in seen) == 4 and all(rows == len(marks) for rows, marks in seen)  # OMG's pass-2 calls
+    with pytest.raises(forge.OmgUserError, match="another extension that wraps Forge's UNet function and changes its input.*tiles"):
+        _run(tmp_path, monkeypatch, cfg, before_omg=leave(tiles))
+
+
+@torch.no_grad()
 def test_conflicts_and_unsupported_models_fail_with_a_clear_message(tmp_path, monkeypatch):
     model = _ForgeModel()
     _write_lora(tmp_path / "hero.safetensors", model)
@@ -650,11 +679,6 @@ def test_conflicts_and_unsupported_models_fail_with_a_clear_message(tmp_path, mo
     def tiled(apply_model, args):
         return apply_model(args["input"], args["timestep"], **args["c"])
 
-    model.forge_objects_after_applying_lora.unet.set_model_unet_function_wrapper(tiled)
-    with fake_forge.installed() as modules:
-        job, generation, c, uc = _omg_job(modules, model, OmgConfig(**CFG))
-        with pytest.raises(forge.OmgUserError, match="another extension that wraps Forge's UNet function .*tiled"):
-            job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts)
     # a script after ours puts its own wrapper on (a clone of) our clone: named after pass 1, not "no UNet call"
     model = _ForgeModel()
     monkeypatch.setitem(sys.modules, "networks", _networks(tmp_path / "hero.safetensors"))
