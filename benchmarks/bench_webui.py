@@ -45,11 +45,13 @@ def controlnet_unit(url: str, name: str, size: int) -> dict:
 
     with urllib.request.urlopen(url + "/controlnet/model_list", timeout=60) as response:
         full = next(n for n in json.load(response)["model_list"] if n.split(" [")[0] == name)
+    with urllib.request.urlopen(url + "/controlnet/module_list", timeout=60) as response:
+        none = next(m for m in json.load(response)["module_list"] if m.lower() == "none")  # "none" in sd-webui-controlnet
     image = Image.new("RGB", (size, size))
     ImageDraw.Draw(image).rectangle((size // 5, size // 8, size // 2, size - size // 16), fill="white")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return {"enabled": True, "module": "None", "model": full, "weight": 1.0, "image": base64.b64encode(buffer.getvalue()).decode()}
+    return {"enabled": True, "module": none, "model": full, "weight": 1.0, "image": base64.b64encode(buffer.getvalue()).decode()}
 
 
 def regional_prompter_latent(first: str, second: str) -> dict:

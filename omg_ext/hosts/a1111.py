@@ -38,6 +38,8 @@ from ..engine.session import Concept, OmgSession
 from ..lora_file import BadLoraFile, check_lora_file, lora_layer_count
 from ..masks.regions import Regions, parse_regions
 from ..masks.sources import MaskInputs, concept_masks
+from .controlnet_units import RowConcepts, adopt_prompt_marks, concept_controls, sd_webui_controlnet_params
+from .errors import OmgUserError
 from .mask_models import DOWNLOAD_OPTION, KEEP_OPTION, mask_models, release_mask_models
 
 
@@ -76,22 +78,10 @@ Regional Prompter and Latent Couple split a picture; OMG splits it by masks, and
 words' places in the image's one prompt."""
 
 
-def refuse_concept_units(cfg: OmgConfig) -> None:
-    """A ControlNet unit for one concept, in a host that cannot give it one."""
-    for n, spec in enumerate(cfg.concepts, start=1):
-        if spec.control_unit != NO_CONTROL_UNIT:
-            raise OmgUserError(f"OMG concept {n}: a ControlNet unit for one concept works in Forge, Forge Classic and "
-                               "reForge only; set it to -1 here")
-
-
 def refuse_and(prompts: list[str]) -> None:
     """``AND`` (A1111's own pattern: a whole word, upper case) in any prompt of the job fails it before sampling."""
     if any(re.search(r"\bAND\b", prompt) for prompt in prompts):
         raise OmgUserError(AND_MESSAGE)
-
-
-class OmgUserError(ValueError):
-    """Bad input the user can fix; shown as is."""
 
 
 def fail_job(p, message: str) -> None:
@@ -351,6 +341,11 @@ def _crossattn(cond):
 
 # ---------------------------------------------------------------- one generation
 
+CONCEPT_KEY = "omg:concept"
+"""Each row's concept (-1: a host or reference row), when a concept has a ControlNet unit of its own: the host
+rows carry -1, each concept's conditioning its number, and the engine's expansion does the rest."""
+
+
 @dataclass
 class Prepared:
     concepts: list[Concept]
@@ -360,9 +355,6 @@ class Prepared:
 
 class A1111Generation:
     """OMG for one txt2img job ``p``."""
-
-    takes_concept_units = False
-    """Whether a concept can have a ControlNet unit of its own (the Forge family's ControlNet; not sd-webui-controlnet yet)."""
 
     def __init__(self, p, cfg: OmgConfig) -> None:
         refuse_and(list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")]))
@@ -493,19 +485,26 @@ class A1111Generation:
         """The UNet forward, the engine's processors and hooks, the denoiser callback; all undone on exit."""
         from modules import script_callbacks
 
-        unet, tracker = self.unet, RowTracker(session.images)
+        unet, tracker, row_concepts = self.unet, RowTracker(session.images), RowConcepts()
         saved = unet.__dict__.get("forward")
         raw = saved or (lambda *a, **k: type(unet).forward(unet, *a, **k))
+        units = {j: spec.control_unit for j, spec in enumerate(self.cfg.concepts) if spec.control_unit != NO_CONTROL_UNIT}
 
         def forward(x, timesteps=None, context=None, y=None, **kwargs):
             def unet_fn(x_, t_, cond):
+                row_concepts.now = cond.get(CONCEPT_KEY)
                 return raw(x_, t_, context=cond["context"], y=cond.get("y"), **kwargs)
             cond = {"context": context} if y is None else {"context": context, "y": y}
-            return session(unet_fn, x, timesteps, cond, tracker.take(context))
+            if units:
+                cond[CONCEPT_KEY] = torch.full((x.shape[0],), -1.0)
+            roles = tracker.take(context)
+            if self.cfg.mode != "fast":  # fast mode's concept prompts go to attention directly, never through forward
+                adopt_prompt_marks(context, roles, session.conds)
+            return session(unet_fn, x, timesteps, cond, roles)
 
         add_callback(script_callbacks.on_cfg_denoiser, tracker.on_denoiser, "omg")
         try:
-            with session.installed():
+            with session.installed(), concept_controls(sd_webui_controlnet_params(self.p, units), row_concepts):
                 unet.forward = forward
                 yield
         finally:
@@ -519,12 +518,14 @@ class A1111Generation:
     def prepare(self) -> Prepared:
         """The concepts of the job (loaded once: they do not depend on the images' prompts)."""
         self.cfg.validate()
-        if not self.takes_concept_units:
-            refuse_concept_units(self.cfg)
+        units = {j: spec.control_unit for j, spec in enumerate(self.cfg.concepts) if spec.control_unit != NO_CONTROL_UNIT}
+        self.find_concept_units(units)
         concepts, labels = [], []
-        for spec in self.cfg.concepts:
+        for j, spec in enumerate(self.cfg.concepts):
             negative = spec.negative_prompt or self.p.negative_prompts[0]
             deltas, cond, uncond = self.load_concept(spec, negative)
+            if units:  # each row's concept travels with it through the engine, for the concepts' own units
+                cond[CONCEPT_KEY] = uncond[CONCEPT_KEY] = torch.tensor([float(j)])
             concepts.append(Concept(cond, uncond, deltas))
             labels.append(spec.class_word)
         try:
@@ -532,6 +533,11 @@ class A1111Generation:
         except ValueError as e:
             raise OmgUserError(str(e)) from e
         return Prepared(concepts, labels, regions)
+
+    def find_concept_units(self, units: dict[int, int]) -> None:
+        """The concepts' own ControlNet units (``units``: concept -> the unit's number in the ControlNet panel),
+        checked: sd-webui-controlnet's, found again for each sampling by ``patched``."""
+        sd_webui_controlnet_params(self.p, units)
 
     def image_tokens(self, prompts: list[str]) -> list[list[list[int]]]:
         """Per image, per concept: the class word's positions in that image's own prompt.

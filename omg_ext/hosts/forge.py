@@ -39,13 +39,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..config import NO_CONTROL_UNIT
 from ..engine.attention import ProjectedAttention
 from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.rows import RowRole
 from ..engine.session import OmgSession
 from ..engine.memory import MemoryBudget
-from .a1111 import A1111Generation, OmgUserError, _networks, lora_on_disk, memory_budget, refuse_mostly_unmatched
+from .a1111 import CONCEPT_KEY, A1111Generation, OmgUserError, _networks, lora_on_disk, memory_budget, refuse_mostly_unmatched
+from .controlnet_units import not_enabled, panel_units, without_model
 from .forge_backend import ForgeBackend, forge_backend, plain_low_rank
 
 COND = 0
@@ -264,9 +264,6 @@ def split_control(control: dict | None, rows: int) -> tuple[dict | None, dict[st
     return template, per_row
 
 
-CONCEPT_KEY = "omg:concept"
-"""Each row's concept (-1: a host or reference row), when a concept has a ControlNet unit of its own: the host
-rows carry -1, each concept's conditioning its number, and the engine's expansion does the rest."""
 
 
 def concept_unit_residuals(units: dict[int, "ConceptUnit"], c: dict, x: torch.Tensor, t: torch.Tensor, chunks: int,
@@ -345,8 +342,6 @@ def conflict_error(wrapper) -> OmgUserError:
 class ForgeGeneration(A1111Generation):
     """OMG for one txt2img job ``p`` in Forge."""
 
-    takes_concept_units = True
-
     def __init__(self, p, cfg) -> None:
         check_model(p.sd_model)
         super().__init__(p, cfg)
@@ -415,17 +410,10 @@ class ForgeGeneration(A1111Generation):
         except Exception as e:  # noqa: BLE001 - re-raised by `patched`
             self.patch_error = e
 
-    def prepare(self):
-        """The concepts, and for each that has a ControlNet unit of its own, the unit's network (which the
-        ControlNet objects of the sampling share); each concept's conditioning then carries its number."""
-        prepared = super().prepare()
-        units = {j: spec.control_unit for j, spec in enumerate(self.cfg.concepts) if spec.control_unit != NO_CONTROL_UNIT}
+    def find_concept_units(self, units: dict[int, int]) -> None:
+        """For each concept that has a ControlNet unit of its own, the unit's network (which the ControlNet
+        objects of the sampling share) or its IP-Adapter entry."""
         self.concept_units, self.image_prompts = controlnet_unit_modules(self.p, units)
-        if self.concept_units or self.image_prompts:
-            for j, concept in enumerate(prepared.concepts):
-                for cond in (concept.cond, concept.uncond):
-                    cond[CONCEPT_KEY] = torch.tensor([float(j)])
-        return prepared
 
     def call_options(self, options: dict, uncond: torch.Tensor, concept: torch.Tensor | None = None) -> dict:
         """The transformer options of one engine call: its rows' own marks (and concepts) and OMG's attention
@@ -482,11 +470,7 @@ def controlnet_unit_modules(p, units: dict[int, int]) -> tuple[dict[int, "Concep
     unit's entry is its place among the enabled IP-Adapter units (the order their patches were added in)."""
     if not units:
         return {}, {}
-    script = next((s for s in p.scripts.alwayson_scripts if s.title() == "ControlNet"), None) if p.scripts else None
-    if script is None:
-        raise OmgUserError("OMG: a concept has a ControlNet unit of its own, but this WebUI has no ControlNet")
-    panel = list(p.script_args[script.args_from:script.args_to])
-    enabled = [k for k, unit in enumerate(panel) if (unit.get("enabled") if isinstance(unit, dict) else getattr(unit, "enabled", False))]
+    script, enabled = panel_units(p)
     params = getattr(script, "current_params", {})
     models = {k: getattr(params.get(i), "model", None) for i, k in enumerate(enabled)}
     networks = {k: getattr(getattr(model, "model_patcher", None), "control_model", None) for k, model in models.items()}
@@ -495,14 +479,13 @@ def controlnet_unit_modules(p, units: dict[int, int]) -> tuple[dict[int, "Concep
     found, image_prompts = {}, {}
     for j, k in units.items():
         if k not in enabled:
-            raise OmgUserError(f"OMG concept {j + 1}: ControlNet unit {k} is not enabled (enable it, or set the concept's unit to -1)")
+            raise not_enabled(j, k)
         if networks[k] is not None:
             found[j] = ConceptUnit(networks[k], in_chain.index(k))
         elif k in image_units:
             image_prompts[image_units.index(k)] = j
         else:
-            raise OmgUserError(f"OMG concept {j + 1}: ControlNet unit {k} has neither a ControlNet nor an IP-Adapter model "
-                               "loaded; only those can be given to one concept")
+            raise without_model(j, k)
     return found, image_prompts
 
 

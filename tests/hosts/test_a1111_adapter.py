@@ -363,8 +363,10 @@ def two_concepts(monkeypatch, hero_file):
     ])
 
 
-def _run_job(modules, model, cfg, prompts, seeds, latent):
-    """One txt2img job through the adapter; the session it ran with (its job's infotext as ``session.infotext``)."""
+def _run_job(modules, model, cfg, prompts, seeds, latent, scripts=None, marked=False):
+    """One txt2img job through the adapter; the session it ran with (its job's infotext as ``session.infotext``).
+    ``scripts``: (the job's always-on scripts, their arguments); ``marked``: the prompts' conditioning carries
+    sd-webui-controlnet's leading mark token (+1024 cond, -1024 uncond)."""
     sessions = []
 
     class RecordedSession(a1111.OmgSession):
@@ -373,11 +375,15 @@ def _run_job(modules, model, cfg, prompts, seeds, latent):
             sessions.append(self)
 
     job = _Job(modules, model, prompts, "blurry", seeds=seeds, latent=latent)
+    if scripts is not None:
+        job.scripts, job.script_args = types.SimpleNamespace(alwayson_scripts=scripts[0]), scripts[1]
     generation = a1111.A1111Generation(job, cfg)
     generation.attach()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(a1111, "OmgSession", RecordedSession)
         c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
+        if marked:
+            c, uc = (torch.cat([torch.full_like(x[:, :1], sign * 1024.0), x], dim=1) for x, sign in ((c, 1), (uc, -1)))
         final = job.sample(c, uc, job.seeds, job.seeds, 0, job.prompts)
     sessions[0].infotext = job.extra_generation_params
     return final, sessions[0]
@@ -522,12 +528,97 @@ def test_a_callback_is_named_only_where_the_host_takes_a_name():
     assert registered == [(print, None), (print, "omg")]
 
 
-def test_a_concepts_own_controlnet_unit_is_refused_in_a1111_with_what_to_do():
-    cfg = OmgConfig(enabled=True, concepts=[ConceptSpec(class_word="man", prompt="a man"),
-                                            ConceptSpec(class_word="woman", prompt="a woman", control_unit=0)])
-    with pytest.raises(a1111.OmgUserError, match="OMG concept 2: a ControlNet unit for one concept works in Forge, "
-                                                 "Forge Classic and reForge only; set it to -1 here"):
-        a1111.refuse_concept_units(cfg)
+class _ControlModel(nn.Module):
+    """A unit's control model: one residual per row, of its own size."""
+
+    def __init__(self, size: float) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x, hint=None, timesteps=None, context=None, y=None, **kwargs):
+        return [torch.full_like(x, self.size)]
+
+
+def _with_sd_webui_controlnet(model, kinds):
+    """sd-webui-controlnet in brief: one ``ControlParams`` per enabled unit (``kinds``: each unit's model type), and
+    its UNet forward taking each row's cond/uncond mark off its context and adding every unit's residuals, computed
+    on the rows it is given, to the UNet's output. Returns (scripts, the units' params, per call: (rows,
+    [per unit: which rows got a residual], each row's mark))."""
+    unet, seen = model.model.diffusion_model, []
+    params = [types.SimpleNamespace(control_model=_ControlModel(0.05 * (i + 1)), control_model_type=types.SimpleNamespace(
+        name=kind, is_controlnet=kind == "ControlNet")) for i, kind in enumerate(kinds)]
+
+    def forward(x, timesteps=None, context=None, y=None, **kwargs):
+        marks = [1] * x.shape[0]  # unmarked rows are taken for cond rows
+        if bool(torch.all((context[:, 0].abs() - 1024).abs() < 1e-3)):
+            marks, context = (context[:, 0, 0] > 0).int().tolist(), context[:, 1:]
+        out, reached = type(unet).forward(unet, x, timesteps, context=context), []
+        for param in params:
+            if param.control_model_type.is_controlnet:
+                residual = param.control_model(x=x, hint=None, timesteps=timesteps, context=context)[0]
+                reached.append((residual.flatten(1).abs().sum(1) > 0).tolist())
+                out = out + residual
+        seen.append((x.shape[0], reached, marks))
+        return out
+
+    unet.forward = forward
+    script = types.SimpleNamespace(title=lambda: "ControlNet", args_from=1, args_to=1 + len(kinds),
+                                   latest_network=types.SimpleNamespace(control_params=params))
+    return ([script], [None] + [{"enabled": True}] * len(kinds)), params, seen
+
+
+@torch.no_grad()
+def test_a_concepts_own_controlnet_unit_acts_on_its_rows_only_and_the_units_come_back(two_concepts):
+    """With sd-webui-controlnet, unit 1 given to the woman reaches only her rows (none in pass 1), unit 0 every
+    row; after the job each unit has its own control model again."""
+    model, cfg = two_concepts
+    cfg.concepts[1].control_unit = 1
+    with fake_a1111.installed() as modules:
+        scripts, params, seen = _with_sd_webui_controlnet(model, ["ControlNet", "ControlNet"])
+        models = [param.control_model for param in params]
+        own, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16), scripts)
+        assert [param.control_model for param in params] == models
+        pass1, pass2 = seen[:6], seen[6:]
+        assert all(reached == [[True, True], [False, False]] for _, reached, _ in pass1)
+        # pass 2 from the blend start: host cond, host uncond, the man's row, the woman's row
+        assert [reached for rows, reached, _ in pass2 if rows == 4] == [[[True] * 4, [False, False, False, True]]] * 3
+        cfg.concepts[1].control_unit = -1
+        everywhere, _ = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16), scripts)
+    assert session.infotext["OMG c2 control unit"] == 1 and not torch.equal(own, everywhere)
+
+
+@torch.no_grad()
+def test_concept_rows_carry_sd_webui_controlnets_prompt_marks_and_share_the_host_rows_call(two_concepts):
+    """sd-webui-controlnet marks each prompt's conditioning as cond or uncond and reads the marks in its forward:
+    concept rows get their host rows' marks (so an uncond concept row is told from a cond one) and run in the host
+    rows' call; the image is the one made without marks."""
+    model, cfg = two_concepts
+    cfg.concept_guidance = "own"  # concept uncond rows too
+    with fake_a1111.installed() as modules:
+        scripts, _, seen = _with_sd_webui_controlnet(model, [])
+        plain, _ = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16), scripts)
+        seen.clear()
+        marked, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16), scripts, marked=True)
+    # pass 2 from the blend start: host cond and uncond, then each concept's cond and uncond, in one call
+    assert [(rows, marks) for rows, _, marks in seen[6:]] == [(6, [1, 0, 1, 0, 1, 0])] * 3
+    assert [c.cond["context"].shape[1] for c in session.conds] == [78, 78]
+    torch.testing.assert_close(marked, plain)
+
+
+@pytest.mark.parametrize("unit, kinds, message", [
+    (2, ["ControlNet", "ControlNet"], "OMG concept 2: ControlNet unit 2 is not enabled"),
+    (0, ["IPAdapter"], "OMG concept 2: an IP-Adapter unit for one concept works in the Forge family only"),
+    (0, ["T2I_StyleAdapter"], "OMG concept 2: ControlNet unit 0 has neither a ControlNet nor an IP-Adapter model"),
+])
+@torch.no_grad()
+def test_a_concepts_unit_that_cannot_be_given_to_it_is_named_and_nothing_stays_wrapped(two_concepts, unit, kinds, message):
+    model, cfg = two_concepts
+    cfg.concepts[1].control_unit = unit
+    with fake_a1111.installed() as modules:
+        scripts, params, _ = _with_sd_webui_controlnet(model, kinds)
+        with pytest.raises(a1111.OmgUserError, match=message):
+            _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16), scripts)
+    assert all(isinstance(param.control_model, _ControlModel) for param in params)
 
 
 @pytest.mark.parametrize("prompts", [["a man AND a woman"], ["a man and a woman", "a man AND a woman on grass"]])

@@ -135,6 +135,25 @@ def test_interrupt_in_either_pass_leaves_the_model_as_it_was():
     assert base64.b64decode(before["images"][0]) == base64.b64decode(after["images"][0])
 
 
+def test_omg_after_a_regional_prompter_job_runs_and_changes_only_as_the_hosts_own_image_changes():
+    """Regional Prompter (when installed) leaves state behind (in Forge its UNet wrapper, idle from then on, and
+    its own LoRA loader): OMG still runs after it, and its image changes only where the host's plain image
+    changes too (what Regional Prompter left is then the host's, not OMG's)."""
+    from benchmarks.bench_webui import regional_prompter_latent
+
+    with urllib.request.urlopen(URL.rstrip("/") + "/sdapi/v1/scripts", timeout=60) as r:
+        if "regional prompter" not in json.load(r)["txt2img"]:
+            pytest.skip("Regional Prompter is not installed in this WebUI")
+    _, plain_before = _post("/sdapi/v1/txt2img", BASE)
+    _, before = _post("/sdapi/v1/txt2img", {**BASE, **_omg()})
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **regional_prompter_latent(*LORAS)})
+    assert status == 200, result
+    status, after = _post("/sdapi/v1/txt2img", {**BASE, **_omg()})
+    assert status == 200, after
+    _, plain_after = _post("/sdapi/v1/txt2img", BASE)
+    assert (_image(before) == _image(after)) == (_image(plain_before) == _image(plain_after))
+
+
 @pytest.mark.skipif(not os.environ.get("OMG_FOREIGN_LORA"), reason="OMG_FOREIGN_LORA (a LoRA for another architecture) not set")
 def test_a_lora_for_another_architecture_is_an_error():
     name = os.environ["OMG_FOREIGN_LORA"]
@@ -164,8 +183,14 @@ def _controlnet_model(name=None) -> str:
     return names[0]
 
 
+def _no_preprocessor():
+    """The host's name for "no preprocessor": "None" in Forge's ControlNet, "none" in sd-webui-controlnet."""
+    with urllib.request.urlopen(URL.rstrip("/") + "/controlnet/module_list", timeout=60) as r:
+        return next(m for m in json.load(r)["module_list"] if m.lower() == "none")
+
+
 def _with_controlnet(payload, weight=1.0, **unit):
-    unit = {"enabled": True, "module": "None", "model": _controlnet_model(), "weight": weight, "image": _hint_png(), **unit}
+    unit = {"enabled": True, "module": _no_preprocessor(), "model": _controlnet_model(), "weight": weight, "image": _hint_png(), **unit}
     scripts = {**payload.get("alwayson_scripts", {}), "ControlNet": {"args": [unit]}}
     return {**payload, "alwayson_scripts": scripts}
 
@@ -208,6 +233,22 @@ def test_controlnet_acts_on_the_omg_image_in_a_batch_with_hires_and_the_model_co
     assert _image(before) == _image(after)
 
 
+@pytest.mark.skipif(not CONTROLNET, reason="OMG_CONTROLNET (a ControlNet model name) not set")
+def test_a_controlnet_unit_reaches_the_concept_rows():
+    """One concept whose drawn region is the whole image from the first step, with its own guidance: every pixel
+    of the image comes from that concept's rows, so the unit's weight can only show through them."""
+    whole = json.dumps({"width": 64, "height": 64, "boxes": {"1": [0, 0, 64, 64]}})
+    omg = _omg(mask_source="regions", regions=whole, blend_start=0.0, concept_guidance="own", mask_dilation=0, mask_feather=0)
+    settings = omg["alwayson_scripts"]["OMG multi-concept"]["args"][0]
+    settings["concepts"] = settings["concepts"][:1]
+    images = {}
+    for weight in (0.0, 1.0):
+        status, result = _post("/sdapi/v1/txt2img", _with_controlnet({**BASE, **omg}, weight))
+        assert status == 200, result
+        images[weight] = _image(result)
+    assert images[0.0] != images[1.0]
+
+
 def test_the_progress_bar_covers_both_passes_as_one_job_and_names_each_pass():
     """Polled while an OMG job runs: the progress never runs back for pass 2 and the text names the pass."""
     import threading
@@ -232,8 +273,8 @@ def test_the_progress_bar_covers_both_passes_as_one_job_and_names_each_pass():
 
 @pytest.mark.skipif(not CONTROLNET, reason="OMG_CONTROLNET (a ControlNet model name) not set")
 def test_a_concepts_own_controlnet_unit_changes_the_image_and_a_missing_unit_is_named():
-    units = [{"enabled": True, "module": "None", "model": _controlnet_model(), "weight": 1.0, "image": _hint_png()},
-             {"enabled": True, "module": "None", "model": _controlnet_model(), "weight": 1.0, "image": _hint_png((30, 8, 56, 60))}]
+    units = [{"enabled": True, "module": _no_preprocessor(), "model": _controlnet_model(), "weight": 1.0, "image": _hint_png()},
+             {"enabled": True, "module": _no_preprocessor(), "model": _controlnet_model(), "weight": 1.0, "image": _hint_png((30, 8, 56, 60))}]
     images = {}
     for unit in (-1, 1):
         payload = {**BASE, **_omg()}
