@@ -195,12 +195,16 @@ class OmgConfig:
             raise OmgConfigError("concepts", f"OMG supports at most {MAX_CONCEPTS} concepts (got {len(self.concepts)})")
         for n, concept in enumerate(self.concepts, start=1):
             concept.validate(n)
-        units = [c.control_unit for c in self.concepts if c.control_unit != NO_CONTROL_UNIT]
+        units = list(self.control_units().values())
         if units and self.mode == "fast":
             raise OmgConfigError("mode", "OMG fast mode has no concept rows: a ControlNet or IP-Adapter unit for one concept needs the two-pass mode")
         if len(set(units)) < len(units):
             raise OmgConfigError("concepts", f"OMG: two concepts name the same ControlNet unit ({', '.join(map(str, units))}); give each its own")
         return self
+
+    def control_units(self) -> dict[int, int]:
+        """Concept (0-based) -> the number of its own ControlNet unit in the panel, for the concepts that have one."""
+        return {j: c.control_unit for j, c in enumerate(self.concepts) if c.control_unit != NO_CONTROL_UNIT}
 
     def groups_by_class_word(self) -> list[list[int]]:
         """Concepts sharing a class word ("a man and a man"): their masks are split into instances."""

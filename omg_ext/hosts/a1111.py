@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy
 import torch
 
-from ..config import MASK_SOURCES, MODES, NO_CONTROL_UNIT, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
+from ..config import MASK_SOURCES, MODES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
 from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.masks import overlay
 from ..engine.memory import MemoryBudget, free_device_bytes
@@ -488,7 +488,9 @@ class A1111Generation:
         unet, tracker, row_concepts = self.unet, RowTracker(session.images), RowConcepts()
         saved = unet.__dict__.get("forward")
         raw = saved or (lambda *a, **k: type(unet).forward(unet, *a, **k))
-        units = {j: spec.control_unit for j, spec in enumerate(self.cfg.concepts) if spec.control_unit != NO_CONTROL_UNIT}
+        units = self.cfg.control_units()
+        # the roles whose prompt marks are settled (fast mode's concept prompts go to attention directly: none needed)
+        marked_roles = {True, False} if self.cfg.mode == "fast" else set()
 
         def forward(x, timesteps=None, context=None, y=None, **kwargs):
             def unet_fn(x_, t_, cond):
@@ -498,8 +500,9 @@ class A1111Generation:
             if units:
                 cond[CONCEPT_KEY] = torch.full((x.shape[0],), -1.0)
             roles = tracker.take(context)
-            if self.cfg.mode != "fast":  # fast mode's concept prompts go to attention directly, never through forward
+            if len(marked_roles) < 2:  # the first calls of a sampling only: off the per-step path
                 adopt_prompt_marks(context, roles, session.conds)
+                marked_roles.update(role.is_cond for role in roles)
             return session(unet_fn, x, timesteps, cond, roles)
 
         add_callback(script_callbacks.on_cfg_denoiser, tracker.on_denoiser, "omg")
@@ -518,7 +521,7 @@ class A1111Generation:
     def prepare(self) -> Prepared:
         """The concepts of the job (loaded once: they do not depend on the images' prompts)."""
         self.cfg.validate()
-        units = {j: spec.control_unit for j, spec in enumerate(self.cfg.concepts) if spec.control_unit != NO_CONTROL_UNIT}
+        units = self.cfg.control_units()
         self.find_concept_units(units)
         concepts, labels = [], []
         for j, spec in enumerate(self.cfg.concepts):

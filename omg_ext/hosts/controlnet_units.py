@@ -67,7 +67,9 @@ class ConceptControl:
         return getattr(self._model, name)
 
     def __call__(self, *args, **kwargs):
-        return [r * self._rows.keep(self._concept, r) for r in self._model(*args, **kwargs)]
+        residuals = self._model(*args, **kwargs)
+        keep = self._rows.keep(self._concept, residuals[0])  # the same rows, dtype and device for every residual
+        return [r * keep for r in residuals]
 
 
 PROMPT_MARK = 1024.0

@@ -264,8 +264,6 @@ def split_control(control: dict | None, rows: int) -> tuple[dict | None, dict[st
     return template, per_row
 
 
-
-
 def concept_unit_residuals(units: dict[int, "ConceptUnit"], c: dict, x: torch.Tensor, t: torch.Tensor, chunks: int,
                            per_row: dict) -> dict[int, dict]:
     """Each concept's own ControlNet unit taken out of the residuals Forge summed for the host rows (which keep
