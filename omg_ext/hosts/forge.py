@@ -438,7 +438,7 @@ class ForgeGeneration(A1111Generation):
                                  lambda patch, base, key: self.backend.merge(objects, patch, base, spec.unet_weight, key))
         except (ValueError, RuntimeError) as e:
             raise OmgUserError(f"OMG: LoRA {spec.lora!r} does not fit this checkpoint (made for another architecture?): {e}") from e
-        with clip_patched(self.backend, objects, clip_patches, filename, spec.te_weight):
+        with clip_patched(self.backend, objects, clip_patches, f"OMG concept: {spec.lora}", spec.te_weight):
             cond, uncond = self.encode(spec.prompt, False), self.encode(negative, True)
         return deltas, as_forge_cond(cond), as_forge_cond(uncond)
 
@@ -565,14 +565,20 @@ def dequantized(param: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def clip_patched(backend: ForgeBackend, objects, patches: dict, filename: str, strength: float) -> Iterator[None]:
-    """The model encodes with a clone of its CLIP patcher carrying ``patches``; the original put back and reloaded on exit."""
+def clip_patched(backend: ForgeBackend, objects, patches: dict, label: str, strength: float) -> Iterator[None]:
+    """The model encodes with a clone of its CLIP patcher carrying ``patches``; the original put back and reloaded on exit.
+
+    The patches are added under ``label``, never under the LoRA's file path: Forge keys a patcher's LoRA
+    patches by that name, and an extension that finds a file's patches by it to change their strength
+    finds none of OMG's (Regional Prompter's Latent mode leaves such a hook on the text encoder's first
+    layer after its job, and it scaled OMG's concept encodings by its last job's regions: the same OMG
+    request then gave another image each time)."""
     if not patches:
         yield
         return
     original = objects.clip
     clone = original.clone()
-    backend.add_clip_patches(clone, patches, filename, strength)
+    backend.add_clip_patches(clone, patches, label, strength)
     objects.clip = clone
     try:
         yield

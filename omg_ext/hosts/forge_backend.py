@@ -74,8 +74,8 @@ class ForgeBackend:
         """``base`` (float32) with ``patch`` merged at ``strength``, as Forge merges it."""
         return self.lora_module().merge_lora_to_weight([[strength, patch, 1.0, None, None]], base, key, computation_dtype=torch.float32)
 
-    def add_clip_patches(self, clip, patches: dict, filename: str, strength: float) -> None:
-        clip.add_patches(filename=filename, patches=patches, strength_patch=strength)
+    def add_clip_patches(self, clip, patches: dict, label: str, strength: float) -> None:
+        clip.add_patches(filename=label, patches=patches, strength_patch=strength)
 
 
 class LdmPatchedBackend(ForgeBackend):
@@ -104,7 +104,7 @@ class LdmPatchedBackend(ForgeBackend):
             return lora.calculate_weight([(strength, patch, 1.0, None, None)], base, key)
         return objects.unet.calculate_weight([(strength, patch, 1.0)], base, key)  # Classic: the patcher's method
 
-    def add_clip_patches(self, clip, patches: dict, filename: str, strength: float) -> None:
+    def add_clip_patches(self, clip, patches: dict, label: str, strength: float) -> None:
         clip.add_patches(patches, strength)
 
 

@@ -508,6 +508,35 @@ def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monk
     assert rounding < 1e-3 and omg_effect > 100 * rounding, (rounding, omg_effect)
 
 
+def _rescale_a_files_text_encoder_patches(path: str):
+    """Regional Prompter's leftover hook (its ``forge_linear_forward`` on the text encoder's first layer): before each
+    encode, the patches of the patcher's LoRA whose name contains ``path`` get strength 0 (its last job's region)."""
+
+    def install(job):
+        model, encode = job.sd_model, job.sd_model.get_learned_conditioning
+
+        def rescaled(prompts):
+            for (name, *_), patches in model.forge_objects.clip.patcher.lora_patches.items():
+                for entries in patches.values():
+                    if name and path in name:
+                        entries[0][0] = 0.0
+            return encode(prompts)
+
+        model.get_learned_conditioning = rescaled
+
+    return install
+
+
+@torch.no_grad()
+def test_a_hook_that_rescales_a_lora_files_text_encoder_patches_by_its_name_leaves_omgs_concept_encodings_alone(tmp_path, monkeypatch):
+    cfg = OmgConfig(blend_start=0.5, **CFG)
+    _, final, _, _, generation, _ = _run(tmp_path, monkeypatch, cfg)
+    path = str(tmp_path / "hero.safetensors")
+    _, hooked, _, _, hooked_generation, _ = _run(tmp_path, monkeypatch, cfg, before_omg=_rescale_a_files_text_encoder_patches(path))
+    assert torch.equal(hooked_generation.prepared.concepts[0].cond["c_crossattn"], generation.prepared.concepts[0].cond["c_crossattn"])
+    assert torch.equal(hooked, final)
+
+
 @torch.no_grad()
 def test_a_checkpoint_with_fp8_manual_cast_layers_blends_and_is_left_as_it_was(tmp_path, monkeypatch):
     plain, final, *_ = _run(tmp_path, monkeypatch, OmgConfig(blend_start=1.0, **CFG), fp8=True)

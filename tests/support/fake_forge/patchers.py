@@ -16,19 +16,25 @@ class ModelPatcher:
         self.model_options = {"transformer_options": {}}
         self.patches: dict[str, list] = {}
         """Parameter name -> ``[strength, patch, strength_model, offset, function]`` entries."""
+        self.lora_patches: dict[tuple, dict[str, list]] = {}
+        """Forge's view of the same entries: ``(filename, strength_patch, strength_model, online_mode)`` ->
+        parameter name -> entries (the same lists, so a strength changed here is merged)."""
 
     def clone(self):
         twin = copy.copy(self)
         twin.model_options = copy.deepcopy(self.model_options)
         twin.patches = {name: list(entries) for name, entries in self.patches.items()}
+        twin.lora_patches = dict(self.lora_patches)
         return twin
 
     def add_patches(self, *, filename, patches, strength_patch=1.0, strength_model=1.0, online_mode=False):
         """Forge's keyword-only signature (Classic and reForge: ``LdmCLIP``)."""
         parameters = dict(self.model.named_parameters())
         taken = {name for name in patches if name in parameters}
-        for name in taken:
-            self.patches.setdefault(name, []).append([strength_patch, patches[name], strength_model, None, None])
+        entries = {name: [[strength_patch, patches[name], strength_model, None, None]] for name in taken}
+        for name, entry in entries.items():
+            self.patches.setdefault(name, []).extend(entry)
+        self.lora_patches[(filename, strength_patch, strength_model, online_mode)] = entries
         return taken
 
     def set_model_unet_function_wrapper(self, unet_wrapper_function):
