@@ -221,7 +221,7 @@ class OmgAttention:
         if action == "replace":
             return self._replaced(x, x if context is None else context, call)
         if action == "fast":
-            return fast_cross_attention(self.module, x, context, call.fast)
+            return fast_cross_attention(self.module, x, context, call.fast, self.state.added_terms)
         out = self.original(x, context=context, mask=mask, **kwargs)
         if action == "layout":
             return call.layout.apply(self, out)
@@ -232,9 +232,9 @@ class OmgAttention:
         return out
 
     def _replaced(self, x: torch.Tensor, context: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        m = self.module
-        out = attend_with_replacement(m.to_q(x), m.to_k(context), m.to_v(context), m.heads, m.scale, call.replace)
-        return m.to_out(out)
+        m, q = self.module, self.module.to_q(x)
+        out = attend_with_replacement(q, m.to_k(context), m.to_v(context), m.heads, m.scale, call.replace)
+        return m.to_out(with_added_terms(out, m, x, q, self.state.added_terms))
 
     def _capture(self, x: torch.Tensor, context: torch.Tensor, call: AttentionCall, hw: tuple[int, int]) -> None:
         m = self.module
@@ -242,14 +242,21 @@ class OmgAttention:
         add_word_maps(probabilities(m.to_q(x[rows]), m.to_k(context[rows]), m.heads, m.scale), call, hw)
 
 
-def fast_cross_attention(module: nn.Module, x: torch.Tensor, context: torch.Tensor, fast: "FastCall") -> torch.Tensor:
-    """Cross-attention of fast mode on an attention module: its projections, ``fast_attention``, its output projection.
+def fast_cross_attention(module: nn.Module, x: torch.Tensor, context: torch.Tensor, fast: "FastCall",
+                         added_terms: Callable | None = None) -> torch.Tensor:
+    """Cross-attention of fast mode on an attention module: its projections, ``fast_attention``, the terms other
+    code adds (``AttentionState.added_terms``), its output projection.
 
     (The LoRA hooks of ``to_q`` and ``to_out`` apply the masked deltas themselves.)
     """
-    out = fast_attention(module.to_q(x), module.to_k(context), module.to_v(context), module.heads, module.scale,
-                         module, fast)
-    return module.to_out(out)
+    q = module.to_q(x)
+    out = fast_attention(q, module.to_k(context), module.to_v(context), module.heads, module.scale, module, fast)
+    return module.to_out(with_added_terms(out, module, x, q, added_terms))
+
+
+def with_added_terms(out: torch.Tensor, module: nn.Module, x: torch.Tensor, q: torch.Tensor,
+                     added_terms: Callable | None) -> torch.Tensor:
+    return out if added_terms is None else out + added_terms(module, x, q)
 
 
 def fast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float, module: nn.Module,
@@ -334,6 +341,11 @@ class AttentionState:
 
     call: AttentionCall | None = None
     processors: dict[str, OmgAttention] = field(default_factory=dict)
+    added_terms: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor | float] | None = None
+    """What another extension adds to an attention module's output before its output projection, for the paths in
+    which the engine computes that attention itself (replacement, fast mode): ``added_terms(module, x, q)``, ``q``
+    projected ([rows, n, heads·d]). Elsewhere the module's own forward runs and adds them itself. (A1111's
+    sd-webui-controlnet adds its IP-Adapters' image-prompt attention so.)"""
 
     @contextlib.contextmanager
     def during(self, call: AttentionCall | None) -> Iterator[None]:

@@ -38,7 +38,8 @@ from ..engine.session import Concept, OmgSession
 from ..lora_file import BadLoraFile, check_lora_file, lora_layer_count
 from ..masks.regions import Regions, parse_regions
 from ..masks.sources import MaskInputs, concept_masks
-from .controlnet_units import RowConcepts, adopt_prompt_marks, concept_controls, sd_webui_controlnet_params
+from .controlnet_units import (RowConcepts, adopt_prompt_marks, concept_controls, controlnet_script, fresh_ip_adapter_caches,
+                               ip_adapter_terms, is_ip_adapter, job_params, sd_webui_controlnet_params)
 from .errors import OmgUserError
 from .mask_models import DOWNLOAD_OPTION, KEEP_OPTION, mask_models, release_mask_models
 
@@ -489,12 +490,14 @@ class A1111Generation:
         saved = unet.__dict__.get("forward")
         raw = saved or (lambda *a, **k: type(unet).forward(unet, *a, **k))
         units = self.cfg.control_units()
+        ip_adapters = [param for param in job_params(controlnet_script(self.p)) if is_ip_adapter(param)]
         # the roles whose prompt marks are settled (fast mode's concept prompts go to attention directly: none needed)
         marked_roles = {True, False} if self.cfg.mode == "fast" else set()
 
         def forward(x, timesteps=None, context=None, y=None, **kwargs):
             def unet_fn(x_, t_, cond):
                 row_concepts.now = cond.get(CONCEPT_KEY)
+                fresh_ip_adapter_caches(ip_adapters)
                 return raw(x_, t_, context=cond["context"], y=cond.get("y"), **kwargs)
             cond = {"context": context} if y is None else {"context": context, "y": y}
             if units:
@@ -507,7 +510,9 @@ class A1111Generation:
 
         add_callback(script_callbacks.on_cfg_denoiser, tracker.on_denoiser, "omg")
         try:
-            with session.installed(), concept_controls(sd_webui_controlnet_params(self.p, units), row_concepts):
+            with session.installed(), concept_controls(sd_webui_controlnet_params(self.p, units), row_concepts, unet):
+                if ip_adapters:
+                    session.attention_state.added_terms = ip_adapter_terms
                 unet.forward = forward
                 yield
         finally:

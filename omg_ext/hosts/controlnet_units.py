@@ -13,10 +13,18 @@ What differs is where a unit's residuals are made:
   in pass 1), so it acts inside the concept's mask. The wrappers go when the job ends.
   It also tells cond rows from uncond rows by a mark token it puts before each prompt's
   conditioning (``adopt_prompt_marks``).
+- Its IP-Adapter units add an image-prompt attention term to each ``attn2`` output (the
+  functions in the module's ``ipadapter_hacks``, called by the module's replaced forward).
+  Where OMG computes the attention itself, it adds them too (``ip_adapter_terms``); a unit
+  given to one concept has its functions wrapped for the job (``ConceptTerm``), keeping the
+  term on that concept's rows; and each unit's cache of projected image-prompt keys and
+  values, made for the rows of the first call of a sampling, is emptied before each of
+  OMG's calls, whose rows differ (``fresh_ip_adapter_caches``).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator
 
 import torch
@@ -24,9 +32,14 @@ import torch
 from .errors import OmgUserError
 
 
+def controlnet_script(p):
+    """The job's ControlNet script, or None."""
+    return next((s for s in p.scripts.alwayson_scripts if s.title() == "ControlNet"), None) if p.scripts else None
+
+
 def panel_units(p) -> tuple[object, list[int]]:
     """(the job's ControlNet script, the numbers of its enabled units in the panel's order)."""
-    script = next((s for s in p.scripts.alwayson_scripts if s.title() == "ControlNet"), None) if p.scripts else None
+    script = controlnet_script(p)
     if script is None:
         raise OmgUserError("OMG: a concept has a ControlNet unit of its own, but this WebUI has no ControlNet")
     panel = list(p.script_args[script.args_from:script.args_to])
@@ -72,6 +85,35 @@ class ConceptControl:
         return [r * keep for r in residuals]
 
 
+class ConceptTerm:
+    """One of sd-webui-controlnet's IP-Adapter functions of an ``attn2`` module, for one concept: its term kept on that
+    concept's rows only."""
+
+    def __init__(self, term, concept: int, rows: RowConcepts) -> None:
+        self.term, self.concept, self.rows = term, concept, rows
+
+    def __call__(self, attn, x: torch.Tensor, q: torch.Tensor):
+        out = self.term(attn, x, q)
+        return out * self.rows.keep(self.concept, out).view(-1, 1, 1) if torch.is_tensor(out) else out
+
+
+def ip_adapter_terms(module, x: torch.Tensor, q: torch.Tensor):
+    """sd-webui-controlnet's IP-Adapter terms of an attention module, as its replaced forward adds them
+    (``attn_forward_hacked``: each function of ``ipadapter_hacks`` given q as [rows, heads, n, d]); 0 without any."""
+    terms = getattr(module, "ipadapter_hacks", None)
+    if not terms:
+        return 0.0
+    rows, n, inner = q.shape
+    q = q.view(rows, n, module.heads, inner // module.heads).transpose(1, 2)
+    return sum(term(module, x, q) for term in terms)
+
+
+def unit_of(term) -> object:
+    """The IP-Adapter object (sd-webui-controlnet's ``PlugableIPAdapter``) an ``ipadapter_hacks`` function belongs to."""
+    term = inspect.unwrap(getattr(term, "term", term))  # under its ``torch.no_grad()`` decorator
+    return inspect.getclosurevars(term).nonlocals.get("self") if inspect.isfunction(term) else None
+
+
 PROMPT_MARK = 1024.0
 """sd-webui-controlnet's mark: one leading token of +1024 (cond) or -1024 (uncond) before each prompt's conditioning,
 stripped again in its UNet forward (``hook.py``: ``POSITIVE_MARK_TOKEN``, ``MARK_EPS`` 1e-3)."""
@@ -92,36 +134,58 @@ def adopt_prompt_marks(context: torch.Tensor, roles, conds) -> None:
                 own["context"] = torch.cat([row[None, :1].to(own["context"]), own["context"]], dim=1)
 
 
+def is_ip_adapter(param) -> bool:
+    return getattr(getattr(param, "control_model_type", None), "name", "") == "IPAdapter"
+
+
+def job_params(script) -> list:
+    """The ``ControlParams`` sd-webui-controlnet's hook made for the job (``script``: its script, or None), one per
+    enabled unit in the panel's order."""
+    return list(getattr(getattr(script, "latest_network", None), "control_params", None) or [])
+
+
 def sd_webui_controlnet_params(p, units: dict[int, int]) -> dict[int, object]:
     """Concept -> the ``ControlParams`` sd-webui-controlnet made for its unit (``units``: concept -> the unit's number
-    in the panel). Its hook keeps one per enabled unit, in the panel's order; only ControlNet models can be given."""
+    in the panel); ControlNet and IP-Adapter models can be given."""
     if not units:
         return {}
     script, enabled = panel_units(p)
-    params = list(getattr(getattr(script, "latest_network", None), "control_params", None) or [])
-    found = {}
+    params, found = job_params(script), {}
     for j, k in units.items():
         if k not in enabled:
             raise not_enabled(j, k)
         param = params[enabled.index(k)] if enabled.index(k) < len(params) else None
-        kind = getattr(param, "control_model_type", None)
-        if getattr(kind, "name", "") == "IPAdapter":
-            raise OmgUserError(f"OMG concept {j + 1}: an IP-Adapter unit for one concept works in the Forge family only; "
-                               "in A1111 it acts on every row (set the concept's unit to -1)")
-        if not getattr(kind, "is_controlnet", False):
+        if not (is_ip_adapter(param) or getattr(getattr(param, "control_model_type", None), "is_controlnet", False)):
             raise without_model(j, k)
         found[j] = param
     return found
 
 
 @contextlib.contextmanager
-def concept_controls(params: dict[int, object], rows: RowConcepts) -> Iterator[None]:
-    """Each concept's unit wrapped (``ConceptControl``) for the scope; the units' own models put back on exit."""
+def concept_controls(params: dict[int, object], rows: RowConcepts, unet) -> Iterator[None]:
+    """Each concept's unit given to its rows for the scope: a ControlNet's model wrapped (``ConceptControl``), an
+    IP-Adapter's functions on ``unet``'s attention modules wrapped (``ConceptTerm``); all put back on exit."""
     saved = [(param, param.control_model) for param in params.values()]
+    owners = {id(param.control_model): j for j, param in params.items() if is_ip_adapter(param)}
+    lists = [(module, list(module.ipadapter_hacks)) for module in unet.modules() if getattr(module, "ipadapter_hacks", None)]
     try:
         for j, param in params.items():
-            param.control_model = ConceptControl(param.control_model, j, rows)
+            if not is_ip_adapter(param):
+                param.control_model = ConceptControl(param.control_model, j, rows)
+        for module, terms in lists:
+            module.ipadapter_hacks[:] = [ConceptTerm(term, owners[id(unit_of(term))], rows) if id(unit_of(term)) in owners
+                                         else term for term in terms]
         yield
     finally:
         for param, model in saved:
             param.control_model = model
+        for module, terms in lists:
+            module.ipadapter_hacks[:] = terms
+
+
+def fresh_ip_adapter_caches(params: list) -> None:
+    """Empty each IP-Adapter unit's cache of projected image-prompt keys and values (made for the rows of the call
+    that filled it; OMG's calls have other rows: 2 + k per image in pass 2)."""
+    for param in params:
+        if is_ip_adapter(param) and isinstance(getattr(param.control_model, "cache", None), dict):
+            param.control_model.cache = {}

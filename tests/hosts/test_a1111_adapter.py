@@ -6,6 +6,7 @@ import numpy
 import pytest
 import torch
 from safetensors.torch import save_file
+import torch.nn.functional as F
 from torch import nn
 
 from omg_ext.config import ConceptSpec, OmgConfig
@@ -539,19 +540,69 @@ class _ControlModel(nn.Module):
         return [torch.full_like(x, self.size)]
 
 
+class _IpAdapter:
+    """sd-webui-controlnet's ``PlugableIPAdapter`` in brief: a cond and an uncond image embedding (4 tokens); at each
+    ``attn2``, keys and values projected from the embedding of each row's mark, cached per layer on first use (for
+    the rows of that call, as the real one does), and their attention added to the module's output by a function in
+    its ``ipadapter_hacks`` (the module's forward replaced by one that calls them). ``calls``: per function call,
+    (rows, rows of the cached keys)."""
+
+    def __init__(self, unet, marks: list, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.embedding, self.marks, self.cache, self.calls = torch.randn(2, 4, CTX, generator=g), marks, {}, []
+        self.projections = {}
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                inner = module.to_k.out_features
+                self.projections[name] = [torch.randn(CTX, inner, generator=g) * 0.2 for _ in "kv"]
+                if not hasattr(module, "ipadapter_hacks"):
+                    module.ipadapter_hacks, module.reached = [], []
+                    module.forward = types.MethodType(_ip_hacked_forward, module)
+                module.ipadapter_hacks.append(self.term(name))
+
+    def term(self, name):
+        @torch.no_grad()
+        def forward(attn, x, q):
+            if name not in self.cache:
+                embedding = self.embedding[[0 if mark else 1 for mark in self.marks[-1]]]
+                self.cache[name] = [embedding @ w for w in self.projections[name]]
+            k, v = self.cache[name]
+            self.calls.append((x.shape[0], k.shape[0]))
+            rows, heads, _, d = q.shape
+            k, v = (t.view(rows, -1, heads, d).transpose(1, 2) for t in (k, v))
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(rows, -1, heads * d)
+        return forward
+
+
+def _ip_hacked_forward(self, x, context=None, mask=None, **kwargs):
+    """sd-webui-controlnet's ``attn_forward_hacked``: the attention, plus each ``ipadapter_hacks`` term; records
+    which rows got a term."""
+    context = x if context is None else context
+    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+    rows, n, c = q.shape
+    q, k, v = (t.view(rows, -1, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(rows, n, c)
+    added = sum(term(self, x, q) for term in self.ipadapter_hacks)
+    self.reached.append((added.flatten(1).abs().sum(1) > 0).tolist())
+    return self.to_out(out + added)
+
+
 def _with_sd_webui_controlnet(model, kinds):
     """sd-webui-controlnet in brief: one ``ControlParams`` per enabled unit (``kinds``: each unit's model type), and
-    its UNet forward taking each row's cond/uncond mark off its context and adding every unit's residuals, computed
-    on the rows it is given, to the UNet's output. Returns (scripts, the units' params, per call: (rows,
-    [per unit: which rows got a residual], each row's mark))."""
-    unet, seen = model.model.diffusion_model, []
-    params = [types.SimpleNamespace(control_model=_ControlModel(0.05 * (i + 1)), control_model_type=types.SimpleNamespace(
-        name=kind, is_controlnet=kind == "ControlNet")) for i, kind in enumerate(kinds)]
+    its UNet forward taking each row's cond/uncond mark off its context and adding every ControlNet unit's
+    residuals, computed on the rows it is given, to the UNet's output (IP-Adapter units: ``_IpAdapter``). Returns
+    (scripts, the units' params, per call: (rows, [per ControlNet unit: which rows got a residual], each row's mark))."""
+    unet, seen, marks_now = model.model.diffusion_model, [], []
+    params = [types.SimpleNamespace(control_model=_IpAdapter(unet, marks_now, i) if kind == "IPAdapter" else
+                                    _ControlModel(0.05 * (i + 1)),
+                                    control_model_type=types.SimpleNamespace(name=kind, is_controlnet=kind == "ControlNet"))
+              for i, kind in enumerate(kinds)]
 
     def forward(x, timesteps=None, context=None, y=None, **kwargs):
         marks = [1] * x.shape[0]  # unmarked rows are taken for cond rows
         if bool(torch.all((context[:, 0].abs() - 1024).abs() < 1e-3)):
             marks, context = (context[:, 0, 0] > 0).int().tolist(), context[:, 1:]
+        marks_now.append(marks)
         out, reached = type(unet).forward(unet, x, timesteps, context=context), []
         for param in params:
             if param.control_model_type.is_controlnet:
@@ -588,6 +639,54 @@ def test_a_concepts_own_controlnet_unit_acts_on_its_rows_only_and_the_units_come
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("mode", ["two passes", "reference rows", "fast"])
+def test_an_ip_adapter_unit_acts_in_every_call_of_either_mode_with_keys_made_for_that_calls_rows(two_concepts, mode, monkeypatch):
+    """sd-webui-controlnet's IP-Adapter term reaches every cross-attention of every UNet call, also where OMG
+    computes the attention itself (reference rows' replaced attention, fast mode's cross-attention), each time from
+    keys made for that call's rows (its cache holds the first call's: 2 rows, where pass 2 has 4 or 5)."""
+    model, cfg = two_concepts
+    cfg.mode = "fast" if mode == "fast" else "two passes"
+    with fake_a1111.installed() as modules:
+        monkeypatch.setitem(modules.shared.opts.data, a1111.KEEP_ATTENTION_OPTION, mode != "reference rows")
+        scripts, params, seen = _with_sd_webui_controlnet(model, ["IPAdapter"])
+        with_ip, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16), scripts, marked=True)
+        ip, unet_calls = params[0].control_model, len(seen)
+        for module in model.model.diffusion_model.modules():
+            if module.__dict__.pop("forward", None) is not None:  # the IP-Adapter unhooked: its term gone
+                module.ipadapter_hacks = []
+        without, _ = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16), scripts, marked=True)
+    # pass 1: 6 calls, pass 2: the 3 steps from the blend start (fast mode: one pass of 6)
+    assert unet_calls == (6 if mode == "fast" else 9) and len(ip.calls) == len(ip.projections) * unet_calls
+    assert all(rows == cached for rows, cached in ip.calls), sorted(set(ip.calls))
+    assert {rows for rows, _ in ip.calls} == {"two passes": {2, 4}, "reference rows": {2, 5}, "fast": {2}}[mode]
+    assert not torch.allclose(with_ip, without)
+
+
+@torch.no_grad()
+def test_a_concepts_own_ip_adapter_unit_acts_on_its_rows_only_and_its_functions_come_back(two_concepts):
+    """An IP-Adapter unit given to the woman: its term only on her rows in pass 2, on no row in pass 1; unit 0 (another
+    IP-Adapter) on every row; after the job each module holds the units' own functions again."""
+    model, cfg = two_concepts
+    cfg.concepts[1].control_unit = 1
+    unet = model.model.diffusion_model
+    with fake_a1111.installed() as modules:
+        scripts, params, _ = _with_sd_webui_controlnet(model, ["IPAdapter", "IPAdapter"])
+        attn2 = [m for m in unet.modules() if hasattr(m, "ipadapter_hacks")]
+        functions = [list(m.ipadapter_hacks) for m in attn2]
+        _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16), scripts, marked=True)
+        assert [list(m.ipadapter_hacks) for m in attn2] == functions
+        everywhere = attn2[0].reached
+        for m in attn2:
+            m.reached = []
+        params[0].control_model.embedding.zero_()  # unit 0 off: what reaches a row now is the woman's unit
+        own, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16), scripts, marked=True)
+    assert all(all(row) for row in everywhere)
+    pass1, pass2 = attn2[0].reached[:6], attn2[0].reached[6:]
+    assert pass1 == [[False, False]] * 6 and [row for row in pass2 if len(row) == 4] == [[False, False, False, True]] * 3
+    assert session.infotext["OMG c2 control unit"] == 1
+
+
+@torch.no_grad()
 def test_concept_rows_carry_sd_webui_controlnets_prompt_marks_and_share_the_host_rows_call(two_concepts):
     """sd-webui-controlnet marks each prompt's conditioning as cond or uncond and reads the marks in its forward:
     concept rows get their host rows' marks (so an uncond concept row is told from a cond one) and run in the host
@@ -607,7 +706,6 @@ def test_concept_rows_carry_sd_webui_controlnets_prompt_marks_and_share_the_host
 
 @pytest.mark.parametrize("unit, kinds, message", [
     (2, ["ControlNet", "ControlNet"], "OMG concept 2: ControlNet unit 2 is not enabled"),
-    (0, ["IPAdapter"], "OMG concept 2: an IP-Adapter unit for one concept works in the Forge family only"),
     (0, ["T2I_StyleAdapter"], "OMG concept 2: ControlNet unit 0 has neither a ControlNet nor an IP-Adapter model"),
 ])
 @torch.no_grad()

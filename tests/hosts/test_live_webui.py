@@ -189,6 +189,14 @@ def _no_preprocessor():
         return next(m for m in json.load(r)["module_list"] if m.lower() == "none")
 
 
+def _ip_adapter_preprocessor():
+    """The host's CLIP-ViT-H preprocessor for SD1.5 IP-Adapters: "CLIP-ViT-H (IPAdapter)" in Forge's ControlNet,
+    "ip-adapter_clip_sd15" (shown as "ip-adapter_clip_h") in sd-webui-controlnet."""
+    with urllib.request.urlopen(URL.rstrip("/") + "/controlnet/module_list", timeout=60) as r:
+        modules = json.load(r)["module_list"]
+    return next(m for m in ("CLIP-ViT-H (IPAdapter)", "ip-adapter_clip_sd15", "ip-adapter_clip_h") if m in modules)
+
+
 def _with_controlnet(payload, weight=1.0, **unit):
     unit = {"enabled": True, "module": _no_preprocessor(), "model": _controlnet_model(), "weight": weight, "image": _hint_png(), **unit}
     scripts = {**payload.get("alwayson_scripts", {}), "ControlNet": {"args": [unit]}}
@@ -324,13 +332,14 @@ def test_interrupt_or_skip_at_any_stage_of_a_hires_batch_job_leaves_the_model_as
 
 
 @pytest.mark.skipif(not IPADAPTER, reason="OMG_IPADAPTER (an IP-Adapter model name) not set")
-def test_an_ip_adapter_unit_acts_on_the_omg_image_and_omg_off_changes_nothing():
+@pytest.mark.parametrize("mode", ["two passes", "fast"])
+def test_an_ip_adapter_unit_acts_on_the_omg_image_and_omg_off_changes_nothing(mode):
     def with_ip(payload, box):
-        unit = {"enabled": True, "module": "CLIP-ViT-H (IPAdapter)", "model": _controlnet_model(IPADAPTER), "weight": 1.0,
+        unit = {"enabled": True, "module": _ip_adapter_preprocessor(), "model": _controlnet_model(IPADAPTER), "weight": 1.0,
                 "image": _hint_png(box)}
         return {**payload, "alwayson_scripts": {**payload.get("alwayson_scripts", {}), "ControlNet": {"args": [unit]}}}
 
-    omg = _omg()
+    omg = _omg(mode=mode)
     images = {}
     for box in ((12, 8, 36, 60), (30, 8, 56, 60)):  # two reference images: the same unit, the same memory plan
         status, result = _post("/sdapi/v1/txt2img", with_ip({**BASE, **omg}, box))
@@ -348,7 +357,7 @@ def test_an_ip_adapter_unit_for_one_concept_changes_the_image_and_its_reference_
     """Two IP-Adapter units (two reference images); unit 1 given to the woman alone: another image than unit 1
     on every row, and its reference image still matters."""
     def units(second_box):
-        return [{"enabled": True, "module": "CLIP-ViT-H (IPAdapter)", "model": _controlnet_model(IPADAPTER), "weight": 1.0,
+        return [{"enabled": True, "module": _ip_adapter_preprocessor(), "model": _controlnet_model(IPADAPTER), "weight": 1.0,
                  "image": _hint_png(box)} for box in ((12, 8, 36, 60), second_box)]
 
     images = {}
