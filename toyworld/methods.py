@@ -85,6 +85,8 @@ class Settings:
     """Layout from pass 1's kept cross-attention outputs (the engine's default) or from reference rows."""
     share_uncond: bool = OmgConfig.concept_guidance == "shared"
     """Concepts guided against the host's uncond rows (no concept uncond rows)."""
+    background_from_pass1: bool = False
+    """Outside the masks, pass 1's recorded outputs instead of the host cond rows (a row fewer per image)."""
     dilation: int = OmgConfig.mask_dilation
     feather: int = OmgConfig.mask_feather
     lora_weight: float = 1.0
@@ -196,7 +198,7 @@ def _omg_run(world: ToyWorld, case: Case, seeds: list[int], s: Settings):
     result = run_omg(world.model.unet, concepts, cond, uncond, steps=STEPS, latent_shape=(rows, 3, SIZE, SIZE),
                      cfg_scale=CFG, seeds=seeds, blend_start=s.blend_start, layout=s.layout,
                      self_attention_until=s.self_attention_until, layout_until=s.layout_until, share_uncond=s.share_uncond,
-                     keep_attention=s.keep_attention, masks=_mask_maker(world, case, s, rows))
+                     background_from_pass1=s.background_from_pass1, keep_attention=s.keep_attention, masks=_mask_maker(world, case, s, rows))
     return result, cond, uncond
 
 
@@ -259,6 +261,7 @@ ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG no layout": lambda w, c, s: omg(w, c, s, Settings(layout=False)),
     "OMG layout to 0.6": lambda w, c, s: omg(w, c, s, Settings(layout_until=0.6)),
     "OMG reference rows": lambda w, c, s: omg(w, c, s, Settings(keep_attention=False)),
+    "OMG background from pass 1": lambda w, c, s: omg(w, c, s, Settings(background_from_pass1=True)),
     "OMG own uncond": lambda w, c, s: omg(w, c, s, Settings(share_uncond=False)),
     "OMG fast own uncond": lambda w, c, s: omg_fast(w, c, s, Settings(share_uncond=False)),
     "OMG blend 0.2": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.2)),

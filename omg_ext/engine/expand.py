@@ -60,19 +60,22 @@ class ExpandedRow:
 def expand(
     x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], rows: Sequence[RowRole],
     concepts: Sequence[ConceptCond], reference_x: torch.Tensor | None, share_uncond: bool = False,
+    run_host: Callable[[RowRole], bool] | None = None,
 ) -> list[list[ExpandedRow]]:
     """The expanded batch as units: lists of rows that must run in the same call.
 
     ``share_uncond``: no concept rows for the host's uncond rows; inside a concept's mask the
     guidance is then taken against the host's uncond output (k rows fewer per image).
+    ``run_host(role)``: whether a host row runs (default: all; the others' outputs come from elsewhere).
     """
     units = []
     for i, role in enumerate(rows):
         host_cond = {key: value[i] for key, value in cond.items()}
-        unit = [ExpandedRow(x[i], t[i], host_cond, GLOBAL, i)]
-        if reference_x is not None and role.is_cond:
-            unit.append(ExpandedRow(reference_x[i], t[i], host_cond, GLOBAL, i, is_reference=True))
-        units.append(unit)
+        if run_host is None or run_host(role):
+            unit = [ExpandedRow(x[i], t[i], host_cond, GLOBAL, i)]
+            if reference_x is not None and role.is_cond:
+                unit.append(ExpandedRow(reference_x[i], t[i], host_cond, GLOBAL, i, is_reference=True))
+            units.append(unit)
         if share_uncond and not role.is_cond:
             continue
         for j, concept in enumerate(concepts):
@@ -172,15 +175,16 @@ def host_positions(rows: list[ExpandedRow]) -> list[tuple[int, int]]:
 
 
 def run_units(units: list[list[ExpandedRow]], limit: RowLimit, run: Callable[[list[ExpandedRow]], torch.Tensor],
-              concepts: int) -> tuple[torch.Tensor, torch.Tensor]:
+              concepts: int, background: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the expanded batch in calls (``run(rows) -> out``); return host and concept outputs.
 
-    Host outputs [R, C, H, W] in host-row order, concept outputs [k, R, C, H, W]; the
-    reference rows' outputs are dropped. A call that runs out of memory is split in halves
-    (``limit`` lowered) and run again, down to one unit; the job is never lost for it.
+    Host outputs [R, C, H, W] in host-row order (``background``'s row for a host row that did not
+    run), concept outputs [k, R, C, H, W]; the reference rows' outputs are dropped. A call that runs
+    out of memory is split in halves (``limit`` lowered) and run again, down to one unit; the job is
+    never lost for it.
     """
     hosts = 1 + max(r.host for unit in units for r in unit)
-    host_out: list = [None] * hosts
+    host_out: list = [None] * hosts if background is None else list(background)
     concept_out: list = [[None] * hosts for _ in range(concepts)]
     pending = chunk(units, limit.rows)
     while pending:

@@ -94,12 +94,14 @@ class PassRecord:
         """The timestep from which on calls belong to the last ``1 - fraction`` of the calls."""
         return threshold([float(c.t.max()) for c in self.calls], fraction)
 
-    def drop_outputs_from(self, threshold: float) -> None:
+    def drop_outputs_from(self, threshold: float, keep_blended: bool = False) -> None:
         """Free what pass 2 will not use: the outputs of the calls it computes anyway (at or below
-        the blend start) and the kept attention outputs of the calls it replays."""
+        the blend start; kept with ``keep_blended``, where they are its background) and the kept
+        attention outputs of the calls it replays."""
         for call in self.calls:
             if float(call.t.max()) <= threshold:
-                call.out = None
+                if not keep_blended:
+                    call.out = None
             elif call.layout is not None:  # replayed, never blended: its outputs are not needed
                 self.layout_nbytes -= call.layout.nbytes
                 call.layout = None

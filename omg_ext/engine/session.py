@@ -101,7 +101,7 @@ class OmgSession:
         self.masks: BlendMasks | None = None
         self.blend_from_t = self.self_attention_until_t = self.layout_until_t = math.inf
         self._attention: AttentionState | None = None
-        self.share_uncond = False
+        self.share_uncond = self.background_from_pass1 = False
         self._blending: Callable[[torch.Tensor], bool] | None = None
         """Fast mode's test of whether a call is past the blend start (None: two-pass mode)."""
 
@@ -131,7 +131,7 @@ class OmgSession:
         self.mode = "pass1"
 
     def begin_pass2(self, masks: torch.Tensor, *, blend_start: float, self_attention_until: float = 0.0,
-                    layout_until: float = 1.0, share_uncond: bool = False) -> None:
+                    layout_until: float = 1.0, share_uncond: bool = False, background_from_pass1: bool = False) -> None:
         """Start pass 2 with masks [images, concepts, H, W], exclusive (Σ ≤ 1 per pixel).
 
         ``blend_start``: fraction of the steps before which pass 2 replays pass 1;
@@ -139,9 +139,13 @@ class OmgSession:
         1/4 resolution is also taken from the reference (0: never); ``layout_until``:
         fraction of the steps after which the reference rows stop (1: to the end) — the
         late steps draw detail, not layout, and each reference row costs a row; ``share_uncond``:
-        concepts are guided against the host's uncond rows instead of their own (``expand``).
+        concepts are guided against the host's uncond rows instead of their own (``expand``);
+        ``background_from_pass1``: outside the masks each step takes pass 1's recorded outputs
+        (the layout image's own trajectory) instead of running the host cond rows (and their
+        layout reference): a row fewer per image and step. The host uncond rows still run where
+        the concepts are guided against them.
         """
-        self.share_uncond = share_uncond
+        self.share_uncond, self.background_from_pass1 = share_uncond, background_from_pass1
         self.masks = BlendMasks(masks, self.images, len(self.concepts))
         for name, value in (("blend_start", blend_start), ("self_attention_until", self_attention_until),
                             ("layout_until", layout_until)):
@@ -150,7 +154,7 @@ class OmgSession:
         self.blend_from_t = self.record.threshold(blend_start)
         self.self_attention_until_t = self.record.threshold(self_attention_until)
         self.layout_until_t = self.record.threshold(layout_until)
-        self.record.drop_outputs_from(self.blend_from_t)
+        self.record.drop_outputs_from(self.blend_from_t, keep_blended=background_from_pass1)
         self.record.start_replay()
         self.mode = "pass2"
 
@@ -235,7 +239,8 @@ class OmgSession:
 
     def _blended(self, unet_fn: UnetFn, x, t, cond, rows: Sequence[RowRole], recorded: RecordedCall | None) -> torch.Tensor:
         """The expanded batch (host, reference and concept rows) of one call, blended by the masks."""
-        with_layout = self.layout and recorded is not None and float(t.max()) > self.layout_until_t
+        background = recorded.out if self.background_from_pass1 and recorded is not None else None
+        with_layout = self.layout and recorded is not None and background is None and float(t.max()) > self.layout_until_t
         replace_self = float(t.max()) > self.self_attention_until_t
         kept = recorded.layout if with_layout and not replace_self else None  # self-attention needs the reference row
         reference = recorded.x if with_layout and kept is None else None
@@ -246,10 +251,12 @@ class OmgSession:
                                  layout=layout)
             return self._run(unet_fn, *stack(call_rows), call, concept_spans(call_rows))
 
-        units = expand(x, t, cond, rows, self.conds, reference, self.share_uncond)
+        # with pass 1's outputs outside the masks, a host row runs only as its concepts' uncond
+        run_host = (lambda role: self.share_uncond and not role.is_cond) if background is not None else None
+        units = expand(x, t, cond, rows, self.conds, reference, self.share_uncond, run_host)
         self.row_limit.budget = self.memory.rows(x, smallest=max(len(u) for u in units))
-        host_out, concept_out = run_units(units, self.row_limit, run, len(self.conds))
-        return blend(host_out, concept_out, self.masks.for_rows(x, rows))
+        host_out, concept_out = run_units(units, self.row_limit, run, len(self.conds), background)
+        return blend(host_out if background is None else background, concept_out, self.masks.for_rows(x, rows))
 
     def _run(self, unet_fn: UnetFn, x, t, cond, call: AttentionCall | None, spans=()) -> torch.Tensor:
         with self.router.route(spans, batch=x.shape[0]), self._attention.during(call):

@@ -631,3 +631,26 @@ def test_a_host_cond_row_takes_pass_1s_cross_attention_output_at_every_layer(une
         pass1, pass2 = seen[name]
         assert torch.equal(pass2[0], pass1[0]), name  # host cond row: pass 1's output, as kept
         assert not torch.allclose(pass2[1], pass1[1], atol=1e-3), name  # host uncond row: its own
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m"])  # fresh noise each step; a history of outputs
+@pytest.mark.parametrize("share_uncond", [True, False])
+def test_a_background_from_pass_1_is_pass_1_outside_the_masks_and_runs_no_host_cond_row(unet, concepts, sampler, share_uncond):
+    """``background_from_pass1``: where no mask is, pass 2 takes pass 1's outputs, so with empty masks the image is
+    the layout image bitwise; with a mask over the whole image it is the image made with host rows (whose output
+    the mask hides). Pass 2 runs per image and call the concept rows and, where concepts share the host's uncond,
+    the host uncond row: no host cond row, no layout reference."""
+    cond, uncond = _global(2)
+    shape, steps = (2, 4, 8, 12), 6
+    nothing = run_omg(unet, concepts, cond, uncond, sampler=sampler, latent_shape=shape, steps=steps, share_uncond=share_uncond,
+                      masks=torch.zeros(2, 2, 8, 12), background_from_pass1=True, seeds=[3, 4])
+    assert torch.equal(nothing.final, nothing.layout)
+    counters = nothing.session.counters["pass2"]
+    assert counters.calls > 0 and counters.rows == counters.calls * (3 if share_uncond else 4) * 2
+    whole = torch.zeros(2, 2, 8, 12)
+    whole[0, 0], whole[1, 1] = 1, 1
+    runs = [run_omg(unet, concepts, cond, uncond, sampler=sampler, latent_shape=shape, steps=steps, share_uncond=share_uncond,
+                    masks=whole, background_from_pass1=background, seeds=[3, 4]) for background in (True, False)]
+    torch.testing.assert_close(runs[0].final, runs[1].final, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(runs[0].final, runs[0].layout, atol=1e-2)

@@ -38,7 +38,8 @@ def _host_calls(session, raw, *, dtype=None, device=None, fail_at=None):
 
 
 def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, latent_shape=(1, 4, 16, 16),
-            blend_start=0.3, layout=True, self_attention_until=0.0, layout_until=1.0, share_uncond=False, max_rows=None, masks=None,
+            blend_start=0.3, layout=True, self_attention_until=0.0, layout_until=1.0, share_uncond=False,
+            background_from_pass1=False, max_rows=None, masks=None,
             dilation=0, feather=0, groups=None, batch_cond_uncond=True, cfg_scale=7.0,
             fail_at=None, seeds=None, dtype=None, device=None, memory=None, raw=None, keep_attention=True) -> OmgResult:
     """Pass 1, masks, pass 2. ``fail_at`` injects an exception at a stage.
@@ -74,7 +75,7 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
             masks = masks(session, layout_latent)
         stage("masks")
         session.begin_pass2(masks, blend_start=blend_start, self_attention_until=self_attention_until, layout_until=layout_until,
-                            share_uncond=share_uncond)
+                            share_uncond=share_uncond, background_from_pass1=background_from_pass1)
         final = generate(model_fn, SCHEDULE, sampler, cond, uncond, **kwargs)
         stage("pass2")
     return OmgResult(layout_latent, final, masks, session)
