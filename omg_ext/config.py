@@ -22,6 +22,10 @@ GUIDANCES = ("own", "shared")
 """How concept rows are guided (two passes): ``own``: against each concept's negative prompt with its LoRA (the
 paper's); ``shared``: against the host's uncond rows, no LoRA (k rows fewer per image; measured in the toy world:
 README, "Does it work?")."""
+BACKGROUNDS = ("pass 1", "redrawn")
+"""Pass 2 outside the masks (two passes): ``pass 1``: the layout pass's own outputs, a row fewer per image and step;
+``redrawn``: the host's cond rows run again with pass 1's cross-attention (measured in the toy world: README,
+"Does it work?")."""
 MODES = ("two passes", "fast")
 """``two passes``: layout pass, then concept rows beside the host's (the paper's method);
 ``fast``: one pass, each concept's LoRA and prompt masked in the host's rows (``engine/fast.py``)."""
@@ -102,6 +106,7 @@ FIELDS = (
     Field("regions", "OMG regions", _str, "Regions (drawn boxes or uploaded mask, JSON)"),
     Field("mode", "OMG mode", _str, "Mode"),
     Field("concept_guidance", "OMG concept guidance", _str, "Concepts guided against (own: their negative prompts; shared: the global one)"),
+    Field("background", "OMG background", _str, "Background in pass 2 (pass 1: kept from the layout pass; redrawn: drawn again)"),
 )
 
 CONCEPT_FIELDS = (
@@ -165,6 +170,7 @@ class OmgConfig:
     regions: str = ""
     mode: str = "two passes"
     concept_guidance: str = "shared"
+    background: str = "pass 1"
     concepts: list[ConceptSpec] = field(default_factory=list)
 
     def validate(self) -> "OmgConfig":
@@ -175,7 +181,8 @@ class OmgConfig:
             if not 0 <= value <= 1:
                 raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be between 0 and 1 (got {value})")
         for attr, choices in (("mask_source", MASK_SOURCES), ("sam_model", SAM_MODELS), ("detector", DETECTORS),
-                              ("instance_order", INSTANCE_ORDERS), ("mode", MODES), ("concept_guidance", GUIDANCES)):
+                              ("instance_order", INSTANCE_ORDERS), ("mode", MODES), ("concept_guidance", GUIDANCES),
+                              ("background", BACKGROUNDS)):
             if getattr(self, attr) not in choices:
                 raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be one of {', '.join(choices)} (got {getattr(self, attr)!r})")
         if self.mode == "fast" and self.mask_source != "regions" and self.blend_start == 0:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import gradio as gr
 
-from .config import (CONCEPT_FIELDS, DETECTORS, FIELDS, GUIDANCES, INSTANCE_ORDERS, MASK_SOURCES, MAX_CONCEPTS, MAX_CONTROL_UNIT, MODES, NO_CONTROL_UNIT,
+from .config import (BACKGROUNDS, CONCEPT_FIELDS, DETECTORS, FIELDS, GUIDANCES, INSTANCE_ORDERS, MASK_SOURCES, MAX_CONCEPTS, MAX_CONTROL_UNIT, MODES, NO_CONTROL_UNIT,
                      SAM_MODELS, ConceptSpec, OmgConfig, prefill_prompt)
 
 DEFAULTS = OmgConfig()
@@ -22,7 +22,7 @@ def _component(field, value, lora_choices: list[str]):
     if field.attr in ("mask_dilation", "mask_feather"):
         return gr.Slider(0, 256, value=value, step=1, label=field.label)
     choices = {"mask_source": MASK_SOURCES, "sam_model": SAM_MODELS, "detector": DETECTORS, "instance_order": INSTANCE_ORDERS,
-               "mode": MODES, "concept_guidance": GUIDANCES}
+               "mode": MODES, "concept_guidance": GUIDANCES, "background": BACKGROUNDS}
     if field.attr in choices:
         return gr.Dropdown(list(choices[field.attr]), value=value, label=field.label, elem_id=f"omg_{field.attr}")
     if field.attr == "regions":

@@ -21,12 +21,13 @@ def _cfg(**kw):
 def test_the_tables_declare_every_setting_in_order():
     assert [f.name for f in fields(OmgConfig) if f.name != "concepts"] == [f.attr for f in FIELDS]
     assert [f.name for f in fields(ConceptSpec)] == [f.attr for f in CONCEPT_FIELDS]
-    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 15 + 5 * 8
+    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 16 + 5 * 8
 
 
 def test_defaults():
     cfg = OmgConfig()
     assert (cfg.enabled, cfg.blend_start, cfg.mask_source, cfg.layout_preservation) == (False, 0.3, "attention", True)
+    assert (cfg.concept_guidance, cfg.background) == ("shared", "pass 1")
     assert cfg.validate() is cfg  # disabled: concepts not required
 
 
@@ -160,7 +161,7 @@ BAD_VALUES = {  # per parser: values of the wrong type or out of any range, as a
 }
 OUT_OF_RANGE = {"blend_start": [-0.1, 1.01], "self_attention_until": [-1, 2], "mask_dilation": [-1, 257],
                 "mask_feather": [-8, 1000], "mask_source": ["sam", ""], "sam_model": ["vit_x"], "detector": ["yolo"],
-                "instance_order": ["random"], "mode": ["quick", "Fast"], "concept_guidance": ["global"], "unet_weight": [-100, 1e6], "te_weight": [float("-inf")],
+                "instance_order": ["random"], "mode": ["quick", "Fast"], "concept_guidance": ["global"], "background": ["kept", ""], "unet_weight": [-100, 1e6], "te_weight": [float("-inf")],
                 "class_word": ["", "   "], "prompt": [""]}
 
 

@@ -422,7 +422,8 @@ class A1111Generation:
                     self.warnings += r.warnings()
                 p.extra_generation_params["OMG mask sources used"] = ", ".join(results[0].sources)
                 session.begin_pass2(masks, blend_start=self.cfg.blend_start, self_attention_until=self.cfg.self_attention_until,
-                                    share_uncond=self.cfg.concept_guidance == "shared")
+                                    share_uncond=self.cfg.concept_guidance == "shared",
+                                    background_from_pass1=self.cfg.background == "pass 1")
                 shape, seeds_, subseeds_, strength, h, w = rng_state
                 p.rng = rng.ImageRNG(shape, seeds_, subseeds=subseeds_, subseed_strength=strength,
                                      seed_resize_from_h=h, seed_resize_from_w=w)

@@ -34,7 +34,8 @@ from .errors import OmgUserError
 
 def controlnet_script(p):
     """The job's ControlNet script, or None."""
-    return next((s for s in p.scripts.alwayson_scripts if s.title() == "ControlNet"), None) if p.scripts else None
+    scripts = getattr(p, "scripts", None)
+    return next((s for s in scripts.alwayson_scripts if s.title() == "ControlNet"), None) if scripts else None
 
 
 def panel_units(p) -> tuple[object, list[int]]:

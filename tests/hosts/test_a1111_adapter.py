@@ -354,11 +354,12 @@ def test_a_lora_whose_layers_mostly_miss_this_checkpoint_is_named(monkeypatch, t
 @pytest.fixture
 def two_concepts(monkeypatch, hero_file):
     """(model, settings): the stand-in model with the WebUI's LoRA list installed, and two concepts
-    (a man with the hero LoRA, a woman without one)."""
+    (a man with the hero LoRA, a woman without one); pass 2 with host rows (``background="redrawn"``), whose rows
+    these tests count."""
     model = _Model()
     networks, _ = _networks(model, hero_file)
     monkeypatch.setitem(sys.modules, "networks", networks)
-    return model, OmgConfig(enabled=True, blend_start=0.5, mask_dilation=0, mask_feather=0, concepts=[
+    return model, OmgConfig(enabled=True, blend_start=0.5, mask_dilation=0, mask_feather=0, background="redrawn", concepts=[
         ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape"),
         ConceptSpec(class_word="woman", prompt="a woman, blue dress"),
     ])

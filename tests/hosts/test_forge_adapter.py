@@ -139,7 +139,7 @@ def _networks(path):
     return mod
 
 
-CFG = dict(enabled=True, mask_dilation=0, mask_feather=0, concepts=[
+CFG = dict(enabled=True, mask_dilation=0, mask_feather=0, background="redrawn", concepts=[  # host rows in pass 2, as counted here
     ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape", te_weight=0.7),
     ConceptSpec(class_word="woman", prompt="a woman, blue dress"),
 ])
@@ -484,7 +484,8 @@ def test_blend_start_one_gives_forges_own_image_bitwise(tmp_path, monkeypatch, b
 @pytest.mark.parametrize("guidance", ["shared", "own"])
 @pytest.mark.parametrize("backend", ["backend", "neo", "ldm_patched"])
 def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monkeypatch, guidance, backend):
-    plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, concept_guidance=guidance, **CFG),
+    cfg = dict(CFG, background="pass 1")  # the default
+    plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, concept_guidance=guidance, **cfg),
                                                          backend=backend)
     assert generation.backend.name == ("Forge Classic / reForge" if backend == "ldm_patched" else "Forge")
     assert isinstance(final, torch.Tensor) and not torch.equal(final, plain)
@@ -502,7 +503,7 @@ def test_a_whole_job_blends_uses_the_lora_and_restores_everything(tmp_path, monk
     assert not torch.allclose(concept.cond["c_crossattn"], te.encode("a man, red cape"))
     # split calls (one chunk per call) give the same image: the row roles follow cond_or_uncond
     # (batch composition changes float rounding only; wrong roles would change the image like OMG itself does)
-    _, split_final, *_ = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, concept_guidance=guidance, **CFG), split=True,
+    _, split_final, *_ = _run(tmp_path, monkeypatch, OmgConfig(blend_start=0.5, concept_guidance=guidance, **cfg), split=True,
                               backend=backend)
     rounding, omg_effect = (split_final - final).abs().max(), (final - plain).abs().max()
     assert rounding < 1e-3 and omg_effect > 100 * rounding, (rounding, omg_effect)
