@@ -91,8 +91,9 @@ def main() -> None:
           f"LoRAs {first}/{second}, median of {args.runs}" + (f", ControlNet {args.controlnet} on every job" if args.controlnet else ""))
     fast = json.loads(json.dumps(omg))
     fast["alwayson_scripts"]["OMG multi-concept"]["args"][0]["mode"] = "fast"
-    reference_rows = {**omg, "override_settings": {"omg_keep_attention": False}}
-    jobs = {"plain": {}, "OMG": omg, "OMG ref rows": reference_rows, "fast": fast}
+    redrawn = json.loads(json.dumps(omg))  # pass 2 draws the background again (host cond rows), as before 2026-12-04
+    redrawn["alwayson_scripts"]["OMG multi-concept"]["args"][0]["background"] = "redrawn"
+    jobs = {"plain": {}, "OMG": omg, "OMG redrawn": redrawn, "fast": fast}
     if args.regional_prompter:
         jobs["RP Latent"] = regional_prompter_latent(first, second)
         if args.controlnet:

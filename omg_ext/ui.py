@@ -95,6 +95,7 @@ def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
         with gr.Row():  # shown first, passed last (``to_args`` order)
             mode = _add(FIELDS[13], infotext, by_attr)
             guidance = _add(FIELDS[14], infotext, by_attr)
+            background = _add(FIELDS[15], infotext, by_attr)
         for row in (FIELDS[1:5], FIELDS[5:9]):
             with gr.Row():
                 for field in row:
@@ -108,7 +109,7 @@ def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
             regions_box = _add(FIELDS[12], infotext, by_attr)
             components.append(regions_box)
             regions_block(regions_box, image_to_regions, free_models)
-        components += [mode, guidance]
+        components += [mode, guidance, background]
         choices = lora_choices()
         for n in range(1, MAX_CONCEPTS + 1):
             with gr.Accordion(f"Concept {n}", open=n <= 2):

@@ -398,7 +398,8 @@ class A1111Generation:
         self.session = session = OmgSession(self.unet, self.prepared.concepts, images=images,
                                             layout=self.cfg.layout_preservation,
                                             image_tokens=self.image_tokens(prompts), memory=self.memory_budget(),
-                                            keep_attention=bool(shared.opts.data.get(KEEP_ATTENTION_OPTION, True)))
+                                            keep_attention=self.cfg.background == "redrawn"  # the only user of them
+                                            and bool(shared.opts.data.get(KEEP_ATTENTION_OPTION, True)))
         enable_hr = getattr(p, "enable_hr", False)
         rng_state = (p.rng.shape, p.seeds, p.subseeds, p.subseed_strength, p.seed_resize_from_h, p.seed_resize_from_w)
         try:
