@@ -111,7 +111,7 @@ def ip_adapter_terms(module, x: torch.Tensor, q: torch.Tensor):
 
 def unit_of(term) -> object:
     """The IP-Adapter object (sd-webui-controlnet's ``PlugableIPAdapter``) an ``ipadapter_hacks`` function belongs to."""
-    term = inspect.unwrap(getattr(term, "term", term))  # under its ``torch.no_grad()`` decorator
+    term = inspect.unwrap(term)  # under its ``torch.no_grad()`` decorator
     return inspect.getclosurevars(term).nonlocals.get("self") if inspect.isfunction(term) else None
 
 
