@@ -1,10 +1,10 @@
 """OMG (two passes and fast mode) vs plain wall time in a running WebUI (A1111 or Forge, ``--api``), side by side in one run.
 
 Each round times one plain txt2img job, one OMG job (two concepts, each with a LoRA), the
-same OMG job with reference rows instead of kept attention (the setting
-``omg_keep_attention`` off for that request: less memory, more compute) and one OMG fast-mode
-job with the same seed and size, in turn, after a warm-up; the medians and their ratios to
-plain are printed, and the same for hires fix (unless ``--no-hires``).
+same OMG job with the background redrawn in pass 2 (``"background": "redrawn"``, the default
+before 2026-12-04: a host cond row more per image and step) and one OMG fast-mode job with the
+same seed and size, in turn, after a warm-up; the medians and their ratios to plain are
+printed, and the same for hires fix (unless ``--no-hires``).
 ``--controlnet NAME`` adds one ControlNet unit (that model, no preprocessor, a block as hint)
 to every job, plain included: the ratios are then OMG + ControlNet to ControlNet alone.
 ``--regional-prompter`` adds the incumbent, timed in the same rounds: Regional Prompter

@@ -7,13 +7,13 @@
   concept's, the right half the second's, from the first step (OMG's blend through the
   ``regions`` mask source, blend start 0, no layout pass);
 - ``OMG``: this project's defaults (attention masks, layout preservation, blend start 0.3,
-  concepts guided against the host's uncond rows);
+  concepts guided against the host's uncond rows, the background outside the masks from pass 1);
 - ``OMG grounded``: the same with masks from the paper's route, a detector and a segmenter
   on the layout image (``toyworld.grounding``, through the ``detector+sam`` mask source);
 - ``official``: the official code's settings where they differ from this project's, as far
   as they change the picture: concept LoRA weight 0.8, self-attention taken from pass 1
   for the first 40 % of the steps, each concept guided against its own negative prompt
-  with its LoRA (its cost schedule, a duplicate image in pass 1 and one UNet call per
+  with its LoRA, the background redrawn by the global prompt's rows (its cost schedule, a duplicate image in pass 1 and one UNet call per
   concept, gives the same picture as the expanded batch). Its masks are summed where they
   overlap; here they stay exclusive.
 
@@ -85,7 +85,7 @@ class Settings:
     """Layout from pass 1's kept cross-attention outputs (the engine's default) or from reference rows."""
     share_uncond: bool = OmgConfig.concept_guidance == "shared"
     """Concepts guided against the host's uncond rows (no concept uncond rows)."""
-    background_from_pass1: bool = False
+    background_from_pass1: bool = OmgConfig.background == "pass 1"
     """Outside the masks, pass 1's recorded outputs instead of the host cond rows (a row fewer per image)."""
     dilation: int = OmgConfig.mask_dilation
     feather: int = OmgConfig.mask_feather
@@ -248,20 +248,22 @@ def omg_hires(world: ToyWorld, case: Case, seeds: list[int], blend: bool) -> Gen
 METHODS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "no LoRA": no_lora,
     "global LoRAs": global_loras,
-    "fixed regions": lambda w, c, s: omg(w, c, s, Settings(masks="halves", blend_start=0.0, layout=False, share_uncond=False)),
+    "fixed regions": lambda w, c, s: omg(w, c, s, Settings(masks="halves", blend_start=0.0, layout=False, share_uncond=False,
+                                                                 background_from_pass1=False)),
     "OMG": omg,
-    "official": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8, self_attention_until=0.4, share_uncond=False)),
+    "official": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8, self_attention_until=0.4, share_uncond=False,
+                                                          background_from_pass1=False)),
     "OMG fast": omg_fast,
 }
 
 ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG grounded": lambda w, c, s: omg(w, c, s, Settings(masks="grounded")),
-    "OMG self-attn 0.4": lambda w, c, s: omg(w, c, s, Settings(self_attention_until=0.4)),
+    "OMG self-attn 0.4": lambda w, c, s: omg(w, c, s, Settings(self_attention_until=0.4, background_from_pass1=False)),
     "OMG weight 0.8": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8)),
-    "OMG no layout": lambda w, c, s: omg(w, c, s, Settings(layout=False)),
-    "OMG layout to 0.6": lambda w, c, s: omg(w, c, s, Settings(layout_until=0.6)),
-    "OMG reference rows": lambda w, c, s: omg(w, c, s, Settings(keep_attention=False)),
-    "OMG background from pass 1": lambda w, c, s: omg(w, c, s, Settings(background_from_pass1=True)),
+    "OMG no layout": lambda w, c, s: omg(w, c, s, Settings(layout=False, background_from_pass1=False)),
+    "OMG layout to 0.6": lambda w, c, s: omg(w, c, s, Settings(layout_until=0.6, background_from_pass1=False)),
+    "OMG reference rows": lambda w, c, s: omg(w, c, s, Settings(keep_attention=False, background_from_pass1=False)),
+    "OMG background redrawn": lambda w, c, s: omg(w, c, s, Settings(background_from_pass1=False)),
     "OMG own uncond": lambda w, c, s: omg(w, c, s, Settings(share_uncond=False)),
     "OMG fast own uncond": lambda w, c, s: omg_fast(w, c, s, Settings(share_uncond=False)),
     "OMG blend 0.2": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.2)),
@@ -272,4 +274,6 @@ ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG + hires": lambda w, c, s: omg_hires(w, c, s, blend=False),
     "OMG + hires blend": lambda w, c, s: omg_hires(w, c, s, blend=True),
 }
-"""OMG with one setting changed at a time (and the grounded masks): ``bench_quality.py --ablations``."""
+"""OMG with one setting changed at a time (and the grounded masks): ``bench_quality.py --ablations``. The
+layout-preservation settings (self-attention, layout window, reference rows) act on the host's cond rows, which
+run only with the background redrawn: those ablations redraw it."""
