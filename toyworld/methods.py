@@ -13,8 +13,9 @@
 - ``official``: the official code's settings where they differ from this project's, as far
   as they change the picture: concept LoRA weight 0.8, self-attention taken from pass 1
   for the first 40 % of the steps, each concept guided against its own negative prompt
-  with its LoRA, the background redrawn by the global prompt's rows (its cost schedule, a duplicate image in pass 1 and one UNet call per
-  concept, gives the same picture as the expanded batch). Its masks are summed where they
+  with its LoRA, the background redrawn by the global prompt's rows (its cost schedule, a
+  duplicate image in pass 1 and one UNet call per concept, gives the same picture as the
+  expanded batch). Its masks are summed where they
   overlap; here they stay exclusive.
 
 Every method samples with Euler, 20 steps, CFG 5, one seed per image.

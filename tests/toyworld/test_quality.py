@@ -1,7 +1,7 @@
 """OMG against both LoRAs loaded globally, in the trained toy world (committed weights, 16 images).
 
 Measured on these seeds with the defaults (concepts guided against the host's uncond rows, the
-background from pass 1; ``benchmarks/bench_quality.py`` gives the same on 200 images): OMG leakage
+background from pass 1; ``benchmarks/bench_quality.py`` measures the same on 200 images): OMG leakage
 0.0203 vs 0.0387 (ratio 0.52), both figures present 0.5625 vs 0.3125, both present and each in its
 own look ("identities kept") 0.5 vs 0.0625, OMG's identity fidelity 0.750 vs 0.707 (with the
 background redrawn 0.0256, 0.625, 0.4375, 0.716; each concept guided against its own negative
