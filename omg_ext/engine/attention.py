@@ -264,18 +264,23 @@ def fast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     """``(1 - Σ M_j)·attn(q, k, v) + Σ M_j·attn(q, k_j, v_j)`` on projected q, k, v ([rows, n, heads·d]).
 
     ``k_j, v_j``: concept j's context projected by ``module``'s ``to_k``/``to_v`` with its LoRA on every row.
+    Rows that no mask touches keep ``attn(q, k, v)``: the concept attentions run on ``fast.masks.rows`` only.
     """
-    def attend(k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(_heads(q, heads), _heads(k_, heads), _heads(v_, heads), scale=scale)
+    def attend(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(_heads(q_, heads), _heads(k_, heads), _heads(v_, heads), scale=scale)
         b, h, n, d = out.shape
         return out.transpose(1, 2).reshape(b, n, h * d)
 
-    masks = fast.masks.tokens(q.shape[1]).to(q.dtype)  # [rows, k, n]
-    out = attend(k, v) * (1 - masks.sum(dim=1)).unsqueeze(-1)
+    out, rows = attend(q, k, v), fast.masks.rows
+    if rows.start == rows.stop:
+        return out
+    masks, q = fast.masks.tokens(q.shape[1]).to(q.dtype), q[rows]  # [masked rows, k, n]
+    part = out[rows] * (1 - masks.sum(dim=1)).unsqueeze(-1)
     for j, concept_context in enumerate(fast.contexts):
         with fast.concept_kv(j):
             k_j, v_j = module.to_k(concept_context), module.to_v(concept_context)
-        out = out + masks[:, j].unsqueeze(-1) * attend(k_j, v_j)
+        part = part + masks[:, j].unsqueeze(-1) * attend(q, k_j, v_j)
+    out[rows] = part
     return out
 
 

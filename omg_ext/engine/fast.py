@@ -13,7 +13,8 @@ rows per image). Fast mode (DESIGN.md §7) runs the host's rows only:
   are combined by mask: ``(1 - Σ M_j)·attn(q, k, v) + Σ M_j·attn(q, k_j, v_j)``.
 
 No concept rows, no reference row, no second pass: the cost is a plain image's plus the
-low-rank products and one more attention per concept at cross-attention layers. What it
+low-rank products and one more attention per concept at cross-attention layers, both on the
+rows some mask touches only (not the uncond rows under shared guidance). What it
 gives up: the concepts share the host rows' self-attention and normalisation, so each
 concept's region still sees the others.
 """
@@ -30,10 +31,19 @@ from .attention import layer_factor
 
 
 class LayerMasks:
-    """Each row's concept masks [rows, k, H, W] (latent resolution), resized once per layer resolution."""
+    """The concept masks of a call's rows, resized once per layer resolution.
+
+    Only the rows that some mask touches are kept (``rows``, from the first such row to the
+    last): a row whose masks are all zero (an uncond row whose guidance stays the host's, an
+    image without concepts) needs no delta and no concept attention, and fast mode computes
+    neither for it. Every mask below has ``rows``' rows.
+    """
 
     def __init__(self, masks: torch.Tensor) -> None:
-        self.masks = masks
+        """``masks``: [rows, k, H, W] at latent resolution, one row per row of the call."""
+        touched = masks.flatten(1).ne(0).any(dim=1).nonzero().flatten().tolist()
+        self.rows = slice(touched[0], touched[-1] + 1) if touched else slice(0, 0)
+        self.masks = masks[self.rows]
         self.latent_hw = tuple(masks.shape[-2:])
         self._resized: dict[tuple[int, int], torch.Tensor] = {}
         self._shaped: dict[tuple, torch.Tensor] = {}
@@ -94,6 +104,7 @@ class FastCall:
 
     masks: LayerMasks
     contexts: list[torch.Tensor]
-    """Per concept, [rows, tokens, C]: its prompt's context for cond rows, its negative prompt's for uncond rows."""
+    """Per concept, [masked rows, tokens, C] (``masks.rows``): its prompt's context for cond rows, its negative
+    prompt's for uncond rows."""
     concept_kv: Callable[[int], contextlib.AbstractContextManager]
     """Scope in which the key/value projections carry concept j's LoRA on every row."""

@@ -247,21 +247,23 @@ class _RouteHook:
         return output
 
     def _masked(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        """Fast mode: ``output += Σ_j M_j · delta_j(x)`` with each concept's mask at this layer's resolution.
+        """Fast mode: ``output += Σ_j M_j · delta_j(x)`` with each concept's mask at this layer's resolution,
+        on the rows some mask touches (``LayerMasks.rows``).
 
         Cross-attention keys and values (text-side layers) are left to ``fast_cross_attention``.
         """
-        if self.text_side:
+        masks = self.router.masks
+        if self.text_side or masks.rows.start == masks.rows.stop:
             return None
-        x = inputs[0].to(output.dtype)
+        x, out = inputs[0][masks.rows].to(output.dtype), output[masks.rows]  # ``out`` is a view: adds reach ``output``
         if self.stacked is None:
             self.stacked = StackedLowRank.of(self.deltas) or False
         if self.stacked:
-            self.stacked.add_to(output, x, module, self.router.masks)
+            self.stacked.add_to(out, x, module, masks)
             return output
         for concept, delta in enumerate(self.deltas):
             if delta is not None:
-                delta.add_to(output, x, module, mask=self.router.masks.for_output(output, concept))
+                delta.add_to(out, x, module, mask=masks.for_output(out, concept))
         return output
 
 

@@ -230,9 +230,11 @@ class OmgSession:
             if self.share_uncond:  # the uncond rows stay the host's
                 row_masks = row_masks * torch.tensor([r.is_cond for r in rows], dtype=row_masks.dtype,
                                                      device=row_masks.device).view(-1, 1, 1, 1)
-            contexts = [torch.stack([(c.cond if r.is_cond else c.uncond)[self._context_key][0] for r in rows]).to(like)
-                        for c in self.conds]
-            self._fast_calls[key] = FastCall(LayerMasks(row_masks), contexts, self.router.route_all)
+            layer_masks = LayerMasks(row_masks)
+            masked = rows[layer_masks.rows]
+            contexts = [torch.stack([(c.cond if r.is_cond else c.uncond)[self._context_key][0] for r in masked]).to(like)
+                        if masked else None for c in self.conds]
+            self._fast_calls[key] = FastCall(layer_masks, contexts, self.router.route_all)
         fast = self._fast_calls[key]
         with self.router.masked(fast.masks):
             return self._run(unet_fn, x, t, cond, AttentionCall(tuple(x.shape[-2:]), fast=fast))

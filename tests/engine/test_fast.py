@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from omg_ext.engine.attention import AttentionCall, AttentionState, ProjectedAttention, fast_cross_attention, layer_factor
 from omg_ext.engine.fast import FastCall, LayerMasks
-from omg_ext.engine.lora import RowRoutedLoRA
+from omg_ext.engine.lora import RowRoutedLoRA, StackedLowRank
 from omg_ext.engine.rows import roles_cond_then_uncond
 from omg_ext.engine.session import Concept
 from tests.support.loras import merged, random_concept_deltas
@@ -201,3 +201,41 @@ def test_a_host_handing_over_projections_gets_the_same_fast_cross_attention(unet
         with pytest.raises(RuntimeError, match=r"no cross-attention module known for transformer block \('output', 9, 0\)"):
             patch(attn.to_q(x), attn.to_k(context), attn.to_v(context), {**extra, "block": ("output", 9)})
     torch.testing.assert_close(projected, direct, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_rows_no_mask_touches_get_neither_deltas_nor_concept_attention(unet, concepts, monkeypatch):
+    """An uncond row under shared guidance (masks all zero) keeps the host's output bitwise, and the
+    deltas and concept attentions run on the touched rows only: there is nothing to add there."""
+    modules = dict(unet.named_modules())
+    router = RowRoutedLoRA(modules, [c.deltas for c in concepts])
+    masks = torch.zeros(3, 2, *HW)
+    masks[1] = _row_masks(1)[0]  # rows 0 and 2 untouched
+    layer_masks = LayerMasks(masks)
+    assert layer_masks.rows == slice(1, 2) and layer_masks.masks.shape[0] == 1
+    assert LayerMasks(torch.zeros(2, 2, *HW)).rows == slice(0, 0)
+
+    seen = []
+    stacked_add = StackedLowRank.add_to
+    monkeypatch.setattr(StackedLowRank, "add_to", lambda self, out, x, *a: (seen.append(x.shape[0]),
+                                                                              stacked_add(self, out, x, *a)))
+    layer = modules["input_blocks.3.0.in_layers.2"]
+    inp = torch.randn(3, layer.in_channels, 6, 10)
+    with router.installed(), router.masked(layer_masks):
+        out = layer(inp)
+    plain = layer(inp)
+    assert seen == [1]
+    assert torch.equal(out[0], plain[0]) and torch.equal(out[2], plain[2]) and not torch.allclose(out[1], plain[1])
+    with router.installed(), router.masked(LayerMasks(masks[1:2])):
+        torch.testing.assert_close(out[1:2], layer(inp[1:2]), rtol=1e-5, atol=1e-5)  # a batch of 1: rounding
+
+    attn = modules["input_blocks.3.1.transformer_blocks.0.attn2"]
+    x, context = torch.randn(3, 6 * 10, attn.to_q.in_features), text_context(1, rows=3)
+    contexts = [c.cond["context"] for c in concepts]  # the touched row's only
+    with router.installed(), router.masked(layer_masks):
+        out = fast_cross_attention(attn, x, context, FastCall(layer_masks, contexts, router.route_all))
+    plain = attn(x, context)
+    torch.testing.assert_close(out[[0, 2]], plain[[0, 2]], rtol=1e-5, atol=1e-6)
+    with router.installed(), router.masked(LayerMasks(masks[1:2])):
+        alone = fast_cross_attention(attn, x[1:2], context[1:2], FastCall(LayerMasks(masks[1:2]), contexts, router.route_all))
+    torch.testing.assert_close(out[1:2], alone, rtol=1e-5, atol=1e-6)
