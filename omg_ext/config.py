@@ -26,6 +26,11 @@ BACKGROUNDS = ("pass 1", "redrawn")
 """Pass 2 outside the masks (two passes): ``pass 1``: the layout pass's own outputs, a row fewer per image and step;
 ``redrawn``: the host's cond rows run again with pass 1's cross-attention (measured in the toy world: README,
 "Does it work?")."""
+MASK_SPLITS = ("figures", "pixels")
+"""How the attention masks are shared out between concepts: ``figures``: the concepts' maps pooled, each
+connected figure goes whole to one concept, touching figures are cut into bands at their mass (assigned by
+each concept's own attention); ``pixels``: each pixel to the concept whose attention is strongest there (only
+same-word concepts are split as figures). Measured in the toy world: README, "Does it work?"."""
 MODES = ("two passes", "fast")
 """``two passes``: layout pass, then concept rows beside the host's (the paper's method);
 ``fast``: one pass, each concept's LoRA and prompt masked in the host's rows (``engine/fast.py``)."""
@@ -102,11 +107,12 @@ FIELDS = (
     Field("hires_blend", "OMG hires blend", _bool, "Blend concepts during hires fix"),
     Field("sam_model", "OMG SAM model", _str, "Segment Anything model"),
     Field("detector", "OMG detector", _str, "Class-word detector"),
-    Field("instance_order", "OMG instance order", _str, "Same-word concepts: instance order"),
+    Field("instance_order", "OMG instance order", _str, "Instances (figures, same-word concepts): order"),
     Field("regions", "OMG regions", _str, "Regions (drawn boxes or uploaded mask, JSON)"),
     Field("mode", "OMG mode", _str, "Mode"),
     Field("concept_guidance", "OMG concept guidance", _str, "Concepts guided against (own: their negative prompts; shared: the global one)"),
     Field("background", "OMG background", _str, "Background in pass 2 (pass 1: kept from the layout pass; redrawn: drawn again)"),
+    Field("mask_split", "OMG mask split", _str, "Masks shared out by (figures: each figure to one concept; pixels: the strongest attention)"),
 )
 
 CONCEPT_FIELDS = (
@@ -171,6 +177,7 @@ class OmgConfig:
     mode: str = "two passes"
     concept_guidance: str = "shared"
     background: str = "pass 1"
+    mask_split: str = "figures"
     concepts: list[ConceptSpec] = field(default_factory=list)
 
     def validate(self) -> "OmgConfig":
@@ -182,7 +189,7 @@ class OmgConfig:
                 raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be between 0 and 1 (got {value})")
         for attr, choices in (("mask_source", MASK_SOURCES), ("sam_model", SAM_MODELS), ("detector", DETECTORS),
                               ("instance_order", INSTANCE_ORDERS), ("mode", MODES), ("concept_guidance", GUIDANCES),
-                              ("background", BACKGROUNDS)):
+                              ("background", BACKGROUNDS), ("mask_split", MASK_SPLITS)):
             if getattr(self, attr) not in choices:
                 raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be one of {', '.join(choices)} (got {getattr(self, attr)!r})")
         if self.mode == "fast" and self.mask_source != "regions" and self.blend_start == 0:
@@ -213,8 +220,11 @@ class OmgConfig:
         """Concept (0-based) -> the number of its own ControlNet unit in the panel, for the concepts that have one."""
         return {j: c.control_unit for j, c in enumerate(self.concepts) if c.control_unit != NO_CONTROL_UNIT}
 
-    def groups_by_class_word(self) -> list[list[int]]:
-        """Concepts sharing a class word ("a man and a man"): their masks are split into instances."""
+    def mask_groups(self) -> list[list[int]]:
+        """Concepts whose attention masks are split into instances (``masks.split_instances``): all of them
+        with ``mask_split`` "figures", else those sharing a class word ("a man and a man")."""
+        if self.mask_split == "figures" and len(self.concepts) > 1:
+            return [list(range(len(self.concepts)))]
         by_word: dict[str, list[int]] = {}
         for j, concept in enumerate(self.concepts):
             by_word.setdefault(concept.class_word.strip().lower(), []).append(j)
@@ -329,6 +339,7 @@ XYZ_AXES = (
     ("[OMG] Blend start", float, "blend_start"),
     ("[OMG] Mask source", str, "mask_source"),
     ("[OMG] Mode", str, "mode"),
+    ("[OMG] Mask split", str, "mask_split"),
     *((f"[OMG] Concept {n} LoRA weight", float, f"concepts[{n - 1}].unet_weight") for n in range(1, MAX_CONCEPTS + 1)),
 )
 """(label, type, setting path) of the X/Y/Z plot axes."""

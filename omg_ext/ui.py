@@ -10,7 +10,7 @@ from typing import Callable
 
 import gradio as gr
 
-from .config import (BACKGROUNDS, CONCEPT_FIELDS, DETECTORS, FIELDS, GUIDANCES, INSTANCE_ORDERS, MASK_SOURCES, MAX_CONCEPTS, MAX_CONTROL_UNIT, MODES, NO_CONTROL_UNIT,
+from .config import (BACKGROUNDS, CONCEPT_FIELDS, DETECTORS, FIELDS, GUIDANCES, INSTANCE_ORDERS, MASK_SOURCES, MASK_SPLITS, MAX_CONCEPTS, MAX_CONTROL_UNIT, MODES, NO_CONTROL_UNIT,
                      SAM_MODELS, ConceptSpec, OmgConfig, prefill_prompt)
 
 DEFAULTS = OmgConfig()
@@ -22,7 +22,7 @@ def _component(field, value, lora_choices: list[str]):
     if field.attr in ("mask_dilation", "mask_feather"):
         return gr.Slider(0, 256, value=value, step=1, label=field.label)
     choices = {"mask_source": MASK_SOURCES, "sam_model": SAM_MODELS, "detector": DETECTORS, "instance_order": INSTANCE_ORDERS,
-               "mode": MODES, "concept_guidance": GUIDANCES, "background": BACKGROUNDS}
+               "mode": MODES, "concept_guidance": GUIDANCES, "background": BACKGROUNDS, "mask_split": MASK_SPLITS}
     if field.attr in choices:
         return gr.Dropdown(list(choices[field.attr]), value=value, label=field.label, elem_id=f"omg_{field.attr}")
     if field.attr == "regions":
@@ -104,12 +104,13 @@ def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
             with gr.Row():
                 for field in FIELDS[9:12]:
                     components.append(_add(field, infotext, by_attr))
+                mask_split = _add(FIELDS[16], infotext, by_attr)  # passed last
             if model_status is not None:
                 model_status_line(by_attr, model_status)
             regions_box = _add(FIELDS[12], infotext, by_attr)
             components.append(regions_box)
             regions_block(regions_box, image_to_regions, free_models)
-        components += [mode, guidance, background]
+        components += [mode, guidance, background, mask_split]
         choices = lora_choices()
         for n in range(1, MAX_CONCEPTS + 1):
             with gr.Accordion(f"Concept {n}", open=n <= 2):

@@ -21,13 +21,13 @@ def _cfg(**kw):
 def test_the_tables_declare_every_setting_in_order():
     assert [f.name for f in fields(OmgConfig) if f.name != "concepts"] == [f.attr for f in FIELDS]
     assert [f.name for f in fields(ConceptSpec)] == [f.attr for f in CONCEPT_FIELDS]
-    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 16 + 5 * 8
+    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 17 + 5 * 8
 
 
 def test_defaults():
     cfg = OmgConfig()
     assert (cfg.enabled, cfg.blend_start, cfg.mask_source, cfg.layout_preservation) == (False, 0.3, "attention", True)
-    assert (cfg.concept_guidance, cfg.background) == ("shared", "pass 1")
+    assert (cfg.concept_guidance, cfg.background, cfg.mask_split) == ("shared", "pass 1", "figures")
     assert cfg.validate() is cfg  # disabled: concepts not required
 
 
@@ -86,9 +86,12 @@ def test_a_concepts_own_controlnet_unit_is_checked_and_reaches_the_infotext_only
         cfg.validate()
 
 
-def test_groups_by_class_word():
-    cfg = OmgConfig(concepts=[ConceptSpec(class_word=w, prompt="p") for w in ("man", "woman", "Man ")])
-    assert cfg.groups_by_class_word() == [[0, 2]]
+def test_masks_are_split_by_figures_for_all_concepts_or_by_pixels_for_same_word_concepts_only():
+    concepts = [ConceptSpec(class_word=w, prompt="p") for w in ("man", "woman", "Man ")]
+    assert OmgConfig(concepts=concepts).mask_groups() == [[0, 1, 2]]  # the default: figures
+    assert OmgConfig(mask_split="pixels", concepts=concepts).mask_groups() == [[0, 2]]
+    assert OmgConfig(mask_split="pixels", concepts=concepts[:2]).mask_groups() == []
+    assert OmgConfig(concepts=concepts[:1]).mask_groups() == []  # one concept: nothing to split
 
 
 def test_infotext_round_trip_through_strings():
@@ -137,10 +140,11 @@ def test_compact_summary():
 
 
 def test_xyz_overrides_reach_the_config_and_missing_concepts_are_named():
-    assert [label for label, _, _ in XYZ_AXES][:4] == ["[OMG] Blend start", "[OMG] Mask source", "[OMG] Mode",
-                                                       "[OMG] Concept 1 LoRA weight"]
-    cfg = with_overrides(_cfg(), {"blend_start": 0.6, "concepts[1].unet_weight": 0.25})
+    assert [label for label, _, _ in XYZ_AXES][:5] == ["[OMG] Blend start", "[OMG] Mask source", "[OMG] Mode",
+                                                       "[OMG] Mask split", "[OMG] Concept 1 LoRA weight"]
+    cfg = with_overrides(_cfg(), {"blend_start": 0.6, "concepts[1].unet_weight": 0.25, "mask_split": "pixels"})
     assert cfg.blend_start == 0.6 and cfg.concepts[1].unet_weight == 0.25 and cfg.concepts[0].unet_weight == 0.8
+    assert cfg.mask_groups() == []
     with pytest.raises(OmgConfigError, match="OMG X/Y/Z: concept 4 is not set up"):
         with_overrides(_cfg(), {"concepts[3].unet_weight": 1.0})
 
@@ -161,7 +165,7 @@ BAD_VALUES = {  # per parser: values of the wrong type or out of any range, as a
 }
 OUT_OF_RANGE = {"blend_start": [-0.1, 1.01], "self_attention_until": [-1, 2], "mask_dilation": [-1, 257],
                 "mask_feather": [-8, 1000], "mask_source": ["sam", ""], "sam_model": ["vit_x"], "detector": ["yolo"],
-                "instance_order": ["random"], "mode": ["quick", "Fast"], "concept_guidance": ["global"], "background": ["kept", ""], "unet_weight": [-100, 1e6], "te_weight": [float("-inf")],
+                "instance_order": ["random"], "mode": ["quick", "Fast"], "concept_guidance": ["global"], "background": ["kept", ""], "mask_split": ["figure", "Pixels"], "unet_weight": [-100, 1e6], "te_weight": [float("-inf")],
                 "class_word": ["", "   "], "prompt": [""]}
 
 

@@ -6,7 +6,7 @@
 - ``fixed regions``: Regional-Prompter-like: the left half of the picture is the first
   concept's, the right half the second's, from the first step (OMG's blend through the
   ``regions`` mask source, blend start 0, no layout pass);
-- ``OMG``: this project's defaults (attention masks, layout preservation, blend start 0.3,
+- ``OMG``: this project's defaults (attention masks split by figures, layout preservation, blend start 0.3,
   concepts guided against the host's uncond rows, the background outside the masks from pass 1);
 - ``OMG grounded``: the same with masks from the paper's route, a detector and a segmenter
   on the layout image (``toyworld.grounding``, through the ``detector+sam`` mask source);
@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from omg_ext.config import OmgConfig
+from omg_ext.config import ConceptSpec, OmgConfig
 from omg_ext.engine.lora import RowRoutedLoRA
 from omg_ext.engine.session import Concept
 from omg_ext.masks.regions import parse_regions
@@ -96,6 +96,9 @@ class Settings:
     masks: str = "attention"
     """``attention``, ``halves`` (fixed left/right regions) or ``grounded`` (the toy detector and
     segmenter through the ``detector+sam`` source: the paper's route)."""
+    mask_split: str = OmgConfig.mask_split
+    """How attention masks are shared out: ``figures`` (each figure, or a band of touching ones, to one
+    concept) or ``pixels`` (each pixel to the strongest attention)."""
 
 
 class ToyWorld:
@@ -161,12 +164,26 @@ def halves(case: Case) -> str:
                        "boxes": {"1": [0, 0, SIZE // 2, SIZE], "2": [SIZE // 2, 0, SIZE, SIZE]}})
 
 
+def _labels_and_groups(case: Case, s: Settings) -> tuple[list[str], list[list[int]]]:
+    """The concepts' class words and the groups whose masks are split into instances, as the WebUI sets them."""
+    labels = [IDENTITIES[k - 1].figure for k in case.identities]
+    return labels, OmgConfig(mask_split=s.mask_split, concepts=[ConceptSpec(class_word=w) for w in labels]).mask_groups()
+
+
+def _attention_masks(case: Case, s: Settings):
+    """The function of the session that gives its attention masks as the WebUI makes them with these settings."""
+    labels, groups = _labels_and_groups(case, s)
+    return lambda session: torch.stack([m.masks for m in session.attention_masks(
+        dilation=s.dilation, feather=s.feather, window=s.window, groups=groups, order=OmgConfig.instance_order,
+        labels=labels)])
+
+
 def _mask_maker(world: ToyWorld, case: Case, s: Settings, images: int):
     """The function of (session, layout latent) after pass 1 that gives the masks the settings ask for."""
     if s.masks == "attention":
-        return lambda session, layout: torch.stack([m.masks for m in session.attention_masks(
-            dilation=s.dilation, feather=s.feather, window=s.window)])
-    labels = [IDENTITIES[k - 1].figure for k in case.identities]
+        attention = _attention_masks(case, s)
+        return lambda session, layout: attention(session)
+    labels, groups = _labels_and_groups(case, s)
     if s.masks == "halves":
         source, extra = "regions", dict(regions=parse_regions(halves(case), len(case.identities)))
         models = None
@@ -180,8 +197,8 @@ def _mask_maker(world: ToyWorld, case: Case, s: Settings, images: int):
         pictures = (to_images(layout) * 255).round().to(torch.uint8).numpy()
         maps = session.attention_maps(s.window)
         return torch.stack([
-            concept_masks(source, MaskInputs(maps[b], (SIZE, SIZE), labels, image=pictures[b], dilation=s.dilation,
-                                             feather=s.feather, **extra), models).masks
+            concept_masks(source, MaskInputs(maps[b], (SIZE, SIZE), labels, image=pictures[b], groups=groups,
+                                             dilation=s.dilation, feather=s.feather, **extra), models).masks
             for b in range(images)])
     return masks
 
@@ -223,7 +240,7 @@ def omg_fast(world: ToyWorld, case: Case, seeds: list[int], settings: Settings |
     ]
     result = run_fast(world.model.unet, concepts, _rows(world.encode(prompt), rows), _rows(world.encode(""), rows),
                       steps=STEPS, latent_shape=(rows, 3, SIZE, SIZE), cfg_scale=CFG, seeds=seeds,
-                      blend_start=s.blend_start, dilation=s.dilation, feather=s.feather, share_uncond=s.share_uncond)
+                      blend_start=s.blend_start, masks=_attention_masks(case, s), share_uncond=s.share_uncond)
     return Generated(to_images(result.final), result.masks)
 
 
@@ -265,6 +282,8 @@ ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG layout to 0.6": lambda w, c, s: omg(w, c, s, Settings(layout_until=0.6, background_from_pass1=False)),
     "OMG reference rows": lambda w, c, s: omg(w, c, s, Settings(keep_attention=False, background_from_pass1=False)),
     "OMG background redrawn": lambda w, c, s: omg(w, c, s, Settings(background_from_pass1=False)),
+    "OMG pixel split": lambda w, c, s: omg(w, c, s, Settings(mask_split="pixels")),
+    "OMG fast pixel split": lambda w, c, s: omg_fast(w, c, s, Settings(mask_split="pixels")),
     "OMG own uncond": lambda w, c, s: omg(w, c, s, Settings(share_uncond=False)),
     "OMG fast own uncond": lambda w, c, s: omg_fast(w, c, s, Settings(share_uncond=False)),
     "OMG blend 0.2": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.2)),

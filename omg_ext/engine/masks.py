@@ -54,7 +54,7 @@ class MaskResult:
     labels: list[str] | None = None
     """Optional concept names (e.g. class words) used in :meth:`warnings`."""
     notes: list[str] = field(default_factory=list)
-    """Other things a user should know, e.g. that same-word instances were split into bands."""
+    """Other things a user should know, e.g. that touching figures were split into bands."""
     sources: list[str] = field(default_factory=list)
     """Per concept, the mask source actually used (e.g. "sam", "attention"); for the infotext."""
 
@@ -209,7 +209,7 @@ feather_mask = feather
 """Alias: inside :func:`masks_from_attention` the name ``feather`` is the keyword argument."""
 
 
-# -- same-word instances ----------------------------------------------------------------------------------------------
+# -- instances: same-word concepts, or all concepts split as figures -------------------------------------------------
 
 def _centroid(region: torch.Tensor) -> tuple[float, float]:
     """(x, y) of a region's centre, x first so sorting goes left to right, ties top to bottom."""
@@ -267,11 +267,13 @@ def _assign_by_attention(regions: list[torch.Tensor], own_maps: list[torch.Tenso
 def split_instances(evidence: torch.Tensor, n: int, order: str = "left_to_right",
                     own_maps: list[torch.Tensor] | None = None, *,
                     min_fraction: float = MIN_INSTANCE_FRACTION) -> list[torch.Tensor]:
-    """Split the shared evidence [h, w] (in [0, 1]) of ``n`` concepts sharing one class word
-    into ``n`` disjoint bool regions, one per concept, in concept order.
+    """Split the shared evidence [h, w] (in [0, 1]) of ``n`` grouped concepts (sharing one class
+    word, or all concepts when masks are split by figures) into ``n`` disjoint bool regions, one
+    per concept, in concept order.
 
     Why: "a man and a man" gives the two "man" tokens near-identical attention covering
-    both men, so per-concept thresholds would give each concept both men. Instead the
+    both men, so per-concept thresholds would give each concept both men (and a model whose
+    class words do not tell its figures apart does the same for "a man and a woman"). Instead the
     evidence is thresholded (Otsu), its connected components found, and the ``n`` largest
     kept (components smaller than ``min_fraction`` of the largest are noise); they go to
     the concepts left to right by centroid x (ties by y). With fewer components than
@@ -388,11 +390,12 @@ def masks_from_attention(maps: torch.Tensor, latent_size: tuple[int, int], *, gr
 
     maps: each concept's class-word attention (non-negative), any resolution.
     latent_size: (H, W) of the latent the masks blend.
-    groups: lists of concept indices sharing one class word, e.g. [[0, 1]] for "a man and
-        a man"; the i-th listed concept gets the i-th instance (see :func:`split_instances`).
+    groups: lists of concept indices whose masks are split into instances, e.g. [[0, 1]] for
+        "a man and a man" (or all concepts, to split by figures); the instances go to the
+        listed concepts left to right or by attention (see :func:`split_instances`).
     dilation, feather: in IMAGE pixels; :func:`latent_radius` converts (8 px = 1 latent px).
         Dilation is square (Chebyshev distance).
-    order: "left_to_right" or "attention", for same-word groups only.
+    order: "left_to_right" or "attention", for grouped concepts only.
     labels: names for the warnings.
 
     Ownership: a pixel goes to the concept whose thresholded core is nearest (a core
@@ -410,7 +413,7 @@ def masks_from_attention(maps: torch.Tensor, latent_size: tuple[int, int], *, gr
 def attention_cores(maps: torch.Tensor, latent_size: tuple[int, int], *, groups: list[list[int]] | None = None,
                     order: str = "left_to_right", labels: list[str] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Each concept's core (Otsu-thresholded attention, same-word instances split) [k, H, W] bool,
+    """Each concept's core (Otsu-thresholded attention, grouped concepts split into instances) [k, H, W] bool,
     its evidence [k, H, W] in [0, 1], and notes; :func:`exclusive_masks` turns them into masks.
     Other mask sources start from these too and replace the cores they can place."""
     size, groups = _check(maps, latent_size, groups, 0, 0, order, labels)
@@ -423,9 +426,13 @@ def attention_cores(maps: torch.Tensor, latent_size: tuple[int, int], *, groups:
                           for m in evidence])
     notes = []
     for group in groups:
+        group = [j for j in group if bool(evidence[j].max() > 0)]  # a concept without a map here has no figure
+        if len(group) < 2:
+            continue
         shared = normalize_map(evidence[group].mean(0))
         regions, banded = _split(shared, len(group), order, [evidence[j] for j in group], MIN_INSTANCE_FRACTION)
-        if banded:
+        if banded and (labels is None or len({labels[j].strip().lower() for j in group}) == 1):
+            # touching figures of different words are banded by design (``mask_split`` "figures"): no news
             names = ", ".join(concept_name(j, labels) for j in group)
             notes.append(f"{names}: one region for {len(group)} same-word instances, split into bands left to right")
         for j, region in zip(group, regions):

@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy
 import torch
 
-from ..config import MASK_SOURCES, MODES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
+from ..config import MASK_SOURCES, MASK_SPLITS, MODES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
 from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.masks import overlay
 from ..engine.memory import MemoryBudget, free_device_bytes
@@ -108,7 +108,8 @@ def add_xyz_axes() -> None:
 
     xyz.axis_options.extend(
         xyz.AxisOption(label, kind, setter(path), choices={"mask_source": lambda: list(MASK_SOURCES),
-                                                           "mode": lambda: list(MODES)}.get(path))
+                                                           "mode": lambda: list(MODES),
+                                                           "mask_split": lambda: list(MASK_SPLITS)}.get(path))
         for label, kind, path in XYZ_AXES
     )
 
@@ -620,7 +621,7 @@ class A1111Generation:
         try:
             return [concept_masks(cfg.mask_source, MaskInputs(
                 maps[i], hw, self.prepared.labels, numpy.array(self.pictures[i].convert("RGB")) if self.pictures else None,
-                cfg.groups_by_class_word(),
+                cfg.mask_groups(),
                 cfg.instance_order, cfg.mask_dilation, cfg.mask_feather, self.prepared.regions), models)
                 for i in range(session.images)]
         finally:

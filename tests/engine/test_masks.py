@@ -1,4 +1,4 @@
-"""Masks from attention: exclusive, dilated and feathered as asked, same-word instances left to right."""
+"""Masks from attention: exclusive, dilated and feathered as asked, grouped instances (same-word, or figures) left to right."""
 import math
 
 import pytest
@@ -321,6 +321,36 @@ def test_band_split_in_the_pipeline_is_reported():
     assert xs[0] < 16 < xs[1]
     assert r.warnings() == ["concept 1 ('man'), concept 2 ('man'): one region for 2 same-word instances, "
                             "split into bands left to right"]
+
+
+def test_touching_figures_of_different_words_are_banded_without_a_note():
+    """``mask_split`` "figures" groups every concept: banding a man and a woman who touch is the design, not news."""
+    one = _blob(16, 32, 8, 16, 4)
+    r = masks_from_attention(torch.stack([one, one]), (16, 32), groups=[[0, 1]], labels=["man", "woman"])
+    xs = [torch.nonzero(m)[:, 1].float().mean() for m in r.masks]
+    assert xs[0] < 16 < xs[1] and r.warnings() == []
+
+
+def test_figures_split_gives_each_concept_one_whole_figure_where_per_pixel_attention_shares_them():
+    """Two separate figures that both class words light up (a model whose words do not tell them apart):
+    per pixel, each figure is cut between the concepts; split by figures, each concept gets one figure whole."""
+    left, right = _blob(16, 32, 8, 7, 3), _blob(16, 32, 8, 25, 3)
+    g = torch.Generator().manual_seed(0)
+    maps = torch.stack([left + right, left + right]) + 0.05 * torch.rand(2, 16, 32, generator=g)
+    figures = masks_from_attention(maps, (16, 32), groups=[[0, 1]], order="attention", labels=["man", "woman"])
+    pixels = masks_from_attention(maps, (16, 32), labels=["man", "woman"])
+    halves = [(m[:, :16].sum(), m[:, 16:].sum()) for m in figures.masks]
+    assert sorted(bool(a > 0) + 2 * bool(b > 0) for a, b in halves) == [1, 2]  # one figure each, whole
+    assert all(a > 0 and b > 0 for a, b in ((m[:, :16].sum(), m[:, 16:].sum()) for m in pixels.masks))
+
+
+def test_a_grouped_concept_without_attention_in_an_image_leaves_the_figure_to_the_others():
+    """An image whose prompt lacks a concept's class word (a batch of differing prompts): that concept has
+    no map there and is left out of the split, so the other concept keeps its whole figure."""
+    one = _blob(16, 32, 8, 16, 4)
+    grouped = masks_from_attention(torch.stack([one, torch.zeros_like(one)]), (16, 32), groups=[[0, 1]])
+    alone = masks_from_attention(torch.stack([one, torch.zeros_like(one)]), (16, 32))
+    assert torch.equal(grouped.masks, alone.masks) and grouped.empty == [1]
 
 
 @pytest.mark.parametrize("column_mass,n,expected", [

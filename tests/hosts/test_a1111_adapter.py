@@ -455,6 +455,21 @@ def test_the_memory_setting_caps_pass2_calls_and_the_image_stays_the_same(two_co
 
 
 @torch.no_grad()
+def test_the_mask_split_setting_decides_which_concepts_masks_are_split_into_figures(monkeypatch, two_concepts):
+    """"figures" (the default): a man and a woman are split as figures; "pixels": only same-word concepts are."""
+    model, cfg = two_concepts
+    seen, real = [], a1111.concept_masks
+    monkeypatch.setattr(a1111, "concept_masks", lambda source, inputs, models=None: seen.append(inputs.groups) or
+                        real(source, inputs, models))
+    with fake_a1111.installed() as modules:
+        for split in ("figures", "pixels"):
+            cfg.mask_split = split
+            _, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 20))
+            assert session.infotext["OMG mask split"] == split
+    assert seen == [[[0, 1]], []]
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("latent", [(12, 16), (16, 10)])
 def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(latent, two_concepts):
     """A batch whose prompts differ (wildcards): each image is the image it would be alone."""
@@ -485,7 +500,8 @@ def test_fast_mode_hands_sam_the_image_of_the_denoised_latent_before_the_blend_s
     from tests.support.mask_models import tiny_sam
 
     model, cfg = two_concepts
-    cfg.mode, cfg.mask_source = "fast", "attention+sam"
+    # per-pixel cores: the random tiny SAM's masks agree with them for both concepts, so both use SAM
+    cfg.mode, cfg.mask_source, cfg.mask_split = "fast", "attention+sam", "pixels"
     sam, seen, denoised = tiny_sam(), [], []
     monkeypatch.setattr(a1111, "mask_models", lambda cfg: MaskModels(
         sam=lambda: lambda image, prompts: seen.append(image) or segment(sam, image, prompts)))

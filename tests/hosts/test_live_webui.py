@@ -99,6 +99,16 @@ def test_a_concept_whose_class_word_is_missing_is_skipped_and_the_rest_is_made()
 
 
 
+def test_the_mask_split_is_a_setting_of_the_api_and_comes_back_from_the_png_info():
+    for split in ("figures", "pixels"):
+        status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(mask_split=split)})
+        assert status == 200, result
+        _, params = _post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + result["images"][0]})
+        assert params["parameters"]["OMG mask split"] == split
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(mask_split="halves")})
+    assert status != 200 and "mask split must be one of figures, pixels" in json.dumps(result)
+
+
 def test_drawn_regions_and_an_xyz_axis_of_omg_work_through_the_api():
     """Regions as the canvas writes them make the masks (no attention needed), and the host's X/Y/Z plot
     varies an OMG setting per cell: its script arguments are the host's own defaults (``/sdapi/v1/script-info``)
@@ -113,6 +123,7 @@ def test_drawn_regions_and_an_xyz_axis_of_omg_work_through_the_api():
     # the host's defaults as the script receives them: axis types as indices (the dropdowns' type), no dropdown values
     args = [a["choices"].index(a["value"]) if a["label"].endswith(" type") else [] if a["value"] is None else a["value"]
             for a in xyz["args"]]
+    assert "[OMG] Mask split" in xyz["args"][0]["choices"]
     args[0], args[1] = xyz["args"][0]["choices"].index("[OMG] Blend start"), "0.25, 0.5"
     args[[a["label"] for a in xyz["args"]].index("Include Sub Images")] = True  # each cell's image with its infotext
     status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(), "script_name": "x/y/z plot", "script_args": args})
