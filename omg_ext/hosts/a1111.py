@@ -22,6 +22,7 @@ import contextlib
 import inspect
 import importlib
 import logging
+import os
 import re
 from dataclasses import dataclass
 from typing import Iterator
@@ -38,6 +39,7 @@ from ..engine.session import Concept, OmgSession
 from ..lora_file import BadLoraFile, check_lora_file, lora_layer_count
 from ..masks.regions import Regions, parse_regions
 from ..masks.sources import MaskInputs, concept_masks
+from .concept_cache import CONCEPTS
 from .controlnet_units import (RowConcepts, adopt_prompt_marks, concept_controls, controlnet_script, fresh_ip_adapter_caches,
                                ip_adapter_terms, is_ip_adapter, job_params, sd_webui_controlnet_params)
 from .errors import OmgUserError
@@ -531,14 +533,18 @@ class A1111Generation:
         self.cfg.validate()
         units = self.cfg.control_units()
         self.find_concept_units(units)
-        concepts, labels = [], []
+        concepts, labels, loaded = [], [], []
         for j, spec in enumerate(self.cfg.concepts):
             negative = spec.negative_prompt or self.p.negative_prompts[0]
-            deltas, cond, uncond = self.load_concept(spec, negative)
+            key = self.concept_key(spec, negative)
+            deltas, cond, uncond = CONCEPTS.get(key) or self.load_concept(spec, negative)
+            loaded.append((key, (deltas, cond, uncond)))
+            cond, uncond = dict(cond), dict(uncond)  # the kept ones stay as loaded
             if units:  # each row's concept travels with it through the engine, for the concepts' own units
                 cond[CONCEPT_KEY] = uncond[CONCEPT_KEY] = torch.tensor([float(j)])
             concepts.append(Concept(cond, uncond, deltas))
             labels.append(spec.class_word)
+        CONCEPTS.keep(loaded)
         try:
             regions = parse_regions(self.cfg.regions, len(concepts)) if self.cfg.regions.strip() else None
         except ValueError as e:
@@ -580,6 +586,21 @@ class A1111Generation:
             results[i].masks[j] = 0
             results[i].empty = [e for e in results[i].empty if e != j]
         return torch.stack([r.masks for r in results])
+
+    def concept_key(self, spec, negative: str):
+        """What a loaded concept depends on (``concept_cache``): the host's own key of its prompts'
+        conditioning (``p.cached_params``), the model, the LoRA file as it is now, the weights;
+        None where the host has no such key (nothing is then kept)."""
+        cached_params = getattr(self.p, "cached_params", None)
+        if cached_params is None:
+            return None
+        file = None
+        if spec.lora:
+            filename = lora_on_disk(spec.lora).filename
+            stat = os.stat(filename)
+            file = (filename, stat.st_size, stat.st_mtime_ns)
+        return (id(self.p.sd_model), id(self.unet), spec.lora, file, spec.unet_weight, spec.te_weight,
+                cached_params((spec.prompt, negative), 0, getattr(self.p, "extra_network_data", None)))
 
     def load_concept(self, spec, negative: str) -> tuple[dict, dict, dict]:
         """(UNet deltas, cond, uncond) of one concept: its prompts encoded with its text-encoder LoRA."""

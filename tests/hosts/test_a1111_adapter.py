@@ -1,4 +1,5 @@
 """The A1111 adapter against a stand-in of the ``modules.*`` surface it touches (tests/support/fake_a1111)."""
+import os
 import sys
 import types
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from omg_ext.config import ConceptSpec, OmgConfig
 from omg_ext.hosts import a1111
+from omg_ext.hosts.concept_cache import CONCEPTS
 from omg_ext.engine.lora import DenseDelta, LowRankDelta
 from omg_ext.engine.rows import RowRole
 from tests.support import fake_a1111
@@ -174,6 +176,11 @@ class _Job:
         self.rng = modules.rng.ImageRNG((4, *latent), self.seeds)
         self.enable_hr, self.extra_generation_params = False, {}
         self.steps, self.sampler_name, self.calls = steps, sampler, 0
+        self.extra_network_data = {}
+
+    def cached_params(self, required_prompts, steps, extra_network_data, hires_steps=None, use_old_scheduling=False):
+        """The host's key of a prompt's conditioning, with what of it this stand-in has."""
+        return (required_prompts, steps, hires_steps, use_old_scheduling, extra_network_data, self.width, self.height)
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         unet = self.sd_model.model.diffusion_model
@@ -365,10 +372,11 @@ def two_concepts(monkeypatch, hero_file):
     ])
 
 
-def _run_job(modules, model, cfg, prompts, seeds, latent, scripts=None, marked=False):
+def _run_job(modules, model, cfg, prompts, seeds, latent, scripts=None, marked=False, negative="blurry", extra_networks=None):
     """One txt2img job through the adapter; the session it ran with (its job's infotext as ``session.infotext``).
     ``scripts``: (the job's always-on scripts, their arguments); ``marked``: the prompts' conditioning carries
-    sd-webui-controlnet's leading mark token (+1024 cond, -1024 uncond)."""
+    sd-webui-controlnet's leading mark token (+1024 cond, -1024 uncond); ``extra_networks``: the job's
+    ``extra_network_data`` (the global prompt's own LoRAs)."""
     sessions = []
 
     class RecordedSession(a1111.OmgSession):
@@ -376,7 +384,8 @@ def _run_job(modules, model, cfg, prompts, seeds, latent, scripts=None, marked=F
             super().__init__(*args, **kwargs)
             sessions.append(self)
 
-    job = _Job(modules, model, prompts, "blurry", seeds=seeds, latent=latent)
+    job = _Job(modules, model, prompts, negative, seeds=seeds, latent=latent)
+    job.extra_network_data = extra_networks or {}
     if scripts is not None:
         job.scripts, job.script_args = types.SimpleNamespace(alwayson_scripts=scripts[0]), scripts[1]
     generation = a1111.A1111Generation(job, cfg)
@@ -389,6 +398,52 @@ def _run_job(modules, model, cfg, prompts, seeds, latent, scripts=None, marked=F
         final = job.sample(c, uc, job.seeds, job.seeds, 0, job.prompts)
     sessions[0].infotext = job.extra_generation_params
     return final, sessions[0]
+
+
+@torch.no_grad()
+def test_the_next_job_reuses_its_concepts_while_nothing_they_depend_on_changes(monkeypatch, two_concepts, hero_file):
+    model, cfg = two_concepts
+    networks, loads, encodes = sys.modules["networks"], [], []
+    load, encode = networks.load_network, model.get_learned_conditioning
+    monkeypatch.setattr(networks, "load_network", lambda name, on_disk: loads.append(name) or load(name, on_disk))
+    monkeypatch.setattr(model, "get_learned_conditioning", lambda texts: encodes.append(str(texts[0])) or encode(texts))
+
+    def job(**kwargs):
+        loads.clear()
+        final, _ = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16), **kwargs)
+        concept_encodes = [e for e in encodes if e not in ("a man and a woman", kwargs.get("negative", "blurry"))]
+        encodes.clear()
+        return final, len(loads), len(concept_encodes)
+
+    with fake_a1111.installed() as modules:
+        first, *loaded = job()
+        assert loaded == [1, 2]  # one LoRA file, each concept's prompt (its negative prompt is the global one)
+        again, *loaded = job()
+        assert loaded == [0, 0] and torch.equal(again, first)
+        cfg.concepts[0].te_weight = 0.5
+        assert job()[1:] == (1, 1)  # the hero concept alone: its LoRA at a new weight, its prompt encoded again
+        os.utime(hero_file, ns=(os.stat(hero_file).st_atime_ns, os.stat(hero_file).st_mtime_ns + 10 ** 9))
+        assert job()[1:] == (1, 1)  # the file changed on disk
+        assert job(extra_networks={"lora": ["other"]})[1:] == (1, 2)  # the global prompt's own LoRAs reach the encoder
+        assert job(extra_networks={"lora": ["other"]})[1:] == (0, 0)
+        assert job(negative="ugly")[1:] == (1, 2)  # a concept's negative prompt is the job's: both encoded again
+
+
+@torch.no_grad()
+def test_concepts_are_kept_only_from_the_last_job_and_only_as_low_rank_loras(monkeypatch, two_concepts):
+    model, cfg = two_concepts
+    with fake_a1111.installed() as modules:
+        _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
+        assert [type(d) for _, (deltas, _, _) in CONCEPTS.entries for d in deltas.values()] == [LowRankDelta]
+        assert len(CONCEPTS.entries) == 2
+        cfg.concepts = cfg.concepts[1:]
+        _run_job(modules, model, cfg, ["a woman"], [7], (12, 16))
+        assert len(CONCEPTS.entries) == 1 and CONCEPTS.entries[0][0][2] == ""  # the woman's, without a LoRA
+        hero = sys.modules["networks"].load_network("hero", None).modules["unet"]
+        monkeypatch.setattr(hero, "dora_scale", torch.ones(1))  # DoRA: a dense delta, as large as its layers
+        cfg.concepts = [ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape")]
+        _run_job(modules, model, cfg, ["a man"], [7], (12, 16))
+        assert CONCEPTS.entries == []
 
 
 @torch.no_grad()

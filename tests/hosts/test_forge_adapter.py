@@ -87,6 +87,11 @@ class _Job:
         self.enable_hr, self.extra_generation_params = False, {}
         self.steps, self.split, self.fail_at_call, self.calls = steps, split, None, 0
         self.hooks, self.control = [], None
+        self.extra_network_data = {}
+
+    def cached_params(self, required_prompts, steps, extra_network_data, hires_steps=None, use_old_scheduling=False):
+        """The host's key of a prompt's conditioning, with what of it this stand-in has."""
+        return (required_prompts, steps, hires_steps, use_old_scheduling, extra_network_data, self.width, self.height)
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         x = self.rng.next()
@@ -180,6 +185,32 @@ def _run(tmp_path, monkeypatch, cfg, fail_at_call=None, fp8=False, control=None,
         except RuntimeError as e:
             final = e
     return plain, final, job, model, generation, weights
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dense", [False, True])
+def test_the_next_job_reuses_a_low_rank_concept_and_loads_a_dense_one_again(tmp_path, monkeypatch, dense):
+    """A plain LoRA's concept is kept for the next job (``concept_cache``); a file with a ``diff`` layer
+    (a dense delta, as large as its layers) is read again."""
+    model, path = _ForgeModel(False, "backend"), tmp_path / "hero.safetensors"
+    _write_lora(path, model)
+    if not dense:
+        save_file({k: v for k, v in load_file(str(path)).items() if not k.endswith(".diff")}, str(path))
+    networks, reads = _networks(path), []
+    read = networks.load_lora_state_dict
+    networks.load_lora_state_dict = lambda filename: reads.append(filename) or read(filename)
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    finals = []
+    with fake_forge.installed("backend") as modules:
+        for _ in range(2):
+            job = _Job(modules, model)
+            c, uc = model.get_learned_conditioning(job.prompts), model.get_learned_conditioning(job.negative_prompts)
+            generation = forge.ForgeGeneration(job, OmgConfig(blend_start=0.5, **CFG))
+            generation.attach()
+            job.hooks.append(lambda p, generation=generation, **kwargs: generation.patch_unet())
+            finals.append(job.sample(c, uc, job.seeds, job.subseeds, 0, job.prompts))
+    assert len(reads) == (2 if dense else 1)
+    assert torch.equal(finals[0], finals[1])
 
 
 @torch.no_grad()

@@ -68,6 +68,17 @@ def test_two_concepts_give_image_layout_and_masks_with_infotext():
     assert params["parameters"]["OMG c2 class"] == "woman"
 
 
+def test_a_repeated_request_reuses_its_concepts_and_a_changed_concept_is_loaded_again():
+    """The second of two equal requests takes its concepts from the first (``concept_cache``): the same image.
+    A concept's weight changed, then back: another image, then the first one again (nothing stale kept)."""
+    first, again = (_post("/sdapi/v1/txt2img", {**BASE, **_omg()})[1]["images"][0] for _ in range(2))
+    assert base64.b64decode(first) == base64.b64decode(again)
+    changed = _omg()
+    changed["alwayson_scripts"]["OMG multi-concept"]["args"][0]["concepts"][0]["te_weight"] = 0.25
+    assert _post("/sdapi/v1/txt2img", {**BASE, **changed})[1]["images"][0] != first
+    assert _post("/sdapi/v1/txt2img", {**BASE, **_omg()})[1]["images"][0] == first
+
+
 def test_fast_mode_makes_one_image_with_its_masks_and_leaves_the_model_as_it_was():
     _, before = _post("/sdapi/v1/txt2img", BASE)
     status, result = _post("/sdapi/v1/txt2img", {**BASE, **_hires(), **_omg(mode="fast")})
