@@ -7,6 +7,9 @@ same seed and size, in turn, after a warm-up; the medians and their ratios to pl
 printed, and the same for hires fix (unless ``--no-hires``).
 ``--controlnet NAME`` adds one ControlNet unit (that model, no preprocessor, a block as hint)
 to every job, plain included: the ratios are then OMG + ControlNet to ControlNet alone.
+``--pairs N`` times only plain and OMG (two passes), N rounds in turns whose order swaps each round
+(plain first, then OMG first: whatever the previous job leaves costs both alike), and prints each
+round's ratio and their median: the two-pass target's figure, with less of this machine's drift in it.
 ``--regional-prompter`` adds the incumbent, timed in the same rounds: Regional Prompter
 (``hako-mikan/sd-webui-regional-prompter``, installed in that WebUI) in Latent mode with two
 regions side by side, one LoRA each (``a man <lora:A:1> BREAK a woman <lora:B:1>``), as users
@@ -74,6 +77,7 @@ def main() -> None:
     parser.add_argument("--no-hires", action="store_true", help="time txt2img only")
     parser.add_argument("--controlnet", help="a ControlNet model name: every job (plain too) gets one unit of it")
     parser.add_argument("--regional-prompter", action="store_true", help="also time Regional Prompter's Latent mode (installed in that WebUI)")
+    parser.add_argument("--pairs", type=int, help="only plain and OMG, this many rounds in alternating order")
     args = parser.parse_args()
     first, second = args.loras.split(",")
     plain = {"prompt": "a man and a woman hugging", "negative_prompt": "", "steps": args.steps, "width": args.size,
@@ -88,7 +92,10 @@ def main() -> None:
         omg["alwayson_scripts"].update(plain["alwayson_scripts"])
     timed(args.url, plain)  # warm-up: model load, first-call costs
     print(f"{args.url}: {args.size}x{args.size}, {args.steps} steps, blend start {args.blend_start}, "
-          f"LoRAs {first}/{second}, median of {args.runs}" + (f", ControlNet {args.controlnet} on every job" if args.controlnet else ""))
+          f"LoRAs {first}/{second}, " + (f"{args.pairs} pairs" if args.pairs else f"median of {args.runs}")
+          + (f", ControlNet {args.controlnet} on every job" if args.controlnet else ""))
+    if args.pairs:
+        return time_pairs(args.url, plain, {**plain, **omg}, args.pairs)
     fast = json.loads(json.dumps(omg))
     fast["alwayson_scripts"]["OMG multi-concept"]["args"][0]["mode"] = "fast"
     redrawn = json.loads(json.dumps(omg))  # pass 2 draws the background again (host cond rows), as before 2026-12-04
@@ -110,6 +117,19 @@ def main() -> None:
         if args.regional_prompter:
             rp = median["RP Latent"]
             print(f"    OMG/RP Latent {median['OMG'] / rp:.2f} | fast/RP Latent {median['fast'] / rp:.2f}")
+
+
+def time_pairs(url: str, plain: dict, omg: dict, rounds: int) -> None:
+    """Plain and OMG in turns, the order swapped each round; each round's ratio and the median. A first
+    OMG job is not timed: the host keeps its prompts' conditioning between jobs, and OMG its concepts."""
+    timed(url, omg)
+    ratios = []
+    for i in range(rounds):
+        jobs = [("plain", plain), ("OMG", omg)][::1 if i % 2 == 0 else -1]
+        seconds = {name: timed(url, job) for name, job in jobs}
+        ratios.append(seconds["OMG"] / seconds["plain"])
+        print(f"  round {i + 1}: plain {seconds['plain']:.2f} s | OMG {seconds['OMG']:.2f} s | OMG/plain {ratios[-1]:.3f}", flush=True)
+    print(f"  OMG/plain median of {rounds} rounds: {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":

@@ -701,6 +701,7 @@ def test_a_concepts_own_controlnet_unit_acts_on_its_rows_only_and_the_units_come
         models = [param.control_model for param in params]
         own, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16), scripts)
         assert [param.control_model for param in params] == models
+        assert not any(a1111.CONCEPT_KEY in cond for _, (_, cond, _) in CONCEPTS.entries)  # kept as loaded
         pass1, pass2 = seen[:6], seen[6:]
         assert all(reached == [[True, True], [False, False]] for _, reached, _ in pass1)
         # pass 2 from the blend start: host cond, host uncond, the man's row, the woman's row
