@@ -3,9 +3,10 @@
 Users run the same characters job after job (new seeds, a changed global prompt). Each
 concept costs a LoRA parse and its prompts encoded with the LoRA's text-encoder part merged
 into the text encoder: about 2 s of an 85 s two-pass job in A1111 on a 2-core CPU (128², 20
-steps; py-spy), a larger share of a GPU job's few seconds. The host caches its own prompts' conditioning the same way, keyed by
-its ``p.cached_params`` (checkpoint, CLIP skip, emphasis, size, the prompt's own LoRAs…); a
-concept's key adds its LoRA file (path, size, modification time), its weights and prompts.
+steps; py-spy), a larger share of a GPU job's few seconds. The host caches its own prompts'
+conditioning the same way, keyed by its ``p.cached_params`` (checkpoint, CLIP skip, emphasis,
+size, the prompt's own LoRAs…); a concept's key adds its LoRA file (path, size, modification
+time), its weights and prompts.
 
 Only the last job's concepts stay, and only those whose UNet part is plain low-rank LoRA
 (the size of the file; other formats become dense weight differences, as large as the
