@@ -420,7 +420,7 @@ class A1111Generation:
                 self.check_pass1(session)
                 shared.state.nextjob()
                 shared.state.textinfo = "OMG: making the masks"
-                results = self.concept_masks(session, layout)
+                results = self.concept_masks(session, layout if self.cfg.show_masks or self.masks_need_image() else None)
                 masks = self.skip_missing(results)
                 for r in results:
                     self.warnings += r.warnings()
@@ -455,8 +455,7 @@ class A1111Generation:
             denoised[:] = [params.x]
 
         def make_masks(s: OmgSession) -> torch.Tensor:
-            needs_image = self.cfg.mask_source not in ("attention", "regions")
-            results = self.concept_masks(s, denoised[0] if needs_image else None)
+            results = self.concept_masks(s, denoised[0] if self.masks_need_image() else None)
             made.append(self.skip_missing(results))
             for r in results:
                 self.warnings += r.warnings()
@@ -647,6 +646,11 @@ class A1111Generation:
                 for i in range(session.images)]
         finally:
             release_mask_models()
+
+    def masks_need_image(self) -> bool:
+        """Whether the mask source looks at a picture (SAM, a detector); attention and drawn regions do not,
+        and then the layout latent is decoded only to be shown (a VAE decode: about a UNet row's time)."""
+        return self.cfg.mask_source not in ("attention", "regions")
 
     # -- results
     def keep_layout(self, masks: torch.Tensor, with_layout: bool = True) -> None:

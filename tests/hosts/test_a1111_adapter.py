@@ -1,4 +1,5 @@
 """The A1111 adapter against a stand-in of the ``modules.*`` surface it touches (tests/support/fake_a1111)."""
+import json
 import os
 import sys
 import types
@@ -444,6 +445,29 @@ def test_concepts_are_kept_only_from_the_last_job_and_only_as_low_rank_loras(mon
         cfg.concepts = [ConceptSpec(lora="hero", class_word="man", prompt="a man, red cape")]
         _run_job(modules, model, cfg, ["a man"], [7], (12, 16))
         assert CONCEPTS.entries == []
+
+
+@torch.no_grad()
+def test_the_layout_is_decoded_only_to_be_shown_or_for_an_image_mask_source(monkeypatch, two_concepts):
+    model, cfg = two_concepts
+    decoded = []
+    with fake_a1111.installed() as modules:
+        to_image = modules.sd_samplers_common.sample_to_image
+        monkeypatch.setattr(modules.sd_samplers_common, "sample_to_image", lambda *a, **k: decoded.append(1) or to_image(*a, **k))
+        shown, _ = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
+        assert len(decoded) == 1
+        cfg.show_masks = False
+        hidden, _ = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
+        assert len(decoded) == 1 and torch.equal(hidden, shown)  # attention masks: no decode, the same image
+        cfg.mask_source = "regions"
+        cfg.regions = json.dumps({"width": 128, "height": 96, "boxes": {"1": [0, 0, 64, 96], "2": [64, 0, 128, 96]}})
+        _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
+        assert len(decoded) == 1
+        cfg.mask_source = "attention+sam"
+        monkeypatch.setattr(a1111, "concept_masks", lambda source, inputs, models: types.SimpleNamespace(
+            masks=torch.zeros(2, 12, 16), empty=[], sources=[source], warnings=lambda: []))
+        _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
+        assert len(decoded) == 2  # SAM looks at the layout image
 
 
 @torch.no_grad()
