@@ -79,6 +79,13 @@ def test_a_repeated_request_reuses_its_concepts_and_a_changed_concept_is_loaded_
     assert _post("/sdapi/v1/txt2img", {**BASE, **_omg()})[1]["images"][0] == first
 
 
+def test_without_the_layout_and_masks_shown_the_job_gives_its_image_alone_and_the_same_image():
+    _, shown = _post("/sdapi/v1/txt2img", {**BASE, **_omg()})
+    status, hidden = _post("/sdapi/v1/txt2img", {**BASE, **_omg(show_masks=False)})
+    assert status == 200 and len(hidden["images"]) == 1 and len(shown["images"]) == 3
+    assert hidden["images"][0] == shown["images"][0]
+
+
 def test_fast_mode_makes_one_image_with_its_masks_and_leaves_the_model_as_it_was():
     _, before = _post("/sdapi/v1/txt2img", BASE)
     status, result = _post("/sdapi/v1/txt2img", {**BASE, **_hires(), **_omg(mode="fast")})
