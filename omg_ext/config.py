@@ -95,6 +95,10 @@ class Field:
     label: str
 
 
+CHOICES = {"mask_source": MASK_SOURCES, "sam_model": SAM_MODELS, "detector": DETECTORS, "instance_order": INSTANCE_ORDERS,
+           "mode": MODES, "concept_guidance": GUIDANCES, "background": BACKGROUNDS, "mask_split": MASK_SPLITS}
+"""The settings that take one of a list of values: what ``validate`` accepts, the UI's dropdowns, the X/Y/Z axes' choices."""
+
 FIELDS = (
     Field("enabled", "OMG", _bool, "OMG multi-concept"),
     Field("blend_start", "OMG blend start", _float, "Blend start (fraction of steps)"),
@@ -187,9 +191,7 @@ class OmgConfig:
             value = getattr(self, attr)
             if not 0 <= value <= 1:
                 raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be between 0 and 1 (got {value})")
-        for attr, choices in (("mask_source", MASK_SOURCES), ("sam_model", SAM_MODELS), ("detector", DETECTORS),
-                              ("instance_order", INSTANCE_ORDERS), ("mode", MODES), ("concept_guidance", GUIDANCES),
-                              ("background", BACKGROUNDS), ("mask_split", MASK_SPLITS)):
+        for attr, choices in CHOICES.items():
             if getattr(self, attr) not in choices:
                 raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be one of {', '.join(choices)} (got {getattr(self, attr)!r})")
         if self.mode == "fast" and self.mask_source != "regions" and self.blend_start == 0:

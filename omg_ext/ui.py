@@ -10,8 +10,8 @@ from typing import Callable
 
 import gradio as gr
 
-from .config import (BACKGROUNDS, CONCEPT_FIELDS, DETECTORS, FIELDS, GUIDANCES, INSTANCE_ORDERS, MASK_SOURCES, MASK_SPLITS, MAX_CONCEPTS, MAX_CONTROL_UNIT, MODES, NO_CONTROL_UNIT,
-                     SAM_MODELS, ConceptSpec, OmgConfig, prefill_prompt)
+from .config import (CHOICES, CONCEPT_FIELDS, FIELDS, MAX_CONCEPTS, MAX_CONTROL_UNIT, NO_CONTROL_UNIT, ConceptSpec, OmgConfig,
+                     prefill_prompt)
 
 DEFAULTS = OmgConfig()
 
@@ -21,10 +21,8 @@ def _component(field, value, lora_choices: list[str]):
         return gr.Slider(0.0, 1.0, value=value, step=0.01, label=field.label)
     if field.attr in ("mask_dilation", "mask_feather"):
         return gr.Slider(0, 256, value=value, step=1, label=field.label)
-    choices = {"mask_source": MASK_SOURCES, "sam_model": SAM_MODELS, "detector": DETECTORS, "instance_order": INSTANCE_ORDERS,
-               "mode": MODES, "concept_guidance": GUIDANCES, "background": BACKGROUNDS, "mask_split": MASK_SPLITS}
-    if field.attr in choices:
-        return gr.Dropdown(list(choices[field.attr]), value=value, label=field.label, elem_id=f"omg_{field.attr}")
+    if field.attr in CHOICES:
+        return gr.Dropdown(list(CHOICES[field.attr]), value=value, label=field.label, elem_id=f"omg_{field.attr}")
     if field.attr == "regions":
         return gr.Textbox(value=value, label=field.label, elem_id="omg_regions", lines=1)
     if field.attr in ("unet_weight", "te_weight"):

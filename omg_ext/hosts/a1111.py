@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy
 import torch
 
-from ..config import MASK_SOURCES, MASK_SPLITS, MODES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
+from ..config import CHOICES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
 from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.masks import overlay
 from ..engine.memory import MemoryBudget, free_device_bytes
@@ -109,9 +109,7 @@ def add_xyz_axes() -> None:
         return apply
 
     xyz.axis_options.extend(
-        xyz.AxisOption(label, kind, setter(path), choices={"mask_source": lambda: list(MASK_SOURCES),
-                                                           "mode": lambda: list(MODES),
-                                                           "mask_split": lambda: list(MASK_SPLITS)}.get(path))
+        xyz.AxisOption(label, kind, setter(path), choices=(lambda c=CHOICES[path]: list(c)) if path in CHOICES else None)
         for label, kind, path in XYZ_AXES
     )
 
@@ -649,7 +647,8 @@ class A1111Generation:
 
     def masks_need_image(self) -> bool:
         """Whether the mask source looks at a picture (SAM, a detector); attention and drawn regions do not,
-        and then the layout latent is decoded only to be shown (a VAE decode: about a UNet row's time)."""
+        and then the layout latent is decoded only to be shown (SD1.5 at 128² on a 2-core CPU: 0.96 s, against
+        1.62 s for a 2-row UNet call)."""
         return self.cfg.mask_source not in ("attention", "regions")
 
     # -- results

@@ -132,6 +132,25 @@ def test_class_word_tokens_are_positions_in_the_conditioning():
     assert a1111.class_word_tokens(clip, "a man and a woman", "dog") == []
 
 
+def test_the_xyz_axes_offer_the_settings_choices_and_store_their_values(monkeypatch):
+    xyz = types.SimpleNamespace(axis_options=[], AxisOption=lambda label, kind, apply, choices=None: types.SimpleNamespace(
+        label=label, kind=kind, apply=apply, choices=choices))
+    script = types.SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=xyz)
+    with fake_a1111.installed():
+        scripts = types.ModuleType("modules.scripts")
+        scripts.scripts_data = [script]
+        monkeypatch.setitem(sys.modules, "modules.scripts", scripts)
+        monkeypatch.setattr(sys.modules["modules"], "scripts", scripts, raising=False)
+        a1111.add_xyz_axes()
+    axes = {axis.label: axis for axis in xyz.axis_options}
+    assert axes["[OMG] Mask split"].choices() == ["figures", "pixels"]
+    assert axes["[OMG] Mode"].choices() == ["two passes", "fast"] and axes["[OMG] Mask source"].choices()[0] == "attention"
+    assert axes["[OMG] Blend start"].choices is None and axes["[OMG] Concept 1 LoRA weight"].choices is None
+    p = types.SimpleNamespace()
+    axes["[OMG] Mask split"].apply(p, "pixels", None)
+    assert p.omg_xyz == {"mask_split": "pixels"}
+
+
 def test_a_bad_job_fails_with_its_message():
     p = types.SimpleNamespace(sample=None)
     a1111.fail_job(p, "OMG concept 2: class word 'dog' does not appear in the prompt")
