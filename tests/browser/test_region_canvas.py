@@ -15,13 +15,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.gradio_venvs import gradio_python
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _python(version: int) -> str | None:
-    path = os.environ.get(f"OMG_GRADIO{version}_PYTHON") or str(ROOT / ".venvs" / f"gradio{version}" / "bin" / "python")
-    return path if Path(path).exists() else None
 
 
 def _free_port() -> int:
@@ -32,7 +28,7 @@ def _free_port() -> int:
 
 @pytest.fixture(params=[3, 4], ids=["gradio3", "gradio4"])
 def page_url(request):
-    python = _python(request.param)
+    python = gradio_python(request.param)
     if python is None:
         pytest.skip(f"no Python with gradio {request.param} (.venvs/gradio{request.param} or OMG_GRADIO{request.param}_PYTHON)")
     if CHROMIUM is None:

@@ -1,0 +1,42 @@
+"""Build OMG's whole accordion (``omg_ext.ui.build``) with the gradio of the Python running
+this, and print, as JSON, what the WebUI would see of each component in the order it passes
+them to the Script: its kind, value, choices and infotext name. Run by ``test_accordion.py``
+with the hosts' gradio versions (the test venv has no gradio), from a copy in a temporary
+folder: gradio 4 writes a ``.pyi`` beside the file of any component subclass. The argument is
+the repository's root."""
+import json
+import sys
+
+sys.path.insert(0, sys.argv[1])
+
+import gradio as gr  # noqa: E402
+
+from omg_ext import ui  # noqa: E402
+
+
+class EnableAccordion(gr.Checkbox):
+    """Like A1111's ``InputAccordion``: a checkbox whose ``with`` block is an accordion."""
+
+    def __enter__(self):
+        self.accordion = gr.Accordion(self.label, open=False)
+        self.accordion.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.accordion.__exit__(*exc)
+
+
+def choice_values(component) -> list | None:
+    """gradio 3 keeps a dropdown's choices as values, gradio 4 as (label, value) pairs."""
+    choices = getattr(component, "choices", None)
+    return None if choices is None else [c[1] if isinstance(c, (tuple, list)) else c for c in choices]
+
+
+with gr.Blocks():
+    prompt = gr.Textbox(label="Prompt")
+    components, infotext = ui.build(lambda label: EnableAccordion(False, label=label), lambda: ["char1", "char2"],
+                                    lambda dropdown, n: None, prompt_box=prompt)
+names = {id(component): name for component, name in infotext}
+print(json.dumps({"gradio": gr.__version__, "components": [
+    {"kind": type(c).__name__, "value": c.value, "choices": choice_values(c), "infotext": names.get(id(c))}
+    for c in components]}))
