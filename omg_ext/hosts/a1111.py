@@ -73,6 +73,10 @@ def add_progress_job(steps: int) -> None:
         bar.refresh()
 
 
+NAN_MESSAGE = ("OMG: the model gave NaN (not-a-number) values before the masks were made, so none can be made. The "
+               "checkpoint, a LoRA or half precision overflowed: the same prompt without OMG fails the WebUI's NaN check "
+               "or gives a black image. Try lower LoRA weights (the text encoder's first), the setting \"Upcast cross "
+               "attention layer to float32\" or --no-half.")
 AND_MESSAGE = ("OMG gives each character its own prompt and LoRA, so it does not take AND (composable diffusion) in "
                "the prompt: write one prompt that names every character by its class word, without AND, and put each "
                "character's details in its concept prompt")
@@ -331,7 +335,9 @@ class RowTracker:
             raise RuntimeError("OMG lost track of the UNet rows (a call outside the CFG denoiser)")
         for row, expected in zip(context, self.conds[self.offset:]):
             n = min(row.shape[0], expected.shape[0])
-            if not torch.equal(row[:n], expected[:n].to(row)):
+            # NaN equals NaN here: conditioning broken by the checkpoint or a LoRA (fp16 overflow) is
+            # the host's to report ("A tensor with NaNs was produced"), not a lost row
+            if not torch.allclose(row[:n], expected[:n].to(row), rtol=0, atol=0, equal_nan=True):
                 raise RuntimeError("OMG lost track of the UNet rows (conditioning does not match)")
         self.offset += context.shape[0]
         return rows
@@ -635,6 +641,8 @@ class A1111Generation:
         cfg = self.cfg
         self.pictures = [] if layout is None else to_pictures(layout)
         maps, hw = session.attention_maps(), session.record.latent_hw()
+        if not bool(torch.isfinite(maps).all()):
+            raise OmgUserError(NAN_MESSAGE)
         models = mask_models(cfg)
         try:
             return [concept_masks(cfg.mask_source, MaskInputs(

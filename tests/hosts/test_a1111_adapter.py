@@ -49,6 +49,19 @@ def test_row_tracker_follows_the_denoisers_calls_and_checks_them():
         tracker.on_denoiser(Params(torch.randn(3, 77, 8), uncond))
 
 
+def test_conditioning_with_nans_is_left_to_the_hosts_nan_check():
+    """A checkpoint or text-encoder LoRA that overflows gives NaN conditioning: the rows are
+    still followed, so the job fails with A1111's own NaN message, not "lost track"."""
+    cond, uncond = torch.randn(1, 77, 8), torch.full((1, 77, 8), float("nan"))
+    cond[0, 5:] = float("nan")
+    tracker = a1111.RowTracker(images=1)
+    tracker.on_denoiser(Params(cond, uncond))
+    assert tracker.take(torch.cat([cond, uncond])) == [RowRole(True, 0), RowRole(False, 0)]
+    tracker.on_denoiser(Params(cond, uncond))
+    with pytest.raises(RuntimeError, match="conditioning does not match"):
+        tracker.take(torch.cat([uncond, cond]))
+
+
 class _Net:
     dyn_dim = None
 
@@ -487,6 +500,26 @@ def test_the_layout_is_decoded_only_to_be_shown_or_for_an_image_mask_source(monk
             masks=torch.zeros(2, 12, 16), empty=[], sources=[source], warnings=lambda: []))
         _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
         assert len(decoded) == 2  # SAM looks at the layout image
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["two passes", "fast"])
+def test_nan_from_the_model_stops_the_job_with_what_to_do_and_leaves_the_model_as_it_was(monkeypatch, two_concepts, mode):
+    """An overflowing checkpoint or LoRA (half precision, a strong text-encoder LoRA) makes NaN
+    conditioning: the rows are still followed, and the job stops where the masks are made,
+    saying what happened, instead of "lost track of the UNet rows" or the mask engine's words."""
+    model, cfg = two_concepts
+    cfg.mode = mode
+    unet = model.model.diffusion_model
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    encode = model.get_learned_conditioning
+    monkeypatch.setattr(model, "get_learned_conditioning", lambda prompts: torch.full_like(encode(prompts), float("nan")))
+    with fake_a1111.installed() as modules:
+        with pytest.raises(a1111.OmgUserError, match=r"NaN \(not-a-number\) values before the masks were made.*--no-half"):
+            _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
+        assert not any(modules.script_callbacks.callback_map.values())
+    assert "forward" not in unet.__dict__ and not any(m._forward_hooks for m in unet.modules())
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())
 
 
 @torch.no_grad()
