@@ -466,14 +466,25 @@ class A1111Generation:
             self.p.extra_generation_params["OMG mask sources used"] = ", ".join(results[0].sources)
             return made[0]
 
-        state, start = shared.state, self.cfg.blend_start
-        session.begin_fast(lambda t: state.sampling_step >= round(start * max(state.sampling_steps, 1)), make_masks,
-                           context_key=self.context_key, share_uncond=self.cfg.concept_guidance == "shared")
+        state, start, counted = shared.state, self.cfg.blend_start, [0]
+
+        def blending(t) -> bool:
+            counted[0] = max(counted[0], state.sampling_step)
+            return state.sampling_step >= start_step()
+
+        def start_step() -> int:
+            return round(start * max(state.sampling_steps, 1))
+
+        session.begin_fast(blending, make_masks, context_key=self.context_key, share_uncond=self.cfg.concept_guidance == "shared")
         add_callback(script_callbacks.on_cfg_after_cfg, keep_denoised, "omg fast mode")
         try:
             final = run()
         finally:
             script_callbacks.remove_callbacks_for_function(keep_denoised)
+        if not made and not (state.interrupted or state.skipped):  # DPM fast counts solver iterations, a third of the steps
+            self.warnings.append(f"OMG fast mode never reached its blend start (step {start_step()} of {state.sampling_steps}; "
+                                 f"sampler {getattr(self.p, 'sampler_name', '?')!r} counted to step {counted[0]}): the image "
+                                 "was made without the concepts; lower the blend start, or use another sampler or two passes")
         if made and self.cfg.show_masks:
             self.pictures = to_pictures(final)
             self.keep_layout(made[0], with_layout=False)

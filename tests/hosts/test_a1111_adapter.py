@@ -339,6 +339,27 @@ def test_a_fast_job_runs_one_pass_and_leaves_the_model_as_it_was(monkeypatch, tw
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("blend_start", [0.95, 1.0])
+def test_a_fast_job_whose_sampler_never_reaches_the_blend_start_says_so(two_concepts, blend_start):
+    """A blend start past the last step a sampler counts (here round(0.95 × 6) = 6 of steps 0–5;
+    "DPM fast" counts a third of them) leaves no step for the concepts: the image is the plain
+    one, and the infotext says why instead of passing it off as OMG's."""
+    model, cfg = two_concepts
+    cfg.mode, cfg.blend_start = "fast", blend_start
+    with fake_a1111.installed() as modules:
+        job = _Job(modules, model, "a man and a woman", "blurry", latent=(12, 20))
+        c, uc = model.get_learned_conditioning(["a man and a woman"]), model.get_learned_conditioning(["blurry"])
+        plain = job.sample(c, uc, [7], [7], 0, job.prompts)
+        job.rng = modules.rng.ImageRNG((4, 12, 20), job.seeds)
+        a1111.A1111Generation(job, cfg).attach()
+        final = job.sample(c, uc, [7], [7], 0, job.prompts)
+    assert torch.allclose(final, plain, atol=1e-5)
+    assert job.extra_generation_params["OMG warnings"] == (
+        "OMG fast mode never reached its blend start (step 6 of 6; sampler 'euler' counted to step 5): the image was made "
+        "without the concepts; lower the blend start, or use another sampler or two passes")
+
+
 def test_lora_for_another_architecture_is_named_and_text_encoder_deltas_reach_attention(monkeypatch, hero_file):
     unet_layer, attention = nn.Linear(8, 6), nn.MultiheadAttention(8, 2)
     wrong = _LoraModule(unet_layer)
