@@ -447,16 +447,17 @@ class A1111Generation:
         return final
 
     def sample_fast(self, session: OmgSession, run) -> torch.Tensor:
-        """Fast mode: one host sampling run; at the blend start's step (the host's step counter,
-        ``shared.state.sampling_step``) the masks are made — from the attention of the steps before
-        it, from the drawn regions, or by SAM / the detector on the image the host's last denoised
-        latent (``on_cfg_after_cfg``) decodes to — then the concepts act inside them."""
+        """Fast mode: one host sampling run; at the blend start's step (``step_now``) the masks are
+        made — from the attention of the steps before it, from the drawn regions, or by SAM / the
+        detector on the image the host's last denoised latent (``on_cfg_after_cfg``) decodes to —
+        then the concepts act inside them."""
         from modules import script_callbacks, shared
 
-        made, denoised = [], []
+        made, denoised, calls = [], [], [0]
 
         def keep_denoised(params) -> None:
             denoised[:] = [params.x]
+            calls[0] += 1
 
         def make_masks(s: OmgSession) -> torch.Tensor:
             results = self.concept_masks(s, denoised[0] if self.masks_need_image() else None)
@@ -468,9 +469,16 @@ class A1111Generation:
 
         state, start, counted = shared.state, self.cfg.blend_start, [0]
 
+        def step_now() -> int:
+            """The step being sampled. The host's counter (``shared.state.sampling_step``) is set by its
+            per-step callback, after the step's UNet calls: during step i it says i − 1 (0 in steps 0 and
+            1), and DPM fast counts solver iterations, fewer than its steps. The denoiser calls made so
+            far (one a step for most samplers) bound it from the other side for samplers with two a step."""
+            return min(calls[0], state.sampling_step + 1)
+
         def blending(t) -> bool:
-            counted[0] = max(counted[0], state.sampling_step)
-            return state.sampling_step >= start_step()
+            counted[0] = max(counted[0], step_now())
+            return step_now() >= start_step()
 
         def start_step() -> int:
             return round(start * max(state.sampling_steps, 1))
@@ -481,7 +489,7 @@ class A1111Generation:
             final = run()
         finally:
             script_callbacks.remove_callbacks_for_function(keep_denoised)
-        if not made and not (state.interrupted or state.skipped):  # DPM fast counts solver iterations, a third of the steps
+        if not made and not (state.interrupted or state.skipped):
             self.warnings.append(f"OMG fast mode never reached its blend start (step {start_step()} of {state.sampling_steps}; "
                                  f"sampler {getattr(self.p, 'sampler_name', '?')!r} counted to step {counted[0]}): the image "
                                  "was made without the concepts; lower the blend start, or use another sampler or two passes")

@@ -222,7 +222,9 @@ class _Job:
         step, state = iter(range(self.steps)), self.modules.shared.state
 
         def denoiser(x, sigma):
-            state.sampling_step, state.sampling_steps = next(step), self.steps  # Euler: a denoiser call per step
+            # Euler: a denoiser call per step; the host's per-step callback sets the counter after the step's
+            # UNet call, so during step i it still says i - 1
+            state.sampling_step, state.sampling_steps = max(next(step) - 1, 0), self.steps
             x_in, sigma_in = torch.cat([x, x]), sigma.repeat(2)
             self.modules.script_callbacks.cfg_denoiser_callback(self.modules.script_callbacks.CFGDenoiserParams(
                 x_in, None, sigma_in, state.sampling_step, self.steps, cond, uncond))
@@ -337,6 +339,26 @@ def test_a_fast_job_runs_one_pass_and_leaves_the_model_as_it_was(monkeypatch, tw
     assert not torch.equal(final, plain)
     assert "forward" not in unet.__dict__ and not any(m._forward_hooks for m in unet.modules())
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("blend_start, blended", [(0.17, 5), (0.5, 3), (0.8, 1)])
+def test_fast_mode_blends_from_the_blend_starts_step_though_the_hosts_counter_lags(monkeypatch, two_concepts, blend_start, blended):
+    """Of 6 steps, blend start 0.17 → steps 1–5 blend, 0.5 → 3–5, 0.8 → 5: the host's counter says
+    0 in steps 0 and 1, yet step 0 (the only one whose attention the masks can come from at 0.17)
+    runs plain, and no step is lost to the lag."""
+    model, cfg = two_concepts
+    cfg.mode, cfg.blend_start = "fast", blend_start
+    seen = []
+    engine_fast = a1111.OmgSession._fast
+    monkeypatch.setattr(a1111.OmgSession, "_fast", lambda self, *a: seen.append(1) or engine_fast(self, *a))
+    with fake_a1111.installed() as modules:
+        job = _Job(modules, model, "a man and a woman", "blurry", latent=(12, 20))
+        a1111.A1111Generation(job, cfg).attach()
+        job.sample(model.get_learned_conditioning(["a man and a woman"]), model.get_learned_conditioning(["blurry"]), [7], [7], 0,
+                   job.prompts)
+    assert len(seen) == blended
+    assert "OMG warnings" not in job.extra_generation_params
 
 
 @torch.no_grad()

@@ -103,7 +103,9 @@ class _Job:
         step, state = iter(range(self.steps)), self.modules.shared.state
 
         def denoiser(x, sigma):
-            state.sampling_step, state.sampling_steps = next(step), self.steps  # Euler: a denoiser call per step
+            # Euler: a denoiser call per step; the host's per-step callback sets the counter after the step's
+            # UNet call, so during step i it still says i - 1
+            state.sampling_step, state.sampling_steps = max(next(step) - 1, 0), self.steps
             self.calls += 1
             if self.calls == self.fail_at_call:
                 raise RuntimeError("sampler failed")
