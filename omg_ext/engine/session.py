@@ -179,10 +179,11 @@ class OmgSession:
 
     def begin_hires(self, blend: bool) -> None:
         """A hires pass after pass 2: no record to replay; blend with resized masks, or run plain.
-        After fast mode the hires pass stays in fast mode, masked from its first step."""
-        if self._blending is not None and self.masks is not None:
+        After fast mode the hires pass stays in fast mode, masked from its first step; plain when
+        the fast pass never reached its blend start (no masks)."""
+        if self._blending is not None:
             self._blending = lambda t: True
-            self.mode = "fast" if blend else None
+            self.mode = "fast" if blend and self.masks is not None else None
             return
         self.mode = "hires_blend" if blend else None
 

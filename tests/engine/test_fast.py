@@ -183,6 +183,20 @@ def test_a_hires_pass_after_fast_mode_stays_masked_with_resized_masks_or_runs_pl
 
 
 @torch.no_grad()
+def test_a_hires_pass_after_a_fast_pass_that_never_blended_runs_plain(unet, concepts):
+    """A blend start the sampler never reached (the host warns): no masks to resize, so the
+    hires pass runs the plain model instead of failing for want of them."""
+    r = run_fast(unet, concepts, {"context": text_context(1)}, {"context": text_context(2)}, steps=4,
+                 latent_shape=(1, 4, *HW), blend_start=1.0)
+    assert r.masks is None
+    x, t = torch.randn(2, 4, 18, 30), torch.tensor([400.0, 400.0])
+    host = {"context": torch.cat([text_context(1), text_context(2)])}
+    with r.session.installed():
+        r.session.begin_hires(True)
+        assert torch.equal(r.session(unet_fn(unet), x, t, host, roles_cond_then_uncond(1)), unet_fn(unet)(x, t, host))
+
+
+@torch.no_grad()
 def test_a_host_handing_over_projections_gets_the_same_fast_cross_attention(unet, concepts):
     """Forge's attn2 replace patch: projected q, k, v and the block's key; the module found by that key."""
     name = "input_blocks.3.1.transformer_blocks.0.attn2"
