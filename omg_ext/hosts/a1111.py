@@ -447,7 +447,7 @@ class A1111Generation:
         return final
 
     def sample_fast(self, session: OmgSession, run) -> torch.Tensor:
-        """Fast mode: one host sampling run; at the blend start's step (``step_now``) the masks are
+        """Fast mode: one host sampling run; at the blend start's step (see ``blending``) the masks are
         made — from the attention of the steps before it, from the drawn regions, or by SAM / the
         detector on the image the host's last denoised latent (``on_cfg_after_cfg``) decodes to —
         then the concepts act inside them."""
@@ -469,16 +469,14 @@ class A1111Generation:
 
         state, start, counted = shared.state, self.cfg.blend_start, [0]
 
-        def step_now() -> int:
-            """The step being sampled. The host's counter (``shared.state.sampling_step``) is set by its
-            per-step callback, after the step's UNet calls: during step i it says i − 1 (0 in steps 0 and
-            1), and DPM fast counts solver iterations, fewer than its steps. The denoiser calls made so
-            far (one a step for most samplers) bound it from the other side for samplers with two a step."""
-            return min(calls[0], state.sampling_step + 1)
-
         def blending(t) -> bool:
-            counted[0] = max(counted[0], step_now())
-            return step_now() >= start_step()
+            # The step being sampled. The host's counter is set by its per-step callback, after the step's
+            # UNet calls: during step i it says i - 1 (0 in steps 0 and 1), and DPM fast counts solver
+            # iterations, fewer than its steps. The denoiser calls made so far (one a step for most
+            # samplers) bound it from the other side for samplers with two a step.
+            step = min(calls[0], state.sampling_step + 1)
+            counted[0] = max(counted[0], step)
+            return step >= start_step()
 
         def start_step() -> int:
             return round(start * max(state.sampling_steps, 1))
