@@ -107,7 +107,7 @@ FIELDS = (
     Field("self_attention_until", "OMG self attn until", _float, "Preserve self-attention until (fraction of steps)"),
     Field("mask_dilation", "OMG mask dilation", _int, "Mask dilation (px)"),
     Field("mask_feather", "OMG mask feather", _int, "Mask feather (px)"),
-    Field("show_masks", "OMG show masks", _bool, "Show layout image and masks"),
+    Field("show_masks", "OMG show masks", _bool, "Show the masks (over the image)"),
     Field("hires_blend", "OMG hires blend", _bool, "Blend concepts during hires fix"),
     Field("sam_model", "OMG SAM model", _str, "Segment Anything model"),
     Field("detector", "OMG detector", _str, "Class-word detector"),
@@ -117,6 +117,7 @@ FIELDS = (
     Field("concept_guidance", "OMG concept guidance", _str, "Concepts guided against (own: their negative prompts; shared: the global one)"),
     Field("background", "OMG background", _str, "Background in pass 2 (pass 1: kept from the layout pass; redrawn: drawn again)"),
     Field("mask_split", "OMG mask split", _str, "Masks shared out by (figures: each figure to one concept; pixels: the strongest attention)"),
+    Field("show_layout", "OMG show layout", _bool, "Show the layout image (pass 1; one more VAE decode)"),
 )
 
 CONCEPT_FIELDS = (
@@ -182,6 +183,7 @@ class OmgConfig:
     concept_guidance: str = "shared"
     background: str = "pass 1"
     mask_split: str = "figures"
+    show_layout: bool = False  # a second VAE decode per image, on every job: asked for, not paid by default
     concepts: list[ConceptSpec] = field(default_factory=list)
 
     def validate(self) -> "OmgConfig":

@@ -94,10 +94,11 @@ def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
             mode = _add(FIELDS[13], infotext, by_attr)
             guidance = _add(FIELDS[14], infotext, by_attr)
             background = _add(FIELDS[15], infotext, by_attr)
-        for row in (FIELDS[1:5], FIELDS[5:9]):
-            with gr.Row():
-                for field in row:
-                    components.append(_add(field, infotext, by_attr))
+        with gr.Row():
+            components += [_add(field, infotext, by_attr) for field in FIELDS[1:5]]
+        with gr.Row():
+            components += [_add(field, infotext, by_attr) for field in FIELDS[5:9]]
+            show_layout = _add(FIELDS[17], infotext, by_attr)  # beside "show masks", passed last
         with gr.Accordion("Mask sources: Segment Anything, detector, drawn regions", open=False):
             with gr.Row():
                 for field in FIELDS[9:12]:
@@ -108,7 +109,7 @@ def build(enable_accordion: Callable, lora_choices: Callable[[], list[str]],
             regions_box = _add(FIELDS[12], infotext, by_attr)
             components.append(regions_box)
             regions_block(regions_box, image_to_regions, free_models)
-        components += [mode, guidance, background, mask_split]
+        components += [mode, guidance, background, mask_split, show_layout]
         choices = lora_choices()
         for n in range(1, MAX_CONCEPTS + 1):
             with gr.Accordion(f"Concept {n}", open=n <= 2):

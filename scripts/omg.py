@@ -65,6 +65,12 @@ class OmgScript(scripts.Script):
         if patch_unet is not None:
             patch_unet()
 
+    def postprocess_batch(self, p, *args, images=None, **kwargs):
+        """The batch's images, decoded by the host: OMG draws its masks over them (no decode of its own)."""
+        generation = getattr(p, "_omg", None)
+        if generation is not None and images is not None:
+            generation.keep_pictures(images)
+
     def postprocess(self, p, processed, *args):
         generation = getattr(p, "_omg", None)
         if generation is None:

@@ -21,13 +21,14 @@ def _cfg(**kw):
 def test_the_tables_declare_every_setting_in_order():
     assert [f.name for f in fields(OmgConfig) if f.name != "concepts"] == [f.attr for f in FIELDS]
     assert [f.name for f in fields(ConceptSpec)] == [f.attr for f in CONCEPT_FIELDS]
-    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 17 + 5 * 8
+    assert ARGS_COUNT == len(FIELDS) + MAX_CONCEPTS * len(CONCEPT_FIELDS) == 18 + 5 * 8
 
 
 def test_defaults():
     cfg = OmgConfig()
     assert (cfg.enabled, cfg.blend_start, cfg.mask_source, cfg.layout_preservation) == (False, 0.3, "attention", True)
     assert (cfg.concept_guidance, cfg.background, cfg.mask_split) == ("shared", "pass 1", "figures")
+    assert (cfg.show_masks, cfg.show_layout) == (True, False)  # the masks over the image; the layout costs a VAE decode
     assert cfg.validate() is cfg  # disabled: concepts not required
 
 

@@ -8,8 +8,8 @@ pass-1 image is exactly the image the host would have made.
 
 - Capture: at cross-attention layers of 1/2 and 1/4 latent resolution, the
   probabilities of each concept's class-word tokens, averaged over heads and summed
-  over the word's tokens, are added to per-image maps. The projections are recomputed
-  for the capture rows only (77 keys: cheap), the output is the module's own.
+  over the word's tokens, are added to per-image maps, from the q and k the module's own
+  forward projected (the output is the module's own).
 - Keeping (pass 1): every cross-attention layer's output of the cond rows is kept, by
   layer, for pass 2 (``layout.LayoutOutputs``); giving back (pass 2): a host cond row's
   output is replaced by the one kept — the same as replacement below, without its
@@ -222,11 +222,12 @@ class OmgAttention:
             return self._replaced(x, x if context is None else context, call)
         if action == "fast":
             return fast_cross_attention(self.module, x, context, call.fast, self.state.added_terms)
-        out = self.original(x, context=context, mask=mask, **kwargs)
+        if action == "capture":
+            out = self._captured(x, context, call, hw, mask=mask, **kwargs)
+        else:
+            out = self.original(x, context=context, mask=mask, **kwargs)
         if action == "layout":
             return call.layout.apply(self, out)
-        if action == "capture":
-            self._capture(x, context, call, hw)
         if call.keep is not None and self.is_cross:
             call.keep.keep(self, out)
         return out
@@ -236,10 +237,25 @@ class OmgAttention:
         out = attend_with_replacement(q, m.to_k(context), m.to_v(context), m.heads, m.scale, call.replace)
         return m.to_out(with_added_terms(out, m, x, q, self.state.added_terms))
 
-    def _capture(self, x: torch.Tensor, context: torch.Tensor, call: AttentionCall, hw: tuple[int, int]) -> None:
-        m = self.module
+    def _captured(self, x: torch.Tensor, context: torch.Tensor, call: AttentionCall, hw: tuple[int, int],
+                  **kwargs) -> torch.Tensor:
+        """The module's own output; the capture rows' class-word maps from the q and k its forward projected
+        (read by forward hooks on ``to_q`` and ``to_k``: no projection twice), projected again only where
+        the forward did not project the whole batch through them."""
+        m, seen = self.module, {}
+        handles = [m.to_q.register_forward_hook(lambda _m, _a, out: seen.setdefault("q", out)),
+                   m.to_k.register_forward_hook(lambda _m, _a, out: seen.setdefault("k", out))]
+        try:
+            out = self.original(x, context=context, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
         rows = [r for r, _ in call.capture_rows]
-        add_word_maps(probabilities(m.to_q(x[rows]), m.to_k(context[rows]), m.heads, m.scale), call, hw)
+        q, k = seen.get("q"), seen.get("k")
+        q = q[rows] if q is not None and q.shape[:2] == x.shape[:2] else m.to_q(x[rows])
+        k = k[rows] if k is not None and k.shape[:2] == context.shape[:2] else m.to_k(context[rows])
+        add_word_maps(probabilities(q, k, m.heads, m.scale), call, hw)
+        return out
 
 
 def fast_cross_attention(module: nn.Module, x: torch.Tensor, context: torch.Tensor, fast: "FastCall",

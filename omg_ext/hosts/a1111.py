@@ -370,6 +370,9 @@ class A1111Generation:
         self.unet = self.unet_module()
         self.prepared: Prepared | None = None
         self.layout_images: list = []
+        """Per image of the job so far: the pictures shown beside it, as (image, file suffix) pairs."""
+        self.to_show: tuple[torch.Tensor, list] | None = None
+        """The current batch's masks and layout pictures, shown once the host has decoded its images (``keep_pictures``)."""
         self.warnings: list[str] = []
 
     def unet_module(self):
@@ -399,6 +402,7 @@ class A1111Generation:
         from modules import rng, shared
 
         p = self.p
+        self.to_show = None
         if self.prepared is None:
             self.prepared = self.prepare()
         images = len(prompts)
@@ -424,7 +428,7 @@ class A1111Generation:
                 self.check_pass1(session)
                 shared.state.nextjob()
                 shared.state.textinfo = "OMG: making the masks"
-                results = self.concept_masks(session, layout if self.cfg.show_masks or self.masks_need_image() else None)
+                results = self.concept_masks(session, layout if self.cfg.show_layout or self.masks_need_image() else None)
                 masks = self.skip_missing(results)
                 for r in results:
                     self.warnings += r.warnings()
@@ -440,8 +444,7 @@ class A1111Generation:
         finally:
             p.enable_hr = enable_hr
             self.session = None
-        if self.cfg.show_masks:
-            self.keep_layout(masks)
+        self.to_show = (masks, self.pictures if self.cfg.show_layout else [])
         if self.warnings:
             p.extra_generation_params["OMG warnings"] = "; ".join(dict.fromkeys(self.warnings))
         return final
@@ -491,9 +494,7 @@ class A1111Generation:
             self.warnings.append(f"OMG fast mode never reached its blend start (step {start_step()} of {state.sampling_steps}; "
                                  f"sampler {getattr(self.p, 'sampler_name', '?')!r} counted to step {counted[0]}): the image "
                                  "was made without the concepts; lower the blend start, or use another sampler or two passes")
-        if made and self.cfg.show_masks:
-            self.pictures = to_pictures(final)
-            self.keep_layout(made[0], with_layout=False)
+        self.to_show = (made[0], []) if made else None  # no layout pass to show
         if self.warnings:
             self.p.extra_generation_params["OMG warnings"] = "; ".join(dict.fromkeys(self.warnings))
         return final
@@ -677,14 +678,19 @@ class A1111Generation:
         return self.cfg.mask_source not in ("attention", "regions")
 
     # -- results
-    def keep_layout(self, masks: torch.Tensor, with_layout: bool = True) -> None:
-        """Per image, the pictures shown beside it: the layout image (two passes) and the masks over
-        ``self.pictures`` (the layout, or in fast mode the final image), as (image, file suffix) pairs."""
-        for i, image in enumerate(self.pictures):
-            pixels = torch.from_numpy(numpy.array(image)).permute(2, 0, 1).float() / 255
+    def keep_pictures(self, images: torch.Tensor) -> None:
+        """Per image of the batch the host has just decoded (``images``: [B, 3, H, W] in [0, 1], after any hires
+        pass): the layout image if asked for (two passes) and the masks drawn over the image itself, which the
+        host decoded anyway — no VAE decode of OMG's own unless the layout is shown or a mask source looks at it."""
+        to_show, self.to_show = self.to_show, None
+        if to_show is None:
+            return
+        masks, layouts = to_show
+        for i, pixels in enumerate(images[:masks.shape[0]]):
+            pixels = pixels.float().cpu()
             shown = torch.nn.functional.interpolate(masks[i:i + 1].float().cpu(), size=pixels.shape[-2:], mode="nearest")[0]
-            pic = _to_pil(overlay(shown, pixels).clamp(0, 1))
-            self.layout_images.append(([(image, "-omg-layout")] if with_layout else []) + [(pic, "-omg-masks")])
+            self.layout_images.append([(picture, "-omg-layout") for picture in layouts[i:i + 1]]
+                                      + ([(_to_pil(overlay(shown, pixels).clamp(0, 1)), "-omg-masks")] if self.cfg.show_masks else []))
 
 
 def _as_cond(cond) -> dict:

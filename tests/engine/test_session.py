@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from omg_ext.engine.attention import CAPTURE_FACTORS, layer_factor
 from omg_ext.engine.masks import masks_from_attention
@@ -273,8 +274,46 @@ def test_pass1_captures_each_images_class_word_attention_at_half_and_quarter_res
                 expected[image, j] += torch.nn.functional.interpolate(word, size=maps_hw, mode="bilinear", align_corners=False)[0, 0]
     assert layers >= 4
     torch.testing.assert_close(session.attention_maps(), expected, rtol=1e-4, atol=1e-6)
+    assert all(len(seen["to_q"]) == len(seen["to_k"]) == 1 for seen in probe.seen.values())  # nothing projected twice
     with pytest.raises(ValueError, match="image_tokens must list 2 concepts' positions for each of 2 images"):
         OmgSession(unet, concepts, images=2, image_tokens=image_tokens[:1])
+
+
+@torch.no_grad()
+def test_capture_projects_again_only_for_a_host_attention_that_does_not_call_the_projection_modules(unet, concepts):
+    """An attention forward that uses the projection weights without calling ``to_q``/``to_k`` (no hook sees
+    its q and k) gets the same maps: the capture rows are projected again."""
+    x = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(3))
+    t, cond = torch.full((2,), 600.0), {"context": _ctx(1, 2)}
+
+    def maps() -> tuple[torch.Tensor, torch.Tensor]:
+        session = OmgSession(unet, concepts, images=1)
+        with session.installed():
+            session.begin_pass1()
+            out = session(unet_fn(unet), x, t, cond, roles_cond_then_uncond(1))
+        return out, session.attention_maps()
+
+    hooked_out, hooked = maps()
+    cross = [m for n, m in unet.named_modules() if n.endswith("attn2")]
+
+    def by_weights(m):
+        def forward(x, context=None, mask=None, **kwargs):
+            q, k, v = F.linear(x, m.to_q.weight), F.linear(context, m.to_k.weight), F.linear(context, m.to_v.weight)
+            b, n, c = q.shape
+            q, k, v = (p.reshape(b, -1, m.heads, c // m.heads).transpose(1, 2) for p in (q, k, v))
+            return m.to_out(F.scaled_dot_product_attention(q, k, v, scale=m.scale).transpose(1, 2).reshape(b, n, c))
+        return forward
+
+    for m in cross:
+        m.forward = by_weights(m)
+    try:
+        out, again = maps()
+    finally:
+        for m in cross:
+            del m.forward
+    torch.testing.assert_close(out, hooked_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, hooked, rtol=1e-5, atol=1e-6)
+    assert hooked.abs().sum() > 0
 
 
 def _snapshot(unet):

@@ -299,7 +299,10 @@ def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch,
         assert bar.total == 6 + 6
         assert shown == ["OMG pass 1 of 2: layout", "OMG pass 2 of 2: concepts"]
     assert job.calls == 6 + 6 + 6  # the plain run, pass 1, pass 2 (the denoiser runs; replays cost no UNet)
-    assert [[suffix for _, suffix in pictures] for pictures in generation.layout_images] == [["-omg-layout", "-omg-masks"]]
+    assert generation.layout_images == []  # shown once the host has decoded the batch
+    generation.keep_pictures(torch.rand(1, 3, 96, 128))
+    assert [[suffix for _, suffix in pictures] for pictures in generation.layout_images] == [["-omg-masks"]]
+    assert generation.layout_images[0][0][0].size == (128, 96)
     assert job.extra_generation_params["OMG c1 lora"] == "hero"
     assert job.extra_generation_params["OMG c1 lora hash"] == "0123456789ab" and "OMG c2 lora hash" not in job.extra_generation_params
     assert not torch.equal(final, plain)
@@ -329,12 +332,14 @@ def test_a_fast_job_runs_one_pass_and_leaves_the_model_as_it_was(monkeypatch, tw
         seen = []
         engine_fast = a1111.OmgSession._fast
         monkeypatch.setattr(a1111.OmgSession, "_fast", lambda self, *a: seen.append(self.masks) or engine_fast(self, *a))
+        monkeypatch.setattr(modules.sd_samplers_common, "sample_to_image", lambda *a, **k: pytest.fail("fast mode decoded an image"))
         final = job.sample(c, uc, [7], [7], 0, job.prompts)
         assert not modules.script_callbacks.callback_map["callbacks_cfg_denoiser"]
     assert job.calls == 6 + 6  # the plain run and the one fast pass
     assert len(seen) == 3  # steps 3, 4, 5 of 6 blend (blend start 0.5)
     assert tuple(seen[0].masks.shape) == (1, 2, 12, 20)
     assert job.extra_generation_params["OMG mode"] == "fast"
+    generation.keep_pictures(torch.rand(1, 3, 96, 160))
     assert [[suffix for _, suffix in pictures] for pictures in generation.layout_images] == [["-omg-masks"]]
     assert not torch.equal(final, plain)
     assert "forward" not in unet.__dict__ and not any(m._forward_hooks for m in unet.modules())
@@ -449,7 +454,8 @@ def two_concepts(monkeypatch, hero_file):
 
 
 def _run_job(modules, model, cfg, prompts, seeds, latent, scripts=None, marked=False, negative="blurry", extra_networks=None):
-    """One txt2img job through the adapter; the session it ran with (its job's infotext as ``session.infotext``).
+    """One txt2img job through the adapter; the session it ran with (its job's infotext as ``session.infotext``,
+    the adapter as ``session.generation``).
     ``scripts``: (the job's always-on scripts, their arguments); ``marked``: the prompts' conditioning carries
     sd-webui-controlnet's leading mark token (+1024 cond, -1024 uncond); ``extra_networks``: the job's
     ``extra_network_data`` (the global prompt's own LoRAs)."""
@@ -472,7 +478,7 @@ def _run_job(modules, model, cfg, prompts, seeds, latent, scripts=None, marked=F
         if marked:
             c, uc = (torch.cat([torch.full_like(x[:, :1], sign * 1024.0), x], dim=1) for x, sign in ((c, 1), (uc, -1)))
         final = job.sample(c, uc, job.seeds, job.seeds, 0, job.prompts)
-    sessions[0].infotext = job.extra_generation_params
+    sessions[0].infotext, sessions[0].generation = job.extra_generation_params, generation
     return final, sessions[0]
 
 
@@ -523,17 +529,27 @@ def test_concepts_are_kept_only_from_the_last_job_and_only_as_low_rank_loras(mon
 
 
 @torch.no_grad()
-def test_the_layout_is_decoded_only_to_be_shown_or_for_an_image_mask_source(monkeypatch, two_concepts):
+def test_the_layout_is_decoded_only_when_shown_or_for_an_image_mask_source(monkeypatch, two_concepts):
+    """The masks are drawn over the images the host decodes; pass 1's layout costs a VAE decode of OMG's own only
+    when "show layout" asks for it or the mask source looks at it (SAM, a detector). The image is the same."""
     model, cfg = two_concepts
     decoded = []
+
+    def shown(session) -> list:
+        session.generation.keep_pictures(torch.rand(1, 3, 96, 128))
+        return [[suffix for _, suffix in pictures] for pictures in session.generation.layout_images]
+
     with fake_a1111.installed() as modules:
         to_image = modules.sd_samplers_common.sample_to_image
         monkeypatch.setattr(modules.sd_samplers_common, "sample_to_image", lambda *a, **k: decoded.append(1) or to_image(*a, **k))
-        shown, _ = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
-        assert len(decoded) == 1
-        cfg.show_masks = False
-        hidden, _ = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
-        assert len(decoded) == 1 and torch.equal(hidden, shown)  # attention masks: no decode, the same image
+        default, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
+        assert len(decoded) == 0 and shown(session) == [["-omg-masks"]]
+        cfg.show_layout = True
+        with_layout, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
+        assert len(decoded) == 1 and shown(session) == [["-omg-layout", "-omg-masks"]] and torch.equal(with_layout, default)
+        cfg.show_masks = cfg.show_layout = False
+        hidden, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
+        assert len(decoded) == 1 and shown(session) == [[]] and torch.equal(hidden, default)
         cfg.mask_source = "regions"
         cfg.regions = json.dumps({"width": 128, "height": 96, "boxes": {"1": [0, 0, 64, 96], "2": [64, 0, 128, 96]}})
         _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))

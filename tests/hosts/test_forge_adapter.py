@@ -222,6 +222,7 @@ def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(tmp_p
     cfg = OmgConfig(blend_start=0.5, **CFG)
     prompts = ["a man and a woman", "on grass a woman hugs a tall man"]
     _, batch, job, _, generation, _ = _run(tmp_path, monkeypatch, cfg, prompts=prompts, seeds=[7, 8], latent=latent)
+    generation.keep_pictures(torch.rand(2, 3, latent[0] * 8, latent[1] * 8))
     assert batch.shape == (2, 4, *latent) and len(generation.layout_images) == 2
     for i in range(2):
         _, alone, *_ = _run(tmp_path, monkeypatch, cfg, prompts=prompts[i:i + 1], seeds=[7 + i], latent=latent)
@@ -235,6 +236,7 @@ def test_fast_mode_is_one_pass_through_forges_patches_each_image_its_own_and_eve
     prompts = ["a man and a woman", "on grass a woman hugs a tall man"]
     plain, batch, job, model, generation, weights = _run(tmp_path, monkeypatch, cfg, prompts=prompts, seeds=[7, 8],
                                                           latent=latent, split=True)  # Forge's memory-split calls
+    generation.keep_pictures(torch.rand(2, 3, latent[0] * 8, latent[1] * 8))
     assert job.calls == 6 and job.extra_generation_params["OMG mode"] == "fast" and len(generation.layout_images) == 2
     assert not torch.equal(batch, plain)
     _assert_untouched(model, weights, model.forge_objects_after_applying_lora.unet)
@@ -508,8 +510,8 @@ def test_blend_start_one_gives_forges_own_image_bitwise(tmp_path, monkeypatch, b
     plain, final, job, model, generation, weights = _run(tmp_path, monkeypatch, OmgConfig(blend_start=1.0, **CFG), backend=backend)
     assert torch.equal(final, plain)
     assert job.calls == 12  # pass 1 and pass 2 each call the denoiser 6 times
-    counters = generation.prepared and generation.layout_images and generation
-    assert counters is generation  # layout image and masks were made
+    generation.keep_pictures(torch.rand(1, 3, 64, 64))
+    assert generation.prepared is not None and len(generation.layout_images) == 1  # the masks were made and shown
     _assert_untouched(model, weights, model.forge_objects_after_applying_lora.unet)
 
 

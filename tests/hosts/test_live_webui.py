@@ -57,11 +57,14 @@ def test_disabled_changes_nothing():
     assert base64.b64decode(plain["images"][0]) == base64.b64decode(off["images"][0])
 
 
-def test_two_concepts_give_image_layout_and_masks_with_infotext():
+def test_two_concepts_give_image_and_masks_with_infotext_and_the_layout_when_asked():
     status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg()})
     assert status == 200, result
-    assert len(result["images"]) == 3  # final, layout, mask overlay
-    assert not any(_blank(_image(result, i)) for i in range(3))  # no NaN anywhere
+    assert len(result["images"]) == 2  # final, masks over it
+    status, with_layout = _post("/sdapi/v1/txt2img", {**BASE, **_omg(show_layout=True)})
+    assert status == 200 and len(with_layout["images"]) == 3, with_layout  # final, layout, masks
+    assert not any(_blank(_image(with_layout, i)) for i in range(3))  # no NaN anywhere
+    assert _pixels(_image(with_layout)) == _pixels(_image(result))
     info = json.loads(result["info"])["infotexts"][0]
     assert f"OMG c1 lora: {LORAS[0]}" in info and "OMG blend start: 0.32" in info and "OMG c1 lora hash: " in info
     _, params = _post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + result["images"][0]})
@@ -82,7 +85,7 @@ def test_a_repeated_request_reuses_its_concepts_and_a_changed_concept_is_loaded_
 def test_without_the_layout_and_masks_shown_the_job_gives_its_image_alone_and_the_same_image():
     _, shown = _post("/sdapi/v1/txt2img", {**BASE, **_omg()})
     status, hidden = _post("/sdapi/v1/txt2img", {**BASE, **_omg(show_masks=False)})
-    assert status == 200 and len(hidden["images"]) == 1 and len(shown["images"]) == 3
+    assert status == 200 and len(hidden["images"]) == 1 and len(shown["images"]) == 2
     assert _pixels(_image(hidden)) == _pixels(_image(shown))  # the PNG info differs
 
 
