@@ -316,6 +316,34 @@ def test_capture_projects_again_only_for_a_host_attention_that_does_not_call_the
     assert hooked.abs().sum() > 0
 
 
+
+@torch.no_grad()
+def test_a_host_attention_that_fails_inside_a_captured_layer_leaves_no_hook(unet, concepts):
+    """The capture's forward hooks on ``to_q``/``to_k`` go with the call, also when the host's attention raises."""
+    x, t, cond = torch.randn(2, 4, 16, 12), torch.full((2,), 600.0), {"context": _ctx(1, 2)}
+    cross = [m for n, m in unet.named_modules() if n.endswith("attn2")]
+
+    def failing(m):  # at the first layer that captures
+        def forward(x, context=None, mask=None, **kwargs):
+            if layer_factor(x.shape[1], (16, 12))[0] not in CAPTURE_FACTORS:
+                return type(m).forward(m, x, context, mask)
+            m.to_q(x)
+            raise RuntimeError("host attention failed")
+        return forward
+
+    for m in cross:
+        m.forward = failing(m)
+    session = OmgSession(unet, concepts, images=1)
+    try:
+        with session.installed():
+            session.begin_pass1()
+            with pytest.raises(RuntimeError, match="host attention failed"):
+                session(unet_fn(unet), x, t, cond, roles_cond_then_uncond(1))
+    finally:
+        for m in cross:
+            del m.forward
+    assert not any(module._forward_hooks for module in unet.modules())
+
 def _snapshot(unet):
     return {k: v.clone() for k, v in unet.state_dict().items()}
 
