@@ -683,14 +683,16 @@ class A1111Generation:
         pass): the layout image if asked for (two passes) and the masks drawn over the image itself, which the
         host decoded anyway — no VAE decode of OMG's own unless the layout is shown or a mask source looks at it."""
         to_show, self.to_show = self.to_show, None
-        if to_show is None:
+        if to_show is None or not (self.cfg.show_masks or self.cfg.show_layout):
             return
         masks, layouts = to_show
         for i, pixels in enumerate(images[:masks.shape[0]]):
-            pixels = pixels.float().cpu()
-            shown = torch.nn.functional.interpolate(masks[i:i + 1].float().cpu(), size=pixels.shape[-2:], mode="nearest")[0]
-            self.layout_images.append([(picture, "-omg-layout") for picture in layouts[i:i + 1]]
-                                      + ([(_to_pil(overlay(shown, pixels).clamp(0, 1)), "-omg-masks")] if self.cfg.show_masks else []))
+            pictures = [(picture, "-omg-layout") for picture in layouts[i:i + 1]]
+            if self.cfg.show_masks:
+                pixels = pixels.float().cpu()
+                shown = torch.nn.functional.interpolate(masks[i:i + 1].float().cpu(), size=pixels.shape[-2:], mode="nearest")[0]
+                pictures.append((_to_pil(overlay(shown, pixels).clamp(0, 1)), "-omg-masks"))
+            self.layout_images.append(pictures)
 
 
 def _as_cond(cond) -> dict:

@@ -547,18 +547,21 @@ def test_the_layout_is_decoded_only_when_shown_or_for_an_image_mask_source(monke
         cfg.show_layout = True
         with_layout, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
         assert len(decoded) == 1 and shown(session) == [["-omg-layout", "-omg-masks"]] and torch.equal(with_layout, default)
-        cfg.show_masks = cfg.show_layout = False
+        cfg.show_masks = False
+        _, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
+        assert len(decoded) == 2 and shown(session) == [["-omg-layout"]]
+        cfg.show_layout = False
         hidden, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
-        assert len(decoded) == 1 and shown(session) == [[]] and torch.equal(hidden, default)
+        assert len(decoded) == 2 and shown(session) == [] and torch.equal(hidden, default)
         cfg.mask_source = "regions"
         cfg.regions = json.dumps({"width": 128, "height": 96, "boxes": {"1": [0, 0, 64, 96], "2": [64, 0, 128, 96]}})
         _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
-        assert len(decoded) == 1
+        assert len(decoded) == 2
         cfg.mask_source = "attention+sam"
         monkeypatch.setattr(a1111, "concept_masks", lambda source, inputs, models: types.SimpleNamespace(
             masks=torch.zeros(2, 12, 16), empty=[], sources=[source], warnings=lambda: []))
         _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16))
-        assert len(decoded) == 2  # SAM looks at the layout image
+        assert len(decoded) == 3  # SAM looks at the layout image
 
 
 @torch.no_grad()
