@@ -3,8 +3,8 @@
     python benchmarks/bench_engine.py [--sizes 32 48] [--steps 20] [--runs 3] [--device cuda --dtype float16]
 
 On the tiny ldm-shaped test UNet (CPU by default, random weights), 2 concepts with LoRAs on every
-Linear and Conv2d layer, blend start 0.32, Euler, CFG 7, one image; the engine with its default
-settings (concept guidance "shared", the background outside the masks from pass 1), with the
+Linear and Conv2d layer, the default blend start (the official schedule: 0.32), Euler, CFG 7, one
+image; the engine with its default settings (concept guidance "shared", the background outside the masks from pass 1), with the
 background redrawn ("redrawn": the host cond row runs with pass 1's kept attention), redrawn with
 reference rows instead of kept attention ("ref rows": compute for memory) and with the paper's own
 guidance ("own"). For each method it
@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from omg_ext.config import OmgConfig  # noqa: E402
 from omg_ext.engine.lora import RowRoutedLoRA  # noqa: E402
 from omg_ext.engine.session import Concept  # noqa: E402
 from tests.support.loras import random_concept_deltas  # noqa: E402
@@ -49,7 +50,9 @@ METHODS = ("plain", "engine", "redrawn", "ref rows", "own", "fast", "official")
 """``engine`` and ``fast``: the defaults (concept guidance "shared", the background from pass 1); ``redrawn``: the
 background redrawn by the host cond row with pass 1's kept attention; ``ref rows``: redrawn with a reference row per
 image instead of kept attention; ``own``: two passes with the paper's own guidance."""
-CONCEPTS, BLEND_START, CTX = 2, 0.32, 128
+CONCEPTS, CTX = 2, 128
+BLEND_START, OFFICIAL_BLEND_START = OmgConfig.blend_start, 0.32
+"""This project's default blend start; the official code's (blending from step 16 of 50)."""
 DEVICE, DTYPE = torch.device("cpu"), torch.float32
 """Where the UNet runs (``--device``, ``--dtype``); the sampler stays on the CPU in float32."""
 
@@ -128,7 +131,7 @@ def run_official(unet, concepts, size: int, steps: int) -> dict:
 
     def pass2_fn(x, t, c, roles):
         out = unet_call(x, t, c)
-        if float(t.max()) > timesteps[round(BLEND_START * len(timesteps))]:
+        if float(t.max()) > timesteps[round(OFFICIAL_BLEND_START * len(timesteps))]:
             return out
         pair = [i for i, r in enumerate(roles) if r.image == 0]  # image 0's cond and uncond rows
         blended = out[pair] * (1 - masks.sum(0))

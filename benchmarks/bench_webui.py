@@ -22,8 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omg_ext.config import OmgConfig  # noqa: E402  (plain Python: no torch needed)
 
 
 def post(url: str, payload: dict) -> dict:
@@ -73,7 +79,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--blend-start", type=float, default=0.3)
+    parser.add_argument("--blend-start", type=float, default=OmgConfig.blend_start)
     parser.add_argument("--no-hires", action="store_true", help="time txt2img only")
     parser.add_argument("--controlnet", help="a ControlNet model name: every job (plain too) gets one unit of it")
     parser.add_argument("--regional-prompter", action="store_true", help="also time Regional Prompter's Latent mode (installed in that WebUI)")

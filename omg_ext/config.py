@@ -167,7 +167,7 @@ class ConceptSpec:
 @dataclass
 class OmgConfig:
     enabled: bool = False
-    blend_start: float = 0.3
+    blend_start: float = 0.35
     mask_source: str = "attention"
     layout_preservation: bool = True
     self_attention_until: float = 0.0

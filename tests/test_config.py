@@ -26,7 +26,7 @@ def test_the_tables_declare_every_setting_in_order():
 
 def test_defaults():
     cfg = OmgConfig()
-    assert (cfg.enabled, cfg.blend_start, cfg.mask_source, cfg.layout_preservation) == (False, 0.3, "attention", True)
+    assert (cfg.enabled, cfg.blend_start, cfg.mask_source, cfg.layout_preservation) == (False, 0.35, "attention", True)
     assert (cfg.concept_guidance, cfg.background, cfg.mask_split) == ("shared", "pass 1", "figures")
     assert (cfg.show_masks, cfg.show_layout) == (True, False)  # the masks over the image; the layout costs a VAE decode
     assert cfg.validate() is cfg  # disabled: concepts not required
@@ -110,7 +110,7 @@ def test_infotext_absent_or_malformed():
         from_infotext({"OMG": "True", "OMG blend start": "fast"})
     assert e.value.field == "OMG blend start"
     partial = from_infotext({"OMG": "True", "OMG c1 class": "man", "OMG c1 prompt": "a man"})
-    assert partial.blend_start == 0.3 and partial.concepts == [ConceptSpec(class_word="man", prompt="a man")]
+    assert partial.blend_start == 0.35 and partial.concepts == [ConceptSpec(class_word="man", prompt="a man")]
 
 
 def test_dict_round_trip_and_errors():

@@ -6,14 +6,14 @@
 - ``fixed regions``: Regional-Prompter-like: the left half of the picture is the first
   concept's, the right half the second's, from the first step (OMG's blend through the
   ``regions`` mask source, blend start 0, no layout pass);
-- ``OMG``: this project's defaults (attention masks split by figures, layout preservation, blend start 0.3,
+- ``OMG``: this project's defaults (attention masks split by figures, layout preservation, blend start 0.35,
   concepts guided against the host's uncond rows, the background outside the masks from pass 1);
 - ``OMG grounded``: the same with masks from the paper's route, a detector and a segmenter
   on the layout image (``toyworld.grounding``, through the ``detector+sam`` mask source);
 - ``official``: the official code's settings where they differ from this project's, as far
-  as they change the picture: concept LoRA weight 0.8, self-attention taken from pass 1
-  for the first 40 % of the steps, each concept guided against its own negative prompt
-  with its LoRA, the background redrawn by the global prompt's rows (its cost schedule, a
+  as they change the picture: blending from step 16 of 50 (0.32), concept LoRA weight 0.8,
+  self-attention taken from pass 1 for the first 40 % of the steps, each concept guided
+  against its own negative prompt with its LoRA, the background redrawn by the global prompt's rows (its cost schedule, a
   duplicate image in pass 1 and one UNet call per concept, gives the same picture as the
   expanded batch). Its masks are summed where they
   overlap; here they stay exclusive.
@@ -269,8 +269,8 @@ METHODS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "fixed regions": lambda w, c, s: omg(w, c, s, Settings(masks="halves", blend_start=0.0, layout=False, share_uncond=False,
                                                                  background_from_pass1=False)),
     "OMG": omg,
-    "official": lambda w, c, s: omg(w, c, s, Settings(lora_weight=0.8, self_attention_until=0.4, share_uncond=False,
-                                                          background_from_pass1=False)),
+    "official": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.32, lora_weight=0.8, self_attention_until=0.4,
+                                                          share_uncond=False, background_from_pass1=False)),
     "OMG fast": omg_fast,
 }
 
@@ -286,7 +286,10 @@ ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG fast pixel split": lambda w, c, s: omg_fast(w, c, s, Settings(mask_split="pixels")),
     "OMG own uncond": lambda w, c, s: omg(w, c, s, Settings(share_uncond=False)),
     "OMG fast own uncond": lambda w, c, s: omg_fast(w, c, s, Settings(share_uncond=False)),
+    "OMG fast blend 0.3": lambda w, c, s: omg_fast(w, c, s, Settings(blend_start=0.3)),
     "OMG blend 0.2": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.2)),
+    "OMG blend 0.25": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.25)),
+    "OMG blend 0.3": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.3)),
     "OMG blend 0.4": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.4)),
     "OMG maps 0-0.3": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, 0.3))),
     "OMG maps 0-0.5": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, 0.5))),

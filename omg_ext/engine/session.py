@@ -7,7 +7,7 @@ of both passes through it::
         session.begin_pass1()
         latent = host_sampling(...)                # each UNet call: session(unet_fn, x, t, cond, rows)
         masks = session.attention_masks(...)       # or masks from another source
-        session.begin_pass2(torch.stack([m.masks for m in masks]), blend_start=0.3)
+        session.begin_pass2(torch.stack([m.masks for m in masks]), blend_start=0.35)
         latent = host_sampling(...)                # same seed and noise
     # every patch is gone here, also after an exception
 
