@@ -28,13 +28,19 @@ import torch
 from .layout import LayoutOutputs
 
 
+def first_blended(fraction: float, steps: int) -> int:
+    """Index of the first blended step of ``steps``: ``fraction · steps`` rounded half up, the same in both
+    modes (Python's ``round`` rounds 10.5 to 10, which would start fast mode a step before two passes)."""
+    return math.floor(fraction * steps + 0.5)
+
+
 def threshold(timesteps: Sequence[float], fraction: float) -> float:
     """The timestep from which on calls belong to the last ``1 - fraction`` of ``timesteps``
     (the calls' timesteps in order, falling).
 
     Fraction 0 gives +inf (every call is at or below it), 1 gives -inf (none is).
     """
-    start = math.floor(fraction * len(timesteps) + 0.5)
+    start = first_blended(fraction, len(timesteps))
     if start >= len(timesteps):
         return -math.inf
     return math.inf if start <= 0 else float(timesteps[start])

@@ -34,6 +34,7 @@ from ..config import CHOICES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tag
 from ..engine.lora import DenseDelta, LowRankDelta
 from ..engine.masks import overlay
 from ..engine.memory import MemoryBudget, free_device_bytes
+from ..engine.record import first_blended
 from ..engine.rows import RowRole
 from ..engine.session import Concept, OmgSession
 from ..lora_file import BadLoraFile, check_lora_file, lora_layer_count
@@ -482,7 +483,7 @@ class A1111Generation:
             return step >= start_step()
 
         def start_step() -> int:
-            return round(start * max(state.sampling_steps, 1))
+            return first_blended(start, max(state.sampling_steps, 1))
 
         session.begin_fast(blending, make_masks, context_key=self.context_key, share_uncond=self.cfg.concept_guidance == "shared")
         add_callback(script_callbacks.on_cfg_after_cfg, keep_denoised, "omg fast mode")

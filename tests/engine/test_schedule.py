@@ -43,3 +43,10 @@ def test_threshold_selects_the_last_steps_for_any_sampler(sampler, steps, calls_
     per_eval = 2 if split else 1
     # heun: its last step evaluates once, but the corrector of the step before the start runs at the start's sigma
     assert blended_calls == per_eval * (steps - first_blended_step) * calls_per_step
+
+
+def test_the_first_blended_step_rounds_half_up_in_both_modes():
+    """0.35 of 30 steps is 10.5: both passes and fast mode (``a1111.py``'s step counter) start at step 11."""
+    from omg_ext.engine.record import first_blended
+    assert [first_blended(0.35, n) for n in (20, 30, 10, 70)] == [7, 11, 4, 25]
+    assert float(_record(list(range(30, 0, -1))).threshold(0.35)) == 30 - 11
