@@ -347,11 +347,12 @@ def test_a_fast_job_runs_one_pass_and_leaves_the_model_as_it_was(monkeypatch, tw
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("blend_start, blended", [(0.17, 5), (0.5, 3), (0.8, 1)])
+@pytest.mark.parametrize("blend_start, blended", [(0.17, 5), (0.5, 3), (0.75, 1), (0.8, 1)])
 def test_fast_mode_blends_from_the_blend_starts_step_though_the_hosts_counter_lags(monkeypatch, two_concepts, blend_start, blended):
-    """Of 6 steps, blend start 0.17 → steps 1–5 blend, 0.5 → 3–5, 0.8 → 5: the host's counter says
-    0 in steps 0 and 1, yet step 0 (the only one whose attention the masks can come from at 0.17)
-    runs plain, and no step is lost to the lag."""
+    """Of 6 steps, blend start 0.17 → steps 1–5 blend, 0.5 → 3–5, 0.75 and 0.8 → 5: the host's
+    counter says 0 in steps 0 and 1, yet step 0 (the only one whose attention the masks can come
+    from at 0.17) runs plain, and no step is lost to the lag. 0.75 × 6 = 4.5 rounds half up to
+    step 5 as two passes' threshold does (Python's round would say 4 and blend a step early)."""
     model, cfg = two_concepts
     cfg.mode, cfg.blend_start = "fast", blend_start
     seen = []
