@@ -3,8 +3,8 @@
     python benchmarks/bench_engine.py [--sizes 32 48] [--steps 20] [--runs 3] [--device cuda --dtype float16]
 
 On the tiny ldm-shaped test UNet (CPU by default, random weights), 2 concepts with LoRAs on every
-Linear and Conv2d layer, the default blend start (the official schedule: 0.32), Euler, CFG 7, one
-image; the engine with its default settings (concept guidance "shared", the background outside the masks from pass 1), with the
+Linear and Conv2d layer, this project's default blend start (the official schedule its own 0.32), Euler,
+CFG 7, one image; the engine with its default settings (concept guidance "shared", the background outside the masks from pass 1), with the
 background redrawn ("redrawn": the host cond row runs with pass 1's kept attention), redrawn with
 reference rows instead of kept attention ("ref rows": compute for memory) and with the paper's own
 guidance ("own"). For each method it

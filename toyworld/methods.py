@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -287,10 +288,7 @@ ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG own uncond": lambda w, c, s: omg(w, c, s, Settings(share_uncond=False)),
     "OMG fast own uncond": lambda w, c, s: omg_fast(w, c, s, Settings(share_uncond=False)),
     "OMG fast blend 0.3": lambda w, c, s: omg_fast(w, c, s, Settings(blend_start=0.3)),
-    "OMG blend 0.2": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.2)),
-    "OMG blend 0.25": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.25)),
-    "OMG blend 0.3": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.3)),
-    "OMG blend 0.4": lambda w, c, s: omg(w, c, s, Settings(blend_start=0.4)),
+    **{f"OMG blend {start}": partial(omg, settings=Settings(blend_start=start)) for start in (0.2, 0.25, 0.3, 0.4)},
     "OMG maps 0-0.3": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, 0.3))),
     "OMG maps 0-0.5": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, 0.5))),
     "OMG maps 0.5-1": lambda w, c, s: omg(w, c, s, Settings(window=(0.5, 1.0))),
