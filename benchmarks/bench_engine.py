@@ -40,11 +40,11 @@ import torch  # noqa: E402
 from omg_ext.config import OmgConfig  # noqa: E402
 from omg_ext.engine.lora import RowRoutedLoRA  # noqa: E402
 from omg_ext.engine.session import Concept  # noqa: E402
-from tests.support.loras import random_concept_deltas  # noqa: E402
-from tests.support import omg_run  # noqa: E402
-from tests.support.omg_run import SCHEDULE, run_omg  # noqa: E402
-from tests.support.sampling import generate  # noqa: E402
-from tests.support.tiny_unet import TinyUNet, unet_fn  # noqa: E402
+from minisd.loras import random_concept_deltas  # noqa: E402
+
+from minisd.runs import SCHEDULE, run_fast, run_omg  # noqa: E402
+from minisd.sampling import generate  # noqa: E402
+from minisd.unet import TinyUNet, unet_fn  # noqa: E402
 
 METHODS = ("plain", "engine", "redrawn", "ref rows", "own", "fast", "official")
 """``engine`` and ``fast``: the defaults (concept guidance "shared", the background from pass 1); ``redrawn``: the
@@ -56,10 +56,8 @@ BLEND_START, OFFICIAL_BLEND_START = OmgConfig.blend_start, 0.32
 DEVICE, DTYPE = torch.device("cpu"), torch.float32
 """Where the UNet runs (``--device``, ``--dtype``); the sampler stays on the CPU in float32."""
 
-
 def _ctx(seed: int, rows: int = 1) -> torch.Tensor:
     return torch.randn(rows, 77, CTX, generator=torch.Generator().manual_seed(seed))
-
 
 def setup():
     unet = TinyUNet(model_channels=64, channel_mult=(1, 2, 3, 4), context_dim=CTX, num_heads=8, seed=0)
@@ -70,20 +68,17 @@ def setup():
     ]
     return unet.to(DEVICE, DTYPE), concepts
 
-
 def on_device(raw):
     """A UNet call taking the sampler's CPU float32 tensors: moved to the UNet's device and dtype, and back."""
     if DEVICE.type == "cpu" and DTYPE == torch.float32:
         return raw
     return lambda x, t, c: raw(x.to(DEVICE, DTYPE), t.to(DEVICE), {k: v.to(DEVICE, DTYPE) for k, v in c.items()}).float().cpu()
 
-
 def half_masks(hw: tuple[int, int]) -> torch.Tensor:
     masks = torch.zeros(1, CONCEPTS, *hw)
     masks[0, 0, :, : hw[1] // 2] = 1
     masks[0, 1, :, hw[1] // 2:] = 1
     return masks
-
 
 def run_plain(unet, concepts, size: int, steps: int) -> dict:
     raw = on_device(unet_fn(unet))
@@ -96,7 +91,6 @@ def run_plain(unet, concepts, size: int, steps: int) -> dict:
     generate(model_fn, SCHEDULE, "euler", {"context": _ctx(1)}, {"context": _ctx(2)}, seed=0, steps=steps, latent_shape=(1, 4, size, size))
     return {"rows": sum(calls), "record_bytes": 0}
 
-
 def run_engine(unet, concepts, size: int, steps: int, share_uncond: bool = True, keep_attention: bool = True,
                background_from_pass1: bool = True) -> dict:
     r = run_omg(unet, concepts, {"context": _ctx(1)}, {"context": _ctx(2)}, steps=steps, latent_shape=(1, 4, size, size),
@@ -105,13 +99,11 @@ def run_engine(unet, concepts, size: int, steps: int, share_uncond: bool = True,
     c = r.session.counters
     return {"rows": c["pass1"].rows + c["pass2"].rows, "record_bytes": r.session.record.peak_nbytes}
 
-
 def run_fast(unet, concepts, size: int, steps: int) -> dict:
-    r = omg_run.run_fast(unet, concepts, {"context": _ctx(1)}, {"context": _ctx(2)}, steps=steps,
+    r = run_fast(unet, concepts, {"context": _ctx(1)}, {"context": _ctx(2)}, steps=steps,
                          latent_shape=(1, 4, size, size), blend_start=BLEND_START, masks=half_masks((size, size)),
                          device=DEVICE, dtype=None if DTYPE == torch.float32 else DTYPE, share_uncond=True)
     return {"rows": r.session.counters["pass1"].rows + r.session.counters["fast"].rows, "record_bytes": 0}
-
 
 def run_official(unet, concepts, size: int, steps: int) -> dict:
     """The reference code's schedule: duplicate image in pass 1, full pass 2, a call per concept."""
@@ -147,7 +139,6 @@ def run_official(unet, concepts, size: int, steps: int) -> dict:
             generate(fn, SCHEDULE, "euler", cond, uncond, seed=0, steps=steps, latent_shape=(2, 4, size, size))
     return {"rows": rows[0], "record_bytes": 0}
 
-
 def measure(method: str, size: int, steps: int, runs: int) -> dict:
     """Run one method in this process: warm-up, then ``runs`` timed runs."""
     torch.set_num_threads(torch.get_num_threads())
@@ -164,7 +155,6 @@ def measure(method: str, size: int, steps: int, runs: int) -> dict:
             times.append(time.perf_counter() - start)
     result.update(seconds=statistics.median(times), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return result
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -209,7 +199,6 @@ def main() -> None:
         print(f"  fast/plain wall ratio: {results['fast']['seconds'] / plain['seconds']:.2f} (target <= 1.3)")
         print(f"  engine wall ratio {wall_ratio:.2f} vs row ratio {row_ratio:.2f}: "
               f"{100 * (wall_ratio / row_ratio - 1):+.1f}% (target within +-15%)")
-
 
 if __name__ == "__main__":
     main()

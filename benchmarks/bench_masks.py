@@ -23,7 +23,8 @@ import numpy
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tests.conftest  # noqa: E402,F401 - lets segment_anything import beside a CUDA-built torchvision
+from minisd.torchvision_shim import ensure_torchvision_ops  # noqa: E402
+ensure_torchvision_ops()
 
 from omg_ext.masks.detector import Detector  # noqa: E402
 from omg_ext.masks.sources import MaskInputs, MaskModels, concept_masks  # noqa: E402
@@ -34,7 +35,7 @@ from omg_ext.masks.segment import segment  # noqa: E402
 def owlvit(folder: Path) -> Detector:
     from transformers import CLIPTokenizer, OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
 
-    from tests.support.mask_models import clip_tokenizer_files
+    from minisd.mask_models import clip_tokenizer_files
 
     tokenizer = CLIPTokenizer(*clip_tokenizer_files(folder), pad_token="!", model_max_length=16)
     config = OwlViTConfig(text_config={"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
@@ -46,7 +47,7 @@ def owlvit(folder: Path) -> Detector:
 def grounding_dino(folder: Path) -> Detector:
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoImageProcessor, GroundingDinoProcessor
 
-    from tests.support.mask_models import bert_tokenizer
+    from minisd.mask_models import bert_tokenizer
 
     model = GroundingDinoForObjectDetection(GroundingDinoConfig()).eval()
     return Detector("grounding-dino", GroundingDinoProcessor(GroundingDinoImageProcessor(), bert_tokenizer(folder)), model)

@@ -37,10 +37,10 @@ import torch  # noqa: E402
 
 from omg_ext.engine.memory import MemoryBudget, measure_peak  # noqa: E402
 from omg_ext.engine.session import Concept  # noqa: E402
-from tests.support.loras import random_concept_deltas  # noqa: E402
-from tests.support.omg_run import SCHEDULE, run_omg  # noqa: E402
-from tests.support.sampling import generate  # noqa: E402
-from tests.support.tiny_unet import TinyUNet, unet_fn  # noqa: E402
+from minisd.loras import random_concept_deltas  # noqa: E402
+from minisd.runs import SCHEDULE, run_omg  # noqa: E402
+from minisd.sampling import generate  # noqa: E402
+from minisd.unet import TinyUNet, unet_fn  # noqa: E402
 
 CTX, MARGIN = 128, MemoryBudget().margin
 CONCEPT_COUNTS = (0, 2, 3, 5)  # 0: plain

@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 import numpy  # noqa: E402
 import torch  # noqa: E402
 
-import tests.conftest  # noqa: E402,F401  (this registry's torchvision beside a CPU torch: as in the test session)
+from minisd.torchvision_shim import ensure_torchvision_ops  # noqa: E402
+ensure_torchvision_ops()
 import torch.nn.functional as F  # noqa: E402
 
 from omg_ext.engine.session import Concept, OmgSession  # noqa: E402
@@ -47,11 +48,11 @@ from omg_ext.masks import detector  # noqa: E402
 from omg_ext.masks.regions import parse_regions  # noqa: E402
 from omg_ext.masks.segment import segment  # noqa: E402
 from omg_ext.masks.sources import MaskInputs, MaskModels, concept_masks  # noqa: E402
-from tests.support.loras import random_concept_deltas  # noqa: E402
-from tests.support.mask_models import tiny_owlvit, tiny_sam  # noqa: E402
-from tests.support.omg_run import SCHEDULE  # noqa: E402
-from tests.support.sampling import generate  # noqa: E402
-from tests.support.tiny_unet import TinyUNet, unet_fn  # noqa: E402
+from minisd.loras import random_concept_deltas  # noqa: E402
+from minisd.mask_models import tiny_owlvit, tiny_sam  # noqa: E402
+from minisd.runs import SCHEDULE  # noqa: E402
+from minisd.sampling import generate  # noqa: E402
+from minisd.unet import TinyUNet, unet_fn  # noqa: E402
 
 CTX = 64
 WORDS = ["man", "woman", "cat", "dog", "hat"]

@@ -8,7 +8,11 @@ from omg_ext.config import MAX_CONCEPTS, OmgConfigError, from_args, with_overrid
 from omg_ext.hosts import running_forge
 from omg_ext.hosts.mask_models import free_mask_models, model_files_status
 from omg_ext.masks.regions import regions_from_image
-from omg_ext.hosts.a1111 import A1111Generation, OmgUserError, add_settings, add_xyz_axes, fail_job, lora_names, lora_trigger_words, refresh_loras, save_layout_images
+from omg_ext.hosts.a1111 import A1111Generation
+from omg_ext.hosts.errors import OmgUserError
+from omg_ext.hosts.host_api import fail_job
+from omg_ext.hosts.loras import lora_names, lora_trigger_words, refresh_loras
+from omg_ext.hosts.webui_settings import add_settings, add_xyz_axes, save_layout_images
 
 if running_forge():
     from omg_ext.hosts.forge import ForgeGeneration as Generation

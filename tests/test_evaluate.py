@@ -10,7 +10,7 @@ from PIL.PngImagePlugin import PngInfo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import evaluate  # noqa: E402
 
-from tests.support.mask_models import tiny_clip  # noqa: E402
+from minisd.mask_models import tiny_clip  # noqa: E402
 
 INFOTEXT = ('<lora:style:0.5>a man and a woman hugging\nNegative prompt: blurry\n'
             'Steps: 20, Sampler: Euler, OMG: True, OMG blend start: 0.3, OMG c1 lora: char1, OMG c1 class: man, '

@@ -36,8 +36,8 @@ from omg_ext.engine.lora import RowRoutedLoRA
 from omg_ext.engine.session import Concept
 from omg_ext.masks.regions import parse_regions
 from omg_ext.masks.sources import MaskInputs, MaskModels, concept_masks
-from tests.support.omg_run import run_fast, run_omg
-from tests.support.sampling import CFGDenoiser, generate, initial_noise, sample_euler
+from minisd.runs import run_fast, run_omg
+from minisd.sampling import CFGDenoiser, generate, initial_noise, sample_euler
 
 from .grounding import ToyDetector, ToySegmenter
 from .lora_files import read_kohya, text_router

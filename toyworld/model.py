@@ -4,7 +4,7 @@ The UNet is the test suite's ``TinyUNet`` (ldm's module names: ``input_blocks.1.
 transformer_blocks.0.attn2.to_q``…) with three levels, 24, 12 and 6 pixels, and
 cross-attention at 12 and 6: the 1/2 and 1/4 resolutions where OMG captures attention,
 as at SD1.5's 32 and 16 latent pixels. It predicts noise under CompVis SD's discrete
-schedule (``SCHEDULE``, the project's ``tests.support.sampling.DiscreteSchedule``), so the
+schedule (``SCHEDULE``, the project's ``minisd.sampling.DiscreteSchedule``), so the
 project's samplers drive it. Images are the latent: ``x = 2·rgb - 1``, no VAE.
 """
 from __future__ import annotations
@@ -15,14 +15,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tests.support.sampling import DiscreteSchedule
-from tests.support.tiny_unet import TinyUNet
+from minisd.sampling import DiscreteSchedule
+from minisd.unet import TinyUNet
 
 from .text import TextEncoder
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 SCHEDULE = DiscreteSchedule()
-"""The schedule it is trained with, the one ``tests.support.omg_run`` samples with."""
+"""The schedule it is trained with, the one ``minisd.runs`` samples with."""
 UNET_CONFIG = dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 2),
                    attention_levels=(1, 2), num_heads=4, context_dim=64, num_res_blocks=1)
 

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .resolution import layer_factor
+
 if TYPE_CHECKING:
     from .fast import FastCall
     from .layout import LayoutOutputs, LayoutTargets
@@ -134,20 +136,6 @@ class WordMaps:
         sums = torch.stack([s for s, _ in window]).sum(0)
         counts = torch.stack([c for _, c in window]).sum(0)
         return sums / counts.clamp(min=1).view(-1, 1, 1, 1).to(sums.device)
-
-
-def layer_factor(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
-    """Downsampling factor and (h, w) of a layer with ``tokens`` spatial positions.
-
-    ldm's stride-2 convolutions round odd sizes up, so halve with ceil.
-    """
-    h, w = latent_hw
-    factor = 1
-    while h * w > tokens and h > 1:
-        h, w, factor = (h + 1) // 2, (w + 1) // 2, factor * 2
-    if h * w != tokens:
-        raise ValueError(f"attention over {tokens} positions does not match latent {latent_hw}")
-    return factor, (h, w)
 
 
 def capture_size(latent_hw: tuple[int, int]) -> tuple[int, int]:

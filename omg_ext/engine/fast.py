@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import layer_factor
+from .resolution import layer_factor
 
 
 class LayerMasks:

@@ -1,4 +1,4 @@
-"""The Automatic1111 v1.10 adapter: the only code that touches A1111's ``modules.*``.
+"""The Automatic1111 v1.10 adapter: a generation's lifecycle (the Forge family's adapter extends it).
 
 One ``A1111Generation`` per txt2img job. It replaces ``p.sample`` (and
 ``p.sample_hr_pass``) on the processing object for the job; inside the replaced
@@ -10,342 +10,45 @@ for that call and restored in ``finally`` (errors, Interrupt, Skip):
 - the engine's attention processors and LoRA hooks (``OmgSession.installed``);
 - an ``on_cfg_denoiser`` callback that tells which rows are cond and uncond.
 
-Concept LoRAs are parsed by the host's own ``networks.load_network`` (every format the
-WebUI reads) and never activated the host's way. Their UNet part is row-routed:
-low-rank modules become ``LowRankDelta``s, every other type the dense ``calc_updown``
-delta. Their text-encoder part is added to the text encoder only while that concept's
-prompts are encoded, and the previous values are restored exactly (``merged``).
+Concept LoRAs are parsed by the host's own loader and never activated the host's way
+(``loras``); the rows' roles come from the CFG denoiser (``row_tracker``); the WebUI's
+settings, X/Y/Z axes and image saving live in ``webui_settings``, the script API's
+version differences in ``host_api``.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
-import importlib
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy
 import torch
 
-from ..config import CHOICES, XYZ_AXES, OmgConfig, compact, to_infotext, top_tags
-from ..engine.lora import DenseDelta, LowRankDelta
+from ..config import OmgConfig, compact, to_infotext
 from ..engine.masks import overlay
-from ..engine.memory import MemoryBudget, free_device_bytes
+from ..engine.memory import MemoryBudget
 from ..engine.record import first_blended
-from ..engine.rows import RowRole
 from ..engine.session import Concept, OmgSession
-from ..lora_file import BadLoraFile, check_lora_file, lora_layer_count
 from ..masks.regions import Regions, parse_regions
 from ..masks.sources import MaskInputs, concept_masks
 from .concept_cache import CONCEPTS
 from .controlnet_units import (RowConcepts, adopt_prompt_marks, concept_controls, controlnet_script, fresh_ip_adapter_caches,
                                ip_adapter_terms, is_ip_adapter, job_params, sd_webui_controlnet_params)
 from .errors import OmgUserError
-from .mask_models import DOWNLOAD_OPTION, KEEP_OPTION, mask_models, release_mask_models
-
-
-def _networks():
-    """The built-in Lora extension's module (imported by the WebUI at start-up)."""
-    return importlib.import_module("networks")
-
-
-def add_callback(register, callback, name: str) -> None:
-    """A host callback, named where the host's ``on_…`` takes a name (A1111 1.8+, Forge, reForge);
-    Forge Classic's older script API does not."""
-    if "name" in inspect.signature(register).parameters:
-        register(callback, name=name)
-    else:
-        register(callback)
-
-
-def add_progress_job(steps: int) -> None:
-    """OMG's pass 1 as one more job of ``steps`` steps: in the WebUI's progress bar and ETA
-    (``state.job_count``; the host moves to the next job after it) and in the console's total bar,
-    whose total the host set from the job count before (for hires fix, or from the first step on)."""
-    from modules import shared
-
-    shared.state.job_count += 1
-    bar = getattr(shared.total_tqdm, "_tqdm", None)
-    if bar is not None:
-        bar.total += steps
-        bar.refresh()
+from .host_api import add_callback, add_progress_job
+from .loras import fill_lora_hashes, load_concept_lora, lora_on_disk, merged
+from .mask_models import mask_models, release_mask_models
+from .pictures import to_pil, to_pictures
+from .row_tracker import RowTracker, refuse_and
+from .webui_settings import KEEP_ATTENTION_OPTION, memory_budget
 
 
 NAN_MESSAGE = ("OMG: the model gave NaN (not-a-number) values before the masks were made, so none can be made. The "
                "checkpoint, a LoRA or half precision overflowed: the same prompt without OMG fails the WebUI's NaN check "
                "or gives a black image. Try lower LoRA weights (the text encoder's first), the setting \"Upcast cross "
                "attention layer to float32\" or --no-half.")
-AND_MESSAGE = ("OMG gives each character its own prompt and LoRA, so it does not take AND (composable diffusion) in "
-               "the prompt: write one prompt that names every character by its class word, without AND, and put each "
-               "character's details in its concept prompt")
-"""Why AND is refused in every host: AND makes several cond rows per image, each its own subprompt, which is how
-Regional Prompter and Latent Couple split a picture; OMG splits it by masks, and its masks are read at the class
-words' places in the image's one prompt."""
-
-
-def refuse_and(prompts: list[str]) -> None:
-    """``AND`` (A1111's own pattern: a whole word, upper case) in any prompt of the job fails it before sampling."""
-    if any(re.search(r"\bAND\b", prompt) for prompt in prompts):
-        raise OmgUserError(AND_MESSAGE)
-
-
-def fail_job(p, message: str) -> None:
-    """Make the job fail with ``message`` when it starts sampling (UI and API show it)."""
-    def sample(*args, **kwargs):
-        raise OmgUserError(message)
-    p.sample = sample
-
-
-def add_xyz_axes() -> None:
-    """Add the OMG axes to the built-in X/Y/Z plot; each stores its value on ``p.omg_xyz``."""
-    from modules import scripts
-
-    found = [x for x in scripts.scripts_data if x.script_class.__module__ == "xyz_grid.py"]
-    if not found:
-        return
-    xyz = found[0].module
-
-    def setter(path):
-        def apply(p, x, xs):
-            p.__dict__.setdefault("omg_xyz", {})[path] = x
-        return apply
-
-    xyz.axis_options.extend(
-        xyz.AxisOption(label, kind, setter(path), choices=(lambda c=CHOICES[path]: list(c)) if path in CHOICES else None)
-        for label, kind, path in XYZ_AXES
-    )
-
-
-def refresh_loras() -> None:
-    """Re-read the LoRA folder (the refresh button beside each concept's LoRA list)."""
-    _networks().list_available_networks()
-
-
-def lora_trigger_words(name: str) -> str:
-    """The LoRA's activation text from the WebUI's user metadata, else its most frequent training tags."""
-    from modules import extra_networks
-
-    on_disk = _networks().available_networks.get(name)
-    if on_disk is None:
-        return ""
-    activation = extra_networks.get_user_metadata(on_disk.filename).get("activation text", "")
-    return activation or top_tags(on_disk.metadata.get("ss_tag_frequency"))
-
-
-SAVE_OPTION = "omg_save_layout"
-MEMORY_OPTION = "omg_pass2_memory_mb"
-KEEP_ATTENTION_OPTION = "omg_keep_attention"
-
-
-def add_settings() -> None:
-    """OMG's WebUI settings: saving layout images and mask overlays (off by default), the mask models, pass 2's memory
-    and how its layout reference is made."""
-    import gradio as gr
-    from modules import shared
-
-    section = ("omg", "OMG multi-concept")
-    shared.opts.add_option(SAVE_OPTION, shared.OptionInfo(
-        False, "Save the OMG layout image and mask overlay beside each image", section=section))
-    shared.opts.add_option(DOWNLOAD_OPTION, shared.OptionInfo(
-        True, "Download missing Segment Anything / detector models on first use (models/sam, models/omg-detectors)", section=section))
-    shared.opts.add_option(KEEP_OPTION, shared.OptionInfo(
-        True, "Keep OMG mask models in RAM between jobs (off: free them after each job; never on the GPU while the UNet runs)",
-        section=section))
-    shared.opts.add_option(MEMORY_OPTION, shared.OptionInfo(
-        0, "Most memory one OMG pass-2 UNet call may use, in MB (0: what is free on the GPU; no limit on a CPU)",
-        gr.Number, {"precision": 0}, section=section))
-    shared.opts.add_option(KEEP_ATTENTION_OPTION, shared.OptionInfo(
-        True, "Keep pass 1's cross-attention for pass 2's layout (faster: one UNet row fewer per image; takes up to half "
-        "the memory free when pass 1 starts — off: a reference row per image, the same image)", section=section))
-
-
-def memory_budget(free_bytes=free_device_bytes) -> MemoryBudget:
-    """Pass 2's memory: the user's cap from the settings, else the free memory ``free_bytes`` reads."""
-    from modules import shared
-
-    megabytes = int(shared.opts.data.get(MEMORY_OPTION, 0) or 0)
-    return MemoryBudget(budget_bytes=megabytes << 20 if megabytes > 0 else None, free_bytes=free_bytes)
-
-
-def save_layout_images(p, generation: "A1111Generation", infotext: str) -> None:
-    """Save the layout image and mask overlay when the WebUI's OMG setting asks for it."""
-    from modules import images, shared
-
-    if not shared.opts.data.get(SAVE_OPTION, False):
-        return
-    for i, pictures in enumerate(generation.layout_images):
-        for image, suffix in pictures:
-            images.save_image(image, p.outpath_samples, "", p.all_seeds[min(i, len(p.all_seeds) - 1)], p.all_prompts[0],
-                              shared.opts.samples_format, info=infotext, p=p, suffix=suffix)
-
-
-def fill_lora_hashes(cfg: OmgConfig) -> None:
-    """Each concept's LoRA short hash, as the WebUI computes it, for the infotext."""
-    available = _networks().available_networks
-    for spec in cfg.concepts:
-        on_disk = available.get(spec.lora) if spec.lora else None
-        if on_disk is not None:
-            on_disk.read_hash()
-            spec.lora_hash = on_disk.shorthash or ""
-
-
-def lora_names() -> list[str]:
-    """The WebUI's own LoRA list, for the concept dropdowns."""
-    return sorted(_networks().available_networks)
-
-
-# ---------------------------------------------------------------- LoRA files -> deltas
-
-def lora_on_disk(name: str):
-    """The WebUI's entry for a LoRA name (the folder re-read once if it is new), its file checked
-    (``lora_file``); a clear error if absent or bad."""
-    networks = _networks()
-    if name not in networks.available_networks:
-        networks.list_available_networks()
-    on_disk = networks.available_networks.get(name)
-    if on_disk is None:
-        raise OmgUserError(f"OMG: LoRA {name!r} is not in the WebUI's LoRA list")
-    try:  # before the host's loader can half-apply it or rename it (Forge: ".corrupted")
-        check_lora_file(on_disk.filename)
-    except BadLoraFile as e:
-        raise OmgUserError(f"OMG: LoRA {name!r}: {e}") from e
-    return on_disk
-
-
-def load_concept_lora(name: str, unet_weight: float, te_weight: float, unet_modules: dict, te_modules: dict):
-    """Parse one LoRA with the host's code: (UNet deltas by layer name, text-encoder weight deltas).
-
-    ``*_modules`` map ``id(module)`` to (layer name, module). The UNet part becomes
-    row-routed deltas; the text-encoder part becomes (parameter, dense delta) pairs, added
-    only while the concept's prompts are encoded (``merged``): every row of that encode
-    belongs to the concept, and a weight delta also reaches layers a forward hook cannot,
-    such as OpenCLIP's ``MultiheadAttention`` in SDXL.
-    """
-    on_disk = lora_on_disk(name)
-    net = _networks().load_network(name, on_disk)
-    net.te_multiplier, net.unet_multiplier = te_weight, unet_weight
-    unet, te = {}, []
-    try:
-        for key, module in net.modules.items():
-            if id(module.sd_module) in unet_modules:
-                layer, target = unet_modules[id(module.sd_module)]
-                unet[layer] = module_delta(module, unet_weight).check(target, layer)
-            elif id(module.sd_module) in te_modules:
-                te += text_encoder_deltas(key, module)
-    except (ValueError, RuntimeError) as e:
-        raise OmgUserError(f"OMG: LoRA {name!r} does not fit this checkpoint (made for another architecture?): {e}") from e
-    if not unet:
-        raise OmgUserError(f"OMG: LoRA {name!r} has no layer of this checkpoint's UNet (made for another architecture?)")
-    refuse_mostly_unmatched(name, on_disk.filename, len(net.modules))
-    return unet, te
-
-
-def refuse_mostly_unmatched(name: str, filename: str, matched: int) -> None:
-    """Refuse a LoRA of which the host's parser found fewer than half the layers in this checkpoint: made
-    for another model family, it would act on a few layers that happen to share a name and shape (the
-    hosts apply such a file silently or skip it with a console warning)."""
-    total = lora_layer_count(filename)
-    if total and 2 * matched < total:
-        raise OmgUserError(f"OMG: LoRA {name!r} fits only {matched} of its {total} layers to this checkpoint "
-                           "(made for another architecture?)")
-
-
-def text_encoder_deltas(key: str, module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(parameter, delta) pairs of one host network module on the text encoder, multipliers applied.
-
-    A ``MultiheadAttention`` gets its q, k or v LoRA as rows of ``in_proj_weight``, as the
-    host's own ``network_apply_weights`` does.
-    """
-    target = module.sd_module
-    in_proj = getattr(target, "in_proj_weight", None)
-    if in_proj is not None:
-        part = ("q_proj", "k_proj", "v_proj").index(key.rsplit("_", 2)[-2] + "_" + key.rsplit("_", 2)[-1])
-        chunk = in_proj.chunk(3, 0)[part]
-        updown, _ = module.calc_updown(chunk.detach())
-        full = torch.zeros_like(in_proj)
-        full[part * chunk.shape[0]:(part + 1) * chunk.shape[0]] = updown.reshape(chunk.shape)
-        return [(in_proj, full)]
-    updown, ex_bias = module.calc_updown(target.weight.detach())
-    pairs = [(target.weight, updown.reshape(target.weight.shape))]
-    if ex_bias is not None and getattr(target, "bias", None) is not None:
-        pairs.append((target.bias, ex_bias.reshape(target.bias.shape)))
-    return pairs
-
-
-@contextlib.contextmanager
-def merged(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
-    """The deltas added to their parameters for the scope; the exact previous values restored on exit."""
-    saved = [(param, param.detach().clone()) for param, _ in pairs]
-    try:
-        with torch.no_grad():
-            for param, delta in pairs:
-                param += delta.to(param)
-        yield
-    finally:
-        with torch.no_grad():
-            for param, value in saved:
-                param.copy_(value)
-
-
-def module_delta(module, multiplier: float):
-    """A host network module as an engine delta: low-rank when it is plain LoRA, dense otherwise."""
-    plain_lora = (
-        hasattr(module, "up_model") and hasattr(module, "down_model")
-        and getattr(module, "bias", None) is None and getattr(module, "dora_scale", None) is None
-        and getattr(module.network, "dyn_dim", None) is None
-    )
-    if plain_lora:
-        mid = module.mid_model.weight if module.mid_model is not None else None
-        return LowRankDelta(module.up_model.weight.detach(), module.down_model.weight.detach(), mid,
-                            scale=module.calc_scale() * multiplier)
-    weight = module.sd_module.weight
-    updown, ex_bias = module.calc_updown(weight.detach().float())
-    return DenseDelta(updown.to(weight.dtype), None if ex_bias is None else ex_bias.to(weight.dtype))
-
-
-# ---------------------------------------------------------------- rows of UNet calls
-
-class RowTracker:
-    """Which rows of each UNet call are cond and uncond, from the CFG denoiser's callback.
-
-    The CFG denoiser builds ``x_in`` as cond rows then uncond rows and sends them to the
-    UNet in order (one call, or slices); the tracker hands out roles in that order and
-    checks each row's context against the cond / uncond the callback exposed.
-    """
-
-    def __init__(self, images: int) -> None:
-        self.images = images
-        self.roles: list[RowRole] = []
-        self.conds: list[torch.Tensor] = []
-        self.offset = 0
-
-    def on_denoiser(self, params) -> None:
-        cond, uncond = _crossattn(params.text_cond), _crossattn(params.text_uncond)
-        if cond.shape[0] != self.images:
-            raise OmgUserError(AND_MESSAGE)
-        self.roles = [RowRole(True, b) for b in range(self.images)] + [RowRole(False, b) for b in range(uncond.shape[0])]
-        self.conds = list(cond) + list(uncond)
-        self.offset = 0
-
-    def take(self, context: torch.Tensor) -> list[RowRole]:
-        rows = self.roles[self.offset:self.offset + context.shape[0]]
-        if len(rows) != context.shape[0]:
-            raise RuntimeError("OMG lost track of the UNet rows (a call outside the CFG denoiser)")
-        for row, expected in zip(context, self.conds[self.offset:]):
-            n = min(row.shape[0], expected.shape[0])
-            # NaN equals NaN here: conditioning broken by the checkpoint or a LoRA (fp16 overflow) is
-            # the host's to report ("A tensor with NaNs was produced"), not a lost row
-            if not torch.allclose(row[:n], expected[:n].to(row), rtol=0, atol=0, equal_nan=True):
-                raise RuntimeError("OMG lost track of the UNet rows (conditioning does not match)")
-        self.offset += context.shape[0]
-        return rows
-
-
-def _crossattn(cond):
-    return cond["crossattn"] if isinstance(cond, dict) else cond
 
 
 # ---------------------------------------------------------------- one generation
@@ -692,7 +395,7 @@ class A1111Generation:
             if self.cfg.show_masks:
                 pixels = pixels.float().cpu()
                 shown = torch.nn.functional.interpolate(masks[i:i + 1].float().cpu(), size=pixels.shape[-2:], mode="nearest")[0]
-                pictures.append((_to_pil(overlay(shown, pixels).clamp(0, 1)), "-omg-masks"))
+                pictures.append((to_pil(overlay(shown, pixels).clamp(0, 1)), "-omg-masks"))
             self.layout_images.append(pictures)
 
 
@@ -700,22 +403,6 @@ def _as_cond(cond) -> dict:
     if isinstance(cond, dict):
         return {"context": cond["crossattn"], "y": cond["vector"]}
     return {"context": cond}
-
-
-def to_pictures(samples) -> list:
-    """PIL images of a sampling result: latents, or the decoded images ([3, H, W] in [-1, 1],
-    ``DecodedSamples``) that a job with hires fix returns."""
-    from modules import sd_samplers_common
-
-    if getattr(samples, "already_decoded", False):
-        return [_to_pil(((x.float().cpu() + 1) / 2).clamp(0, 1)) for x in samples]
-    return [sd_samplers_common.sample_to_image(samples, i, approximation=0) for i in range(len(samples))]
-
-
-def _to_pil(chw: torch.Tensor):
-    from PIL import Image
-
-    return Image.fromarray((chw.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
 
 
 def class_word_tokens(clip, prompt: str, word: str) -> list[int]:

@@ -10,7 +10,7 @@ from torch import nn
 from omg_ext.engine.attention import (
     SELF_REPLACE_FACTOR, AttentionCall, ProjectedAttention, installed_attention, no_autocast, probabilities,
 )
-from tests.support.tiny_unet import CrossAttention
+from minisd.unet import CrossAttention
 
 HEADS, DIM_HEAD, CTX = 2, 8, 12
 LATENT = (12, 8)

@@ -12,10 +12,10 @@ import torch
 
 from omg_ext.engine.memory import MemoryBudget, free_device_bytes, measure_peak
 from omg_ext.engine.session import Concept
-from tests.support.loras import random_concept_deltas
-from tests.support.omg_run import SCHEDULE, run_omg
-from tests.support.sampling import generate
-from tests.support.tiny_unet import TinyUNet, text_context as _ctx, unet_fn
+from minisd.loras import random_concept_deltas
+from minisd.runs import SCHEDULE, run_omg
+from minisd.sampling import generate
+from minisd.unet import TinyUNet, text_context as _ctx, unet_fn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
 

@@ -8,10 +8,10 @@ from omg_ext.engine.fast import FastCall, LayerMasks
 from omg_ext.engine.lora import RowRoutedLoRA, StackedLowRank
 from omg_ext.engine.rows import roles_cond_then_uncond
 from omg_ext.engine.session import Concept
-from tests.support.loras import merged, random_concept_deltas
-from tests.support.omg_run import SCHEDULE, concept_on_cond_rows, run_fast
-from tests.support.sampling import generate
-from tests.support.tiny_unet import TinyUNet, text_context, unet_fn
+from minisd.loras import merged, random_concept_deltas
+from minisd.runs import SCHEDULE, concept_on_cond_rows, run_fast
+from minisd.sampling import generate
+from minisd.unet import TinyUNet, text_context, unet_fn
 
 HW = (12, 20)
 """A non-square latent: a transposed mask or token layout would show."""

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from omg_ext.engine.session import Concept
-from tests.support.loras import random_concept_deltas
-from tests.support.omg_run import SCHEDULE, run_omg
-from tests.support.sampling import generate
-from tests.support.tiny_unet import TinyUNet, text_context as _ctx, unet_fn
+from minisd.loras import random_concept_deltas
+from minisd.runs import SCHEDULE, run_omg
+from minisd.sampling import generate
+from minisd.unet import TinyUNet, text_context as _ctx, unet_fn
 
 CTX = 64
 LATENT = (2, 4, 12, 16)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from omg_ext.engine.lora import DenseDelta, LowRankDelta, RowRoutedLoRA
-from tests.support.loras import merged, random_dense, random_lowrank
+from minisd.loras import merged, random_dense, random_lowrank
 
 torch.manual_seed(0)
 

@@ -6,9 +6,9 @@ import torch
 
 from omg_ext.engine.memory import LiveBytes, MemoryBudget, measure_peak
 from omg_ext.engine.session import Concept, OmgSession
-from tests.support.loras import random_concept_deltas
-from tests.support.omg_run import run_omg
-from tests.support.tiny_unet import TinyUNet, text_context as _ctx, unet_fn
+from minisd.loras import random_concept_deltas
+from minisd.runs import run_omg
+from minisd.unet import TinyUNet, text_context as _ctx, unet_fn
 
 CTX = 64
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from omg_ext.engine.record import PassRecord
-from tests.support.omg_run import SCHEDULE
-from tests.support.sampling import generate
+from minisd.runs import SCHEDULE
+from minisd.sampling import generate
 
 
 def _record(timesteps):

@@ -5,14 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omg_ext.engine.attention import CAPTURE_FACTORS, layer_factor
+from omg_ext.engine.attention import CAPTURE_FACTORS
+from omg_ext.engine.resolution import layer_factor
 from omg_ext.engine.masks import masks_from_attention
 from omg_ext.engine.session import Concept, OmgSession
 from omg_ext.engine.rows import RowRole, roles_cond_then_uncond
-from tests.support.loras import merged, random_concept_deltas
-from tests.support.omg_run import SCHEDULE, concept_on_cond_rows, run_omg
-from tests.support.sampling import generate
-from tests.support.tiny_unet import TinyUNet, unet_fn
+from minisd.loras import merged, random_concept_deltas
+from minisd.runs import SCHEDULE, concept_on_cond_rows, run_omg
+from minisd.sampling import generate
+from minisd.unet import TinyUNet, unet_fn
 
 CTX = 64
 SAMPLERS = ["euler", "euler_a", "dpmpp_2m", "heun"]

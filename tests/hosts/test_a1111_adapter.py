@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from omg_ext.config import ConceptSpec, OmgConfig
-from omg_ext.hosts import a1111
+from omg_ext.hosts import a1111, host_api, loras, pictures, row_tracker, webui_settings
 from omg_ext.hosts.concept_cache import CONCEPTS
 from omg_ext.engine.lora import DenseDelta, LowRankDelta
 from omg_ext.engine.rows import RowRole
 from tests.support import fake_a1111
-from tests.support.loras import merged
-from tests.support.sampling import DiscreteSchedule, SAMPLERS
-from tests.support.tiny_unet import TinyUNet
+from minisd.loras import merged
+from minisd.sampling import DiscreteSchedule, SAMPLERS
+from minisd.unet import TinyUNet
 
 CTX = 64
 
@@ -34,7 +34,7 @@ class Params:
 
 def test_row_tracker_follows_the_denoisers_calls_and_checks_them():
     cond, uncond = torch.randn(2, 77, 8), torch.randn(2, 154, 8)
-    tracker = a1111.RowTracker(images=2)
+    tracker = row_tracker.RowTracker(images=2)
     tracker.on_denoiser(Params(cond, uncond))
     assert tracker.take(cond) == [RowRole(True, 0), RowRole(True, 1)]  # batch_cond_uncond off: cond call first
     assert tracker.take(uncond[:1]) == [RowRole(False, 0)]
@@ -54,7 +54,7 @@ def test_conditioning_with_nans_is_left_to_the_hosts_nan_check():
     still followed, so the job fails with A1111's own NaN message, not "lost track"."""
     cond, uncond = torch.randn(1, 77, 8), torch.full((1, 77, 8), float("nan"))
     cond[0, 5:] = float("nan")
-    tracker = a1111.RowTracker(images=1)
+    tracker = row_tracker.RowTracker(images=1)
     tracker.on_denoiser(Params(cond, uncond))
     assert tracker.take(torch.cat([cond, uncond])) == [RowRole(True, 0), RowRole(False, 0)]
     tracker.on_denoiser(Params(cond, uncond))
@@ -100,7 +100,7 @@ class _HadaModule:
 def test_host_modules_become_low_rank_or_dense_deltas():
     layer = nn.Linear(8, 6)
     lora = _LoraModule(layer, rank=2, alpha=1.0)
-    delta = a1111.module_delta(lora, multiplier=0.8)
+    delta = loras.module_delta(lora, multiplier=0.8)
     assert isinstance(delta, LowRankDelta) and delta.scale == pytest.approx(0.4)
     torch.testing.assert_close(delta.dense(), lora.up_model.weight @ lora.down_model.weight * 0.4)
     lora.dora_scale = torch.ones(6, 1)  # DoRA needs the weight: dense
@@ -108,7 +108,7 @@ def test_host_modules_become_low_rank_or_dense_deltas():
     for module in (lora, hada):
         if module is lora:
             module.calc_updown = lambda w: (torch.ones_like(w), None)
-        assert isinstance(a1111.module_delta(module, 0.5), DenseDelta)
+        assert isinstance(loras.module_delta(module, 0.5), DenseDelta)
 
 
 class _Clip(nn.Module):
@@ -154,7 +154,7 @@ def test_the_xyz_axes_offer_the_settings_choices_and_store_their_values(monkeypa
         scripts.scripts_data = [script]
         monkeypatch.setitem(sys.modules, "modules.scripts", scripts)
         monkeypatch.setattr(sys.modules["modules"], "scripts", scripts, raising=False)
-        a1111.add_xyz_axes()
+        webui_settings.add_xyz_axes()
     axes = {axis.label: axis for axis in xyz.axis_options}
     assert axes["[OMG] Mask split"].choices() == ["figures", "pixels"]
     assert axes["[OMG] Mode"].choices() == ["two passes", "fast"] and axes["[OMG] Mask source"].choices()[0] == "attention"
@@ -166,7 +166,7 @@ def test_the_xyz_axes_offer_the_settings_choices_and_store_their_values(monkeypa
 
 def test_a_bad_job_fails_with_its_message():
     p = types.SimpleNamespace(sample=None)
-    a1111.fail_job(p, "OMG concept 2: class word 'dog' does not appear in the prompt")
+    host_api.fail_job(p, "OMG concept 2: class word 'dog' does not appear in the prompt")
     with pytest.raises(a1111.OmgUserError, match="class word 'dog'"):
         p.sample(None, None, [1], [1], 0, ["x"])
 
@@ -310,7 +310,7 @@ def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch,
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())
     # the concept's text-encoder LoRA reached its conditioning
     concept = generation.prepared.concepts[0]
-    te_lora = a1111.module_delta(net.modules["te"], 1.0)
+    te_lora = loras.module_delta(net.modules["te"], 1.0)
     lora_clip = merged(model.cond_stage_model, {"proj": te_lora})
     torch.testing.assert_close(concept.cond["context"], lora_clip.encode("a man, red cape"), rtol=1e-5, atol=1e-5)
     assert list(concept.deltas) == ["input_blocks.1.1.transformer_blocks.0.attn2.to_k"]
@@ -400,25 +400,25 @@ def test_lora_for_another_architecture_is_named_and_text_encoder_deltas_reach_at
     monkeypatch.setitem(sys.modules, "networks", networks)
     unet_modules, te_modules = {id(unet_layer): ("layer", unet_layer)}, {id(attention): ("attn", attention)}
     with pytest.raises(a1111.OmgUserError, match="LoRA 'hero' does not fit this checkpoint .*factors give 6x5, the layer is \\(6, 8\\)"):
-        a1111.load_concept_lora("hero", 1.0, 0.5, unet_modules, te_modules)
+        loras.load_concept_lora("hero", 1.0, 0.5, unet_modules, te_modules)
     # SDXL's OpenCLIP-G: a k_proj LoRA on a MultiheadAttention lands in the k rows of in_proj_weight
     k_lora = _LoraModule(nn.Linear(8, 8))
     k_lora.sd_module, k_lora.te, k_lora.network = attention, True, net
     net.modules = {"unet_layer": _LoraModule(unet_layer), "te_attn_k_proj": k_lora}
     net.modules["unet_layer"].network = net
-    unet, te = a1111.load_concept_lora("hero", 1.0, 0.5, unet_modules, te_modules)
+    unet, te = loras.load_concept_lora("hero", 1.0, 0.5, unet_modules, te_modules)
     assert list(unet) == ["layer"] and len(te) == 1 and te[0][0] is attention.in_proj_weight
     before = attention.in_proj_weight.detach().clone()
     expected = k_lora.up_model.weight @ k_lora.down_model.weight * k_lora.calc_scale() * 0.5
     with pytest.raises(RuntimeError, match="boom"):
-        with a1111.merged(te):
+        with loras.merged(te):
             changed = attention.in_proj_weight.detach() - before
             torch.testing.assert_close(changed[8:16], expected)
             assert changed[:8].abs().max() == 0 and changed[16:].abs().max() == 0
             raise RuntimeError("boom")
     assert torch.equal(attention.in_proj_weight, before)  # restored exactly, also after an error
     with pytest.raises(a1111.OmgUserError, match="LoRA 'nope' is not in the WebUI's LoRA list"):
-        a1111.load_concept_lora("nope", 1.0, 1.0, unet_modules, te_modules)
+        loras.load_concept_lora("nope", 1.0, 1.0, unet_modules, te_modules)
 
 
 
@@ -435,9 +435,9 @@ def test_a_lora_whose_layers_mostly_miss_this_checkpoint_is_named(monkeypatch, t
     modules = {id(layer): ("layer", layer), id(other): ("other", other)}
     with pytest.raises(a1111.OmgUserError, match=r"^OMG: LoRA 'hero' fits only 2 of its 5 layers to this checkpoint "
                                                  r"\(made for another architecture\?\)$"):
-        a1111.load_concept_lora("hero", 1.0, 1.0, modules, {})
+        loras.load_concept_lora("hero", 1.0, 1.0, modules, {})
     net.modules["l2"] = _LoraModule(third := nn.Linear(8, 6))
-    unet, _ = a1111.load_concept_lora("hero", 1.0, 1.0, {**modules, id(third): ("third", third)}, {})
+    unet, _ = loras.load_concept_lora("hero", 1.0, 1.0, {**modules, id(third): ("third", third)}, {})
     assert sorted(unet) == ["layer", "other", "third"]  # 3 of 5: more than half, used
 
 @pytest.fixture
@@ -619,11 +619,11 @@ def test_the_keep_attention_setting_off_runs_a_reference_row_per_image_for_the_s
     prompts = ["a man and a woman", "on grass a woman hugs a tall man"]
     with fake_a1111.installed() as modules:
         kept, session = _run_job(modules, model, cfg, prompts, [7, 8], (12, 16))
-        modules.shared.opts.data[a1111.KEEP_ATTENTION_OPTION] = False
+        modules.shared.opts.data[webui_settings.KEEP_ATTENTION_OPTION] = False
         try:
             reference, ref_session = _run_job(modules, model, cfg, prompts, [7, 8], (12, 16))
         finally:
-            del modules.shared.opts.data[a1111.KEEP_ATTENTION_OPTION]
+            del modules.shared.opts.data[webui_settings.KEEP_ATTENTION_OPTION]
     calls = session.counters["pass2"].calls
     assert calls == ref_session.counters["pass2"].calls > 0
     assert (session.counters["pass2"].rows, ref_session.counters["pass2"].rows) == (calls * 8, calls * 10)
@@ -638,11 +638,11 @@ def test_the_memory_setting_caps_pass2_calls_and_the_image_stays_the_same(two_co
     with fake_a1111.installed() as modules:
         whole, free = _run_job(modules, model, cfg, prompts, [7, 8], (12, 16))
         assert free.memory.budget_bytes is None and free.row_limit.rows is None  # on a CPU: no limit, nothing measured
-        modules.shared.opts.data[a1111.MEMORY_OPTION] = 2
+        modules.shared.opts.data[webui_settings.MEMORY_OPTION] = 2
         try:
             cut, capped = _run_job(modules, model, cfg, prompts, [7, 8], (12, 16))
         finally:
-            del modules.shared.opts.data[a1111.MEMORY_OPTION]
+            del modules.shared.opts.data[webui_settings.MEMORY_OPTION]
     assert capped.memory.budget_bytes == 2 << 20
     assert capped.row_limit.budget == max(int((2 << 20) * 0.8) // capped.memory.row_bytes((12, 16)), 2) < 14
     torch.testing.assert_close(cut, whole, rtol=1e-3, atol=1e-3)
@@ -691,7 +691,7 @@ def test_each_image_of_a_batch_is_made_from_its_own_prompt_and_orientation(laten
 def test_fast_mode_hands_sam_the_image_of_the_denoised_latent_before_the_blend_start(monkeypatch, two_concepts):
     from omg_ext.masks.segment import segment
     from omg_ext.masks.sources import MaskModels
-    from tests.support.mask_models import tiny_sam
+    from minisd.mask_models import tiny_sam
 
     model, cfg = two_concepts
     # per-pixel cores: the random tiny SAM's masks agree with them for both concepts, so both use SAM
@@ -719,8 +719,8 @@ def test_pictures_come_from_latents_or_from_the_decoded_images_a_hires_job_retur
         already_decoded = True
 
     with fake_a1111.installed():
-        decoded = a1111.to_pictures(DecodedSamples([torch.zeros(3, 8, 12), torch.ones(3, 8, 12)]))
-        latents = a1111.to_pictures(torch.zeros(2, 4, 8, 12))
+        decoded = pictures.to_pictures(DecodedSamples([torch.zeros(3, 8, 12), torch.ones(3, 8, 12)]))
+        latents = pictures.to_pictures(torch.zeros(2, 4, 8, 12))
     assert [p.size for p in decoded] == [(12, 8)] * 2 and decoded[0].getpixel((0, 0)) == (128, 128, 128)
     assert decoded[1].getpixel((0, 0)) == (255, 255, 255) and len(latents) == 2
 
@@ -735,8 +735,8 @@ def test_a_callback_is_named_only_where_the_host_takes_a_name():
     def newer(callback, *, name=None):
         registered.append((callback, name))
 
-    a1111.add_callback(older, print, "omg")
-    a1111.add_callback(newer, print, "omg")
+    host_api.add_callback(older, print, "omg")
+    host_api.add_callback(newer, print, "omg")
     assert registered == [(print, None), (print, "omg")]
 
 
@@ -859,7 +859,7 @@ def test_an_ip_adapter_unit_acts_in_every_call_of_either_mode_with_keys_made_for
     model, cfg = two_concepts
     cfg.mode = "fast" if mode == "fast" else "two passes"
     with fake_a1111.installed() as modules:
-        monkeypatch.setitem(modules.shared.opts.data, a1111.KEEP_ATTENTION_OPTION, mode != "reference rows")
+        monkeypatch.setitem(modules.shared.opts.data, webui_settings.KEEP_ATTENTION_OPTION, mode != "reference rows")
         scripts, params, seen = _with_sd_webui_controlnet(model, ["IPAdapter"])
         with_ip, session = _run_job(modules, model, cfg, ["a man and a woman"], [7], (12, 16), scripts, marked=True)
         ip, unet_calls = params[0].control_model, len(seen)
@@ -936,4 +936,4 @@ def test_and_in_any_prompt_of_the_job_is_refused_before_sampling_with_what_to_do
     p = types.SimpleNamespace(all_prompts=prompts)
     with pytest.raises(a1111.OmgUserError, match="does not take AND .* without AND, and put each character's details in its concept prompt"):
         a1111.A1111Generation(p, OmgConfig(enabled=True))
-    a1111.refuse_and(["a man and a woman, ANDROID", "sANDy beach"])  # only the whole upper-case word is AND
+    row_tracker.refuse_and(["a man and a woman, ANDROID", "sANDy beach"])  # only the whole upper-case word is AND

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from omg_ext.config import ConceptSpec, OmgConfig
-from omg_ext.hosts import a1111, forge, forge_backend
+from omg_ext.hosts import a1111, forge, forge_attention, forge_backend, forge_controlnet, forge_lora
 from omg_ext.engine.lora import DenseDelta, LowRankDelta, RowRoutedLoRA
 from omg_ext.engine.rows import RowRole
 from tests.support import fake_forge
@@ -21,7 +21,7 @@ from tests.support.fake_forge.ldm_patched import LoRAAdapter
 from tests.support.fake_forge.lora_files import merge_lora_to_weight
 from tests.support.fake_forge.patchers import CLIP, LdmCLIP, UnetPatcher
 from tests.support.fake_forge.forge_unet import ForgeLinear, KModel, forge_unet, with_forge_linears
-from tests.support.sampling import SAMPLERS, DiscreteSchedule
+from minisd.sampling import SAMPLERS, DiscreteSchedule
 from tests.hosts.test_a1111_adapter import CTX, _Clip
 
 TO_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k"
@@ -602,9 +602,9 @@ def test_forge_lora_patches_become_deltas_equal_to_forges_merge(backend):
     up, down = torch.randn(to_k.out_features, 4, generator=g), torch.randn(4, to_k.in_features, generator=g)
     lora = ("lora", (up, down, 2.0, None, None)) if backend == "backend" else LoRAAdapter((up, down, 2.0, None, None, None))
     diff = ("diff", (torch.randn(proj_in.weight.shape, generator=g),))
-    host = forge_backend.LdmPatchedBackend() if backend == "ldm_patched" else forge.ForgeBackend()
+    host = forge_backend.LdmPatchedBackend() if backend == "ldm_patched" else forge_backend.ForgeBackend()
     with fake_forge.installed(backend):
-        deltas = forge.unet_deltas({f"diffusion_model.{TO_K}.weight": lora, f"diffusion_model.{PROJ_IN}.weight": diff}, unet, 0.8,
+        deltas = forge_lora.unet_deltas({f"diffusion_model.{TO_K}.weight": lora, f"diffusion_model.{PROJ_IN}.weight": diff}, unet, 0.8,
                                    _merge(host, 0.8))
         for name, patch in ((TO_K, lora), (PROJ_IN, diff)):
             weight = unet.get_submodule(name).weight
@@ -614,9 +614,9 @@ def test_forge_lora_patches_become_deltas_equal_to_forges_merge(backend):
             torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
         assert isinstance(deltas[TO_K], LowRankDelta) and deltas[TO_K].scale == pytest.approx(0.8 * 2.0 / 4)
         with pytest.raises(ValueError, match="unsupported patch target"):
-            forge.unet_deltas({("diffusion_model.x.weight", (0, 0, 4)): lora}, unet, 1.0, _merge(host, 1.0))
+            forge_lora.unet_deltas({("diffusion_model.x.weight", (0, 0, 4)): lora}, unet, 1.0, _merge(host, 1.0))
         with pytest.raises(ValueError, match="factors give"):
-            forge.unet_deltas({f"diffusion_model.{PROJ_IN}.weight": lora}, unet, 1.0, _merge(host, 1.0))
+            forge_lora.unet_deltas({f"diffusion_model.{PROJ_IN}.weight": lora}, unet, 1.0, _merge(host, 1.0))
 
 
 def test_plain_low_rank_reads_every_backends_lora_and_leaves_the_rest_dense():
@@ -642,7 +642,7 @@ def test_rows_are_routed_through_forges_manual_cast_fp8_layers():
     patches = {f"diffusion_model.{TO_K}.weight": ("lora", (up, down, None, None, None)),
                f"diffusion_model.{TO_K[:-1]}v.weight": ("set", (replacement,))}  # "set" depends on the (scaled) base
     with fake_forge.installed():
-        deltas = forge.unet_deltas(patches, unet, 0.6, _merge(forge.ForgeBackend(), 0.6))
+        deltas = forge_lora.unet_deltas(patches, unet, 0.6, _merge(forge_backend.ForgeBackend(), 0.6))
     router = RowRoutedLoRA(dict(unet.named_modules()), [deltas])
     x = torch.randn(3, 5, to_k.in_features, generator=g, dtype=torch.bfloat16)
     for layer, expected_weight in ((to_k, to_k.weight.float() * 0.5 + 0.6 * up @ down), (to_v, replacement)):
@@ -667,7 +667,7 @@ def test_a_concept_prompt_is_encoded_on_a_cloned_clip_patcher_and_the_weights_co
         assert isinstance(host, forge_backend.LdmPatchedBackend) == (backend == "ldm_patched")
         for fail in (False, True):
             with pytest.raises(RuntimeError, match="inside") if fail else contextlib.nullcontext():
-                with forge.clip_patched(host, model.forge_objects, {"proj.weight": ("diff", (delta,))}, "hero.safetensors", 0.5):
+                with forge_lora.clip_patched(host, model.forge_objects, {"proj.weight": ("diff", (delta,))}, "hero.safetensors", 0.5):
                     assert model.forge_objects.clip is not original and original.patcher.patches == {}
                     model.get_learned_conditioning(["a man"])  # the host loads the clone: its patch is merged
                     torch.testing.assert_close(model.encoder.proj.weight, before + 0.05)
@@ -790,15 +790,15 @@ def test_an_ip_adapter_entry_given_to_a_concept_adds_its_term_to_that_concepts_r
     patch = CrossAttentionPatch(1.0, 0.3, -0.2)  # unit A: every row
     patch.set_new_condition(2.0, 5.0, -1.0)  # unit B: concept 0's rows only
     patch.set_new_condition(1.0, 0.07, 0.01)  # unit C: every row
-    around = forge.AroundPatch(ProjectedAttention(AttentionState(), True, attention_function), patch, {1: 0})
+    around = forge_attention.AroundPatch(ProjectedAttention(AttentionState(), True, attention_function), patch, {1: 0})
     q, k, v = (torch.randn(5, 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     extra = {"n_heads": 2, "dim_head": 4, "cond_or_uncond": [0, 1, 0, 1, 0],
-             forge.ROW_CONCEPTS: torch.tensor([-1.0, -1.0, 0.0, 0.0, 1.0])}
+             forge_attention.ROW_CONCEPTS: torch.tensor([-1.0, -1.0, 0.0, 0.0, 1.0])}
     added = around(q, k, v, extra) - attention_function(q, k, v, 2)
     expected = torch.tensor([0.37, -0.19, 10.37, -2.19, 0.37])  # host cond, host uncond, concept 0 cond/uncond, concept 1
     torch.testing.assert_close(added, expected.view(-1, 1, 1).expand_as(added), rtol=0, atol=1e-5)
     assert len(patch.weights) == 3 and patch.conds == [0.3, 5.0, 0.07]  # theirs untouched: filtered copies
-    without_marks = around(q, k, v, {k_: v_ for k_, v_ in extra.items() if k_ != forge.ROW_CONCEPTS})
+    without_marks = around(q, k, v, {k_: v_ for k_, v_ in extra.items() if k_ != forge_attention.ROW_CONCEPTS})
     torch.testing.assert_close(without_marks - attention_function(q, k, v, 2),
                                torch.tensor([0.37, -0.19, 0.37, -0.19, 0.37]).view(-1, 1, 1).expand_as(added), rtol=0, atol=1e-5)
 
@@ -817,12 +817,12 @@ def _control_script(*kinds):
 def test_concept_units_are_told_apart_by_kind_and_an_ip_adapter_unit_by_its_place_among_ip_adapters():
     script, args = _control_script("ip-adapter", "controlnet", "ip-adapter", "controlnet")
     p = types.SimpleNamespace(scripts=types.SimpleNamespace(alwayson_scripts=[script]), script_args=args)
-    units, image_prompts = forge.controlnet_unit_modules(p, {0: 2, 1: 3, 2: 0})
+    units, image_prompts = forge_controlnet.controlnet_unit_modules(p, {0: 2, 1: 3, 2: 0})
     assert image_prompts == {1: 0, 0: 2}  # unit 2 is the second IP-Adapter: entry 1
     assert list(units) == [1] and units[1].place == 1 and units[1].network is script.current_params[3].model.model_patcher.control_model
     script.current_params[1] = types.SimpleNamespace(model=types.SimpleNamespace())  # a unit of another kind (e.g. Revision)
     with pytest.raises(forge.OmgUserError, match="OMG concept 2: ControlNet unit 1 has neither a ControlNet nor an IP-Adapter model"):
-        forge.controlnet_unit_modules(p, {1: 1})
+        forge_controlnet.controlnet_unit_modules(p, {1: 1})
 
 
 @torch.no_grad()
@@ -833,7 +833,7 @@ def test_a_concepts_own_ip_adapter_unit_reaches_its_rows_and_never_the_layout_pa
     called = ip_adapter.CrossAttentionPatch.__call__
 
     def spy(self, q, k, v, extra_options):
-        seen.append((tuple(self.conds), extra_options.get(forge.ROW_CONCEPTS)))
+        seen.append((tuple(self.conds), extra_options.get(forge_attention.ROW_CONCEPTS)))
         return called(self, q, k, v, extra_options)
 
     monkeypatch.setattr(ip_adapter.CrossAttentionPatch, "__call__", spy)

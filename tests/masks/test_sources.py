@@ -12,7 +12,7 @@ from omg_ext.masks.sources import MaskInputs, MaskModels, concept_masks
 from omg_ext.masks.model_files import MissingModelFile, ModelFile, ensure_file
 from omg_ext.masks.sam_prompts import prompts_from_attention
 from omg_ext.masks.segment import SamPrompt, load_sam, segment
-from tests.support.mask_models import save_to_hf_cache, tiny_grounding_dino, tiny_owlv2, tiny_owlvit, tiny_sam
+from minisd.mask_models import save_to_hf_cache, tiny_grounding_dino, tiny_owlv2, tiny_owlvit, tiny_sam
 
 LATENT = (8, 12)  # image 64 x 96
 

@@ -12,8 +12,8 @@ runs ``backend.attention.attention_function``.
 import torch
 from torch import nn
 
-from ..sampling import DiscreteSchedule
-from ..tiny_unet import TinyUNet
+from minisd.sampling import DiscreteSchedule
+from minisd.unet import TinyUNet
 from .attention import attention_function
 
 BLOCK_NAMES = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}

@@ -7,8 +7,8 @@ import torch
 
 from omg_ext.engine.record import threshold
 from omg_ext.engine.session import OmgSession
-from tests.support.sampling import DiscreteSchedule, generate
-from tests.support.tiny_unet import unet_fn
+from minisd.sampling import DiscreteSchedule, generate
+from minisd.unet import unet_fn
 
 SCHEDULE = DiscreteSchedule()
 
@@ -106,7 +106,7 @@ def run_fast(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, 
 def concept_on_cond_rows(unet, concept):
     """A sampler model function: cond rows run with the concept's LoRA merged and its prompt, uncond rows
     are the plain model's with the host's conditioning (shared concept guidance over the whole image)."""
-    from tests.support.loras import merged
+    from minisd.loras import merged
 
     lora_fn, plain_fn = unet_fn(merged(unet, concept.deltas)), unet_fn(unet)
 
