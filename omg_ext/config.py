@@ -324,6 +324,8 @@ def from_args(args: Sequence) -> OmgConfig:
     """Parse the UI's positional values, or a dict first (API users; the WebUI pads the rest)."""
     if args and isinstance(args[0], dict):
         return from_dict(args[0])
+    if not args:  # a request that left the script out (Forge's API before its scripts are loaded): not enabled
+        return OmgConfig()
     if len(args) != ARGS_COUNT:
         raise OmgConfigError("args", f"OMG expects {ARGS_COUNT} values ({len(FIELDS)} settings and {MAX_CONCEPTS} concepts of {len(CONCEPT_FIELDS)}), or one dictionary; got {len(args)}")
     values: dict = {}
@@ -336,7 +338,18 @@ def from_args(args: Sequence) -> OmgConfig:
         _parse_into(concept, CONCEPT_FIELDS, block, lambda f: f.attr, lambda f: f"concepts[{n + 1}].{f.attr}")
         if not ConceptSpec(**concept).is_unused():
             concepts.append(concept)
+    if values.get("enabled") and not concepts:
+        raise OmgConfigError("concepts", POSITIONAL_WITHOUT_CONCEPTS)
     return _config(values, concepts)
+
+
+POSITIONAL_WITHOUT_CONCEPTS = (
+    "OMG needs at least one concept: fill a concept row (its class word and prompt). Over the API, pass one dictionary "
+    '({"enabled": true, "concepts": [{"lora": "char1", "class_word": "man", "prompt": "a man, red jacket"}]}) or all '
+    f"{ARGS_COUNT} positional values: the {len(FIELDS)} settings ({', '.join(f.attr for f in FIELDS)}), then "
+    f"{MAX_CONCEPTS} concepts of {len(CONCEPT_FIELDS)} ({', '.join(f.attr for f in CONCEPT_FIELDS)}); the WebUI fills "
+    "the values a request leaves out with the UI's defaults, which have no concept")
+"""Why an enabled positional request has no concept: usually a short list (``[true, 0.3]``) padded by the WebUI."""
 
 
 XYZ_AXES = (
@@ -375,6 +388,18 @@ def prefill_prompt(global_prompt: str, trigger_words: str) -> str:
     """A concept prompt to start from: the global prompt without LoRA tags, plus the LoRA's trigger words."""
     base = re.sub(r"\s+", " ", _LORA_TAG.sub("", global_prompt)).strip(" ,")
     return ", ".join(part for part in (base, trigger_words.strip()) if part)
+
+
+_PROMPT_LORA = re.compile(r"<(?:lora|lyco):([^:>]+)[:>]", re.IGNORECASE)
+
+
+def concept_loras_in_prompt(cfg: OmgConfig, prompts: Sequence[str]) -> list[str]:
+    """Warnings for concepts whose LoRA the main prompt also names (``<lora:name:…>``): the WebUI applies such a
+    tag to the whole picture, every character's rows included, which is the bleeding OMG avoids."""
+    named = {m.strip().lower() for prompt in prompts for m in _PROMPT_LORA.findall(prompt)}
+    return [f"OMG concept {n}'s LoRA {spec.lora!r} is also in the prompt (<lora:{spec.lora}:…>): the WebUI applies it to "
+            "the whole picture, every character included, which brings back the bleeding OMG avoids; take it out of the prompt"
+            for n, spec in enumerate(cfg.concepts, start=1) if spec.lora and spec.lora.strip().lower() in named]
 
 
 def compact(cfg: OmgConfig) -> str:

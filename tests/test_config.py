@@ -3,7 +3,7 @@ from dataclasses import fields
 
 import pytest
 
-from omg_ext.config import (ARGS_COUNT, CONCEPT_FIELDS, FIELDS, MAX_CONCEPTS, XYZ_AXES, ConceptSpec, OmgConfig,
+from omg_ext.config import (ARGS_COUNT, concept_loras_in_prompt, CONCEPT_FIELDS, FIELDS, MAX_CONCEPTS, XYZ_AXES, ConceptSpec, OmgConfig,
                             OmgConfigError, compact, from_args, from_dict, from_infotext, to_args,
                             to_dict, to_infotext, top_tags, prefill_prompt, with_overrides)
 
@@ -136,6 +136,20 @@ def test_args_round_trip_with_unused_slots():
         from_args([True, 0.3, "attention"])
 
 
+def test_a_request_without_the_scripts_values_is_not_enabled():
+    assert from_args([]) == OmgConfig()
+
+
+def test_a_short_positional_request_padded_by_the_webui_says_what_the_positional_form_takes():
+    padded = [True, 0.3] + to_args(OmgConfig())[2:]  # what the WebUI makes of "args": [true, 0.3]
+    with pytest.raises(OmgConfigError, match="OMG needs at least one concept") as error:
+        from_args(padded)
+    message = str(error.value)
+    assert f"all {ARGS_COUNT} positional values" in message and "the 18 settings (enabled, blend_start, mask_source" in message
+    assert "5 concepts of 8 (lora, lora_hash, unet_weight, te_weight, class_word, prompt, negative_prompt, control_unit)" in message
+    assert from_args(to_args(OmgConfig())) == OmgConfig()  # disabled without concepts: no error
+
+
 def test_compact_summary():
     assert compact(_cfg()) == "OMG two passes s=0.32 attention 2 concepts: man<hero:0.8>, woman<heroine:1>"
 
@@ -190,3 +204,13 @@ def test_every_bad_api_value_is_refused_naming_its_field(request_args, field):
         from_dict(request_args).validate()
     assert e.value.field == field
     assert field.rsplit(".", 1)[-1].replace("_", " ") in str(e.value).replace("_", " ")
+
+
+def test_concept_loras_named_in_the_prompt_are_warned_about_once_each():
+    cfg = OmgConfig(enabled=True, concepts=[ConceptSpec(lora="char1", class_word="man", prompt="a man"),
+                                            ConceptSpec(lora="char2", class_word="woman", prompt="a woman"),
+                                            ConceptSpec(class_word="cat", prompt="a cat")])
+    warnings = concept_loras_in_prompt(cfg, ["a man and a woman <lora:CHAR1:0.8> <lyco:style:1>", "x <lora:char1>", "<lora:char2:1:0.5>"])
+    assert [w.split("'")[2] for w in warnings] == ["char1", "char2"]
+    assert warnings[0].startswith("OMG concept 1's LoRA 'char1' is also in the prompt (<lora:char1:…>)")
+    assert concept_loras_in_prompt(cfg, ["a man and a woman <lora:char10:1> <lora:style:1>"]) == []

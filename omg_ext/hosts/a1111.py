@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy
 import torch
 
-from ..config import OmgConfig, compact, to_infotext
+from ..config import OmgConfig, compact, concept_loras_in_prompt, to_infotext
 from ..engine.masks import overlay
 from ..engine.memory import MemoryBudget
 from ..engine.record import first_blended
@@ -69,7 +69,8 @@ class A1111Generation:
     """OMG for one txt2img job ``p``."""
 
     def __init__(self, p, cfg: OmgConfig) -> None:
-        refuse_and(list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")]))
+        prompts = list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")])
+        refuse_and(prompts)
         self.p, self.cfg = p, cfg
         self.unet = self.unet_module()
         self.prepared: Prepared | None = None
@@ -77,7 +78,7 @@ class A1111Generation:
         """Per image of the job so far: the pictures shown beside it, as (image, file suffix) pairs."""
         self.to_show: tuple[torch.Tensor, list] | None = None
         """The current batch's masks and layout pictures, shown once the host has decoded its images (``keep_pictures``)."""
-        self.warnings: list[str] = []
+        self.warnings: list[str] = concept_loras_in_prompt(cfg, prompts)
 
     def unet_module(self):
         """The UNet ``nn.Module`` of the job's model."""

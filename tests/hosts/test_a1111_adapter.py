@@ -171,6 +171,28 @@ def test_a_bad_job_fails_with_its_message():
         p.sample(None, None, [1], [1], 0, ["x"])
 
 
+def _api_answer(error: Exception) -> tuple[int, bool]:
+    """What the WebUIs' API (``modules/api/api.py``, A1111 1.10 and Forge) makes of an exception from a job: the
+    exception's own ``status_code`` attribute (500 without one), and a console traceback unless it is FastAPI's
+    ``HTTPException``."""
+    from fastapi.exceptions import HTTPException
+
+    return vars(error).get("status_code", 500), not isinstance(error, HTTPException)
+
+
+def test_a_users_mistake_answers_422_with_its_message_and_no_traceback_while_a_fault_stays_500():
+    p = types.SimpleNamespace(sample=None)
+    host_api.fail_job(p, "OMG mask split must be one of figures, pixels (got 'halves')")
+    with pytest.raises(ValueError) as mistake:
+        p.sample(None, None, [1], [1], 0, ["x"])
+    assert _api_answer(mistake.value) == (422, False)
+    assert str(mistake.value) == "OMG mask split must be one of figures, pixels (got 'halves')"  # the UI's text, as before
+    assert vars(mistake.value)["detail"] == str(mistake.value)  # the API's JSON "detail"
+    with pytest.raises(RuntimeError) as fault:
+        row_tracker.RowTracker(images=1).take(torch.zeros(1, 77, 8))
+    assert _api_answer(fault.value) == (500, True)
+
+
 # ---------------------------------------------------------------- a whole job through the stand-in
 
 SCHEDULE = DiscreteSchedule()
@@ -202,6 +224,7 @@ class _Job:
     def __init__(self, modules, model, prompt, negative, steps=6, sampler="euler", seeds=(7,), latent=(16, 16)):
         self.modules, self.sd_model = modules, model
         self.prompts = [prompt] * len(seeds) if isinstance(prompt, str) else list(prompt)
+        self.all_prompts = list(self.prompts)  # as the host sets them before the scripts' ``process``, LoRA tags and all
         self.negative_prompts = [negative] * len(self.prompts)
         self.height, self.width = latent[0] * 8, latent[1] * 8
         self.seeds, self.subseeds, self.subseed_strength = list(seeds), list(seeds), 0.0
@@ -481,6 +504,16 @@ def _run_job(modules, model, cfg, prompts, seeds, latent, scripts=None, marked=F
         final = job.sample(c, uc, job.seeds, job.seeds, 0, job.prompts)
     sessions[0].infotext, sessions[0].generation = job.extra_generation_params, generation
     return final, sessions[0]
+
+
+@torch.no_grad()
+def test_a_concepts_lora_also_in_the_main_prompt_is_named_in_the_warnings(two_concepts):
+    model, cfg = two_concepts
+    with fake_a1111.installed() as modules:
+        _, session = _run_job(modules, model, cfg, ["a man and a woman <lora:Hero:0.8>", "a man and a woman"], [7, 8], (12, 16))
+        assert "OMG concept 1's LoRA 'hero' is also in the prompt" in session.infotext["OMG warnings"]
+        _, session = _run_job(modules, model, cfg, ["a man and a woman <lora:heroine:1>"], [7], (12, 16))
+        assert "OMG warnings" not in session.infotext  # another LoRA (a style) in the prompt is the user's to apply
 
 
 @torch.no_grad()

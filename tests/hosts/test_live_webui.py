@@ -77,9 +77,20 @@ def test_a_repeated_request_reuses_its_concepts_and_a_changed_concept_is_loaded_
     first, again = (_post("/sdapi/v1/txt2img", {**BASE, **_omg()})[1]["images"][0] for _ in range(2))
     assert base64.b64decode(first) == base64.b64decode(again)
     changed = _omg()
-    changed["alwayson_scripts"]["OMG multi-concept"]["args"][0]["concepts"][0]["te_weight"] = 0.25
+    changed["alwayson_scripts"]["OMG multi-concept"]["args"][0]["concepts"][0]["te_weight"] = _renderable_te_weight(LORAS[0])
     assert _post("/sdapi/v1/txt2img", {**BASE, **changed})[1]["images"][0] != first
     assert _post("/sdapi/v1/txt2img", {**BASE, **_omg()})[1]["images"][0] == first
+
+
+def _renderable_te_weight(lora: str, candidates=(0.25, 0.75, 0.4)) -> float:
+    """A text-encoder weight other than the suite's 0.5 at which the host itself renders the concept's prompt with
+    ``lora`` (a plain job, no OMG): a random checkpoint and LoRA can overflow the host's CLIP at some weights (A1111's
+    NaN check, or a black image), which says nothing about OMG. Skips, saying so, when none of ``candidates`` does."""
+    for weight in candidates:
+        status, result = _post("/sdapi/v1/txt2img", {**BASE, "prompt": f"a man, red jacket <lora:{lora}:{weight}:1>"})
+        if status == 200 and not _blank(_image(result)):
+            return weight
+    pytest.skip(f"the host renders 'a man, red jacket' with {lora} at none of the text-encoder weights {candidates}")
 
 
 def test_without_the_layout_and_masks_shown_the_job_gives_its_image_alone_and_the_same_image():
@@ -100,14 +111,14 @@ def test_fast_mode_makes_one_image_with_its_masks_and_leaves_the_model_as_it_was
     info = json.loads(result["info"])["infotexts"][0]
     assert 'OMG mask sources used: "attention+sam, attention+sam"' in info or "attention masks used instead" in info
     status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(mode="fast", blend_start=0)})
-    assert status != 200 and "blend start must be above 0" in json.dumps(result)
+    assert status == 422 and "blend start must be above 0" in json.dumps(result)
     _, after = _post("/sdapi/v1/txt2img", BASE)
     assert base64.b64decode(before["images"][0]) == base64.b64decode(after["images"][0])
 
 
 def test_a_bad_lora_name_is_an_error_naming_it():
     status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(concepts=[{"lora": "no_such_lora", "class_word": "man", "prompt": "a man"}])})
-    assert status != 200 and "no_such_lora" in json.dumps(result)
+    assert status == 422 and "no_such_lora" in json.dumps(result)
 
 
 def test_a_concept_whose_class_word_is_missing_is_skipped_and_the_rest_is_made():
@@ -127,7 +138,7 @@ def test_the_mask_split_is_a_setting_of_the_api_and_comes_back_from_the_png_info
         _, params = _post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + result["images"][0]})
         assert params["parameters"]["OMG mask split"] == split
     status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(mask_split="halves")})
-    assert status != 200 and "mask split must be one of figures, pixels" in json.dumps(result)
+    assert status == 422 and "mask split must be one of figures, pixels" in json.dumps(result)
 
 
 def test_drawn_regions_and_an_xyz_axis_of_omg_work_through_the_api():
@@ -190,7 +201,7 @@ def test_omg_after_a_regional_prompter_job_runs_and_changes_only_as_the_hosts_ow
 def test_a_lora_for_another_architecture_is_an_error():
     name = os.environ["OMG_FOREIGN_LORA"]
     status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(concepts=[{"lora": name, "class_word": "man", "prompt": "a man"}])})
-    assert status != 200 and "another architecture" in json.dumps(result)
+    assert status == 422 and "another architecture" in json.dumps(result)
 
 
 def _hint_png(box=(12, 8, 36, 60)) -> str:
@@ -332,12 +343,17 @@ def test_a_concepts_own_controlnet_unit_changes_the_image_and_a_missing_unit_is_
     assert images[-1] != images[1]  # unit 1 on the woman's rows only, not on every row
     payload["alwayson_scripts"]["OMG multi-concept"]["args"][0]["concepts"][1]["control_unit"] = 2
     status, result = _post("/sdapi/v1/txt2img", payload)
-    assert status != 200 and "ControlNet unit 2 is not enabled" in json.dumps(result)
+    assert status == 422 and "ControlNet unit 2 is not enabled" in json.dumps(result)
+
+
+def test_a_short_positional_request_says_what_the_positional_form_takes():
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, "alwayson_scripts": {"OMG multi-concept": {"args": [True, 0.3]}}})
+    assert status == 422 and "OMG needs at least one concept" in json.dumps(result) and "positional values" in json.dumps(result)
 
 
 def test_and_in_the_prompt_is_refused_with_what_to_do_and_runs_without_omg():
     status, result = _post("/sdapi/v1/txt2img", {**BASE, "prompt": "a man AND a woman", **_omg()})
-    assert status != 200 and "does not take AND" in json.dumps(result) and "concept prompt" in json.dumps(result)
+    assert status == 422 and "does not take AND" in json.dumps(result) and "concept prompt" in json.dumps(result)
     status, result = _post("/sdapi/v1/txt2img", {**BASE, "prompt": "a man AND a woman", **_omg(enabled=False)})
     assert status == 200, result
 
