@@ -32,11 +32,11 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from omg_ext.engine.masks import overlay  # noqa: E402
 from toyworld.measures import (MEASURES, figure_in_mask, image_measures, mask_precision, present_fidelity,  # noqa: E402
                                summarise)
+from toyworld.grids import labelled_grid  # noqa: E402
 from toyworld.methods import ABLATIONS, METHODS, Case, ToyWorld, no_lora  # noqa: E402
 from toyworld.model import WEIGHTS  # noqa: E402
 from toyworld.scenes import random_scene, render  # noqa: E402
@@ -84,18 +84,6 @@ def table(title: str, rows: dict[str, dict[str, list[float]]]) -> None:
             mean, ci = summarise(values[m]) if values.get(m) else (float("nan"), float("nan"))
             cells.append(f"{mean:>10.3f} ±{ci:5.3f}")
         print(f"{method:<15}" + "".join(f"{c:>18}" for c in cells))
-
-
-def save_grid(path: Path, rows: dict[str, torch.Tensor], columns: int, scale: int = 4) -> None:
-    """One row per method (and OMG's masks), ``columns`` seeds; every image in a cell of the largest one's size."""
-    h = max(images.shape[1] for images in rows.values()) + 2
-    w = max(images.shape[2] for images in rows.values()) + 2
-    grid = np.full((h * len(rows), w * columns, 3), 255, np.uint8)
-    for r, images in enumerate(rows.values()):
-        for c in range(columns):
-            image = (images[c].numpy() * 255).astype(np.uint8)
-            grid[r * h + 1:r * h + 1 + image.shape[0], c * w + 1:c * w + 1 + image.shape[1]] = image
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
 def main() -> None:
@@ -150,7 +138,7 @@ def main() -> None:
                         found for b in range(len(seeds))
                         for found in figure_in_mask(generated.masks[b], final_kinds[b], final_looks[b], case.looks))
                 if method == "OMG":  # its masks over the layout image, for a person to judge them
-                    shown["OMG masks"] = torch.stack([overlay(generated.masks[b], layout[b].permute(2, 0, 1)).permute(1, 2, 0)
+                    shown["OMG's masks over no LoRA"] = torch.stack([overlay(generated.masks[b], layout[b].permute(2, 0, 1)).permute(1, 2, 0)
                                                       for b in range(min(args.columns, len(seeds)))])
             shown[method] = images
             kinds, looks = world.scorer.labels(images)
@@ -163,7 +151,8 @@ def main() -> None:
                     if case.in_front:
                         occluded[method][name].append(value)
         name = case.prompt(triggers=True).replace(" ", "_")
-        save_grid(args.grids / f"{name}.png", shown, min(args.columns, len(seeds)))
+        labelled_grid(shown, min(args.columns, len(seeds)), f'"{case.prompt(triggers=True)}", seeds {seeds[0]}-'
+                      f"{seeds[min(args.columns, len(seeds)) - 1]}").save(args.grids / f"{name}.png")
         print(f"  {case.prompt(triggers=True)}: done ({time.perf_counter() - started:.0f} s)", flush=True)
 
     table(f"all cases ({len(CASES)} prompts x {len(seeds)} seeds)", every)

@@ -21,16 +21,16 @@ INSTANCE_ORDERS = ("attention", "left_to_right")
 GUIDANCES = ("own", "shared")
 """How concept rows are guided (two passes): ``own``: against each concept's negative prompt with its LoRA (the
 paper's); ``shared``: against the host's uncond rows, no LoRA (k rows fewer per image; measured in the toy world:
-README, "Does it work?")."""
+docs/quality.md)."""
 BACKGROUNDS = ("pass 1", "redrawn")
 """Pass 2 outside the masks (two passes): ``pass 1``: the layout pass's own outputs, a row fewer per image and step;
-``redrawn``: the host's cond rows run again with pass 1's cross-attention (measured in the toy world: README,
-"Does it work?")."""
+``redrawn``: the host's cond rows run again with pass 1's cross-attention (measured in the toy world:
+docs/quality.md)."""
 MASK_SPLITS = ("figures", "pixels")
 """How the attention masks are shared out between concepts: ``figures``: the concepts' maps pooled, each
 connected figure goes whole to one concept, touching figures are cut into bands at their mass (assigned by
 each concept's own attention); ``pixels``: each pixel to the concept whose attention is strongest there (only
-same-word concepts are split as figures). Measured in the toy world: README, "Does it work?"."""
+same-word concepts are split as figures). Measured in the toy world: docs/quality.md."""
 MODES = ("two passes", "fast")
 """``two passes``: layout pass, then concept rows beside the host's (the paper's method);
 ``fast``: one pass, each concept's LoRA and prompt masked in the host's rows (``engine/fast.py``)."""
@@ -174,7 +174,7 @@ class OmgConfig:
     mask_dilation: int = 8
     mask_feather: int = 8
     show_masks: bool = True
-    hires_blend: bool = True  # measured in the toy world: a plain hires pass erases the identities (README, "Does it work?")
+    hires_blend: bool = True  # measured in the toy world: a plain hires pass erases the identities (docs/quality.md)
     sam_model: str = "vit_b"
     detector: str = "auto"
     instance_order: str = "attention"
