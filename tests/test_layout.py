@@ -32,6 +32,7 @@ def _modules(sub: str):
 @pytest.mark.parametrize("package, forbidden", [
     ("engine", ("omg_ext.masks", "omg_ext.hosts", "omg_ext.config", "omg_ext.ui")),
     ("masks", ("omg_ext.hosts", "omg_ext.ui")),
+    ("merge", ("omg_ext.masks", "omg_ext.hosts", "omg_ext.config", "omg_ext.ui")),
 ])
 def test_inner_packages_never_import_outer_ones_or_the_host(package, forbidden):
     for path in _modules(package):
@@ -51,7 +52,7 @@ def test_only_the_host_adapters_import_the_webui():
 def test_top_level_holds_the_packages_and_at_most_four_modules():
     modules = [p.name for p in ROOT.glob("*.py") if p.name != "__init__.py"]
     assert len(modules) <= 4, modules
-    for package in ("engine", "masks", "hosts"):
+    for package in ("engine", "masks", "hosts", "merge"):
         doc = ast.get_docstring(ast.parse((ROOT / package / "__init__.py").read_text()))
         assert doc and "import" in doc.lower(), f"omg_ext/{package}/__init__.py must say what it may import"
 

@@ -18,7 +18,7 @@ def installed():
     for name in list(saved):
         del sys.modules[name]
     sys.modules["modules"] = modules
-    for sub in ("script_callbacks", "rng", "shared", "prompt_parser", "sd_samplers_common"):
+    for sub in ("script_callbacks", "rng", "shared", "prompt_parser", "sd_samplers_common", "devices", "call_queue"):
         sys.modules[f"modules.{sub}"] = getattr(modules, sub)
     try:
         yield modules

@@ -14,6 +14,15 @@ class State:
         self.job_no += 1
         self.sampling_step = 0
 
+    def begin(self, job="(unknown)"):
+        self.interrupted, self.skipped, self.job, self.textinfo = False, False, job, None
+
+    def end(self):
+        self.job = ""
+
+    def interrupt(self):
+        self.interrupted = True
+
 
 state = State()
 
@@ -36,3 +45,14 @@ class TotalTQDM:
 
 
 total_tqdm = TotalTQDM()
+
+
+class CmdOpts:
+    """``shared.cmd_opts``: the folders the WebUI was started with."""
+
+    lora_dir = ""
+
+
+cmd_opts = CmdOpts()
+sd_model = None
+"""The loaded checkpoint, set by a test."""

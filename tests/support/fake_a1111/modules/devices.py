@@ -1,0 +1,6 @@
+"""``modules.devices``: autocast, a no-op on the CPU as in A1111 with ``--no-half``."""
+import contextlib
+
+
+def autocast(disable=False):
+    return contextlib.nullcontext()
