@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--grids", type=Path, default=ROOT / "docs" / "merge")
+    parser.add_argument("--rows", type=int, default=4096, help="input rows sampled per layer and identity")
     args = parser.parse_args()
     torch.manual_seed(0)
     world = ToyWorld()
@@ -81,7 +82,7 @@ def main() -> None:
         for method in args.methods:
             path = folder / f"{method.replace(' ', '_')}_{len(identities)}.safetensors"
             start = time.perf_counter()
-            errors = merged_file(world, identities, path, MergeSettings(method=method))
+            errors = merged_file(world, identities, path, MergeSettings(method=method, rows=args.rows))
             seconds = time.perf_counter() - start
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             merged = read_kohya(path, world.model)

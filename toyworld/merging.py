@@ -20,7 +20,7 @@ from .methods import CFG, STEPS, Generated, ToyWorld, _rows
 from .model import SCHEDULE, to_images
 from .scenes import BACKGROUNDS, IDENTITIES, SIZE, Figure, Scene, scene_prompt
 
-RECORD_STEPS, RECORD_SEEDS = 8, (7, 8)
+RECORD_STEPS, RECORD_SEEDS = 20, tuple(range(7, 15))
 
 
 def trigger_prompts(identity: int) -> list[str]:

@@ -10,7 +10,7 @@ asks for ``Y_i = X_i (W0 + ΔW_i)ᵀ``. Three fits, one signature:
 - ``loraclr``: from the least-squares solution, AdamW on an offset with LoRACLR's loss — each concept's
   outputs pulled to its own targets (positive pair) and pushed at least ``margin`` from the nearest other
   concept's targets (negative pair), plus ``λ_mse`` MSE and ``λ_reg ‖offset‖``. Distances are root mean
-  squares over a concept's outputs (the official code's are sums, whose size grows with the number of rows
+  squares over a concept's outputs, and ``λ_reg`` weighs the offset's root mean square (the official code's are sums, whose size grows with the number of rows
   and channels: a fixed margin would mean something else in every layer).
 """
 from __future__ import annotations
@@ -39,8 +39,9 @@ class LayerInputs:
 
 @dataclass(frozen=True)
 class FitSettings:
-    ridge: float = 1e-4
-    """λ of the least-squares fit, relative to the mean diagonal of Σ G_i (inputs no concept varies stay unchanged)."""
+    ridge: float = 1e-2
+    """λ of the least-squares fit, relative to the mean diagonal of Σ G_i: larger generalises better to inputs the
+    recording did not see (toy world, held-out inputs: median residual 0.54 at 1e-4, 0.45 at 1e-2)."""
     steps: int = 100
     lr: float = 1e-2
     """AdamW's step, in units of the root-mean-square size of the concepts' deltas in that layer."""
@@ -49,6 +50,8 @@ class FitSettings:
     lambda_mse: float = 0.1
     lambda_reg: float = 1e-3
     lambda_con: float = 1.0
+    contrastive_rows: int = 512
+    """Rows per concept the optimisation sees (the least-squares start uses them all): its cost is steps × rows."""
 
 
 def fit_sum(layer: LayerInputs, settings: FitSettings | None = None) -> torch.Tensor:
@@ -87,9 +90,9 @@ def contrastive_loss(pred: torch.Tensor, targets: torch.Tensor, margin: float) -
 def fit_loraclr(layer: LayerInputs, settings: FitSettings | None = None) -> torch.Tensor:
     settings = settings or FitSettings()
     start = fit_least_squares(layer, settings).float()
-    rows = min(x.shape[0] for x in layer.inputs)
+    rows = min(min(x.shape[0] for x in layer.inputs), settings.contrastive_rows)
     inputs = torch.stack([x[:rows].float() for x in layer.inputs])
-    targets = torch.stack([y[:rows].float() for y in layer.targets()])
+    targets = torch.stack([x[:rows] @ (layer.base + w * d).t() for x, d, w in zip(inputs, layer.deltas, layer.weights)])
     # the margin in units of how far apart the concepts' own targets are: a scale-free setting
     scale = float(_rms_distances(targets, targets).sum() / max(1, targets.shape[0] * (targets.shape[0] - 1))) or 1.0
     base = layer.base.float()
@@ -104,7 +107,7 @@ def fit_loraclr(layer: LayerInputs, settings: FitSettings | None = None) -> torc
             pred = inputs @ (base + start + unit * offset).t()
             loss = (settings.lambda_con * contrastive_loss(pred / scale, targets / scale, settings.margin)
                     + settings.lambda_mse * F.mse_loss(pred / scale, targets / scale)
-                    + settings.lambda_reg * offset.norm())
+                    + settings.lambda_reg * (offset.pow(2).mean() + 1e-12).sqrt())  # no NaN gradient at 0
             if loss.item() < best_loss:
                 best_loss, best = loss.item(), (start + unit * offset).detach().clone()
             loss.backward()

@@ -44,8 +44,8 @@ class MergeSettings:
     energy: float = 0.99
     """Share of each layer's merged delta energy (Σ σ²) the saved LoRA keeps: it sets the rank per layer."""
     max_rank: int = MAX_RANK
-    rows: int = 256
-    """Input rows sampled per layer and concept."""
+    rows: int = 1024
+    """Input rows sampled per layer and concept (memory: rows × the layer's input width × 4 bytes each)."""
     fit: FitSettings = field(default_factory=FitSettings)
 
     def validate(self, concepts: list[MergeConcept]) -> "MergeSettings":
