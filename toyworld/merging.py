@@ -78,7 +78,6 @@ class MergedWorld(ToyWorld):
     def __init__(self, world: ToyWorld, path: Path) -> None:
         self.__dict__.update(world.__dict__)
         self.merged = read_kohya(path, world.model)
-        self._loras = {}
 
     def lora(self, identity: int, weight: float = 1.0) -> dict:
         if weight != 1.0:
