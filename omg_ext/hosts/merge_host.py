@@ -107,8 +107,6 @@ def run_merge(request: MergeRequest, progress=lambda text, done: None, check=lam
     from modules import devices, shared
 
     started = time.perf_counter()
-    if len(request.loras) < 2:
-        raise OmgUserError(f"a merge takes 2 to 12 LoRAs (got {len(request.loras)})")
     sd_model = shared.sd_model
     if getattr(sd_model, "is_sdxl", False):
         raise OmgUserError("merging SDXL LoRAs is not supported yet: load an SD1.5 checkpoint")

@@ -33,8 +33,9 @@ class LayerInputs:
     inputs: list[torch.Tensor]
     weights: list[float]
 
-    def targets(self) -> list[torch.Tensor]:
-        return [x @ (self.base + w * d).t() for x, d, w in zip(self.inputs, self.deltas, self.weights)]
+    def targets(self, rows: int | None = None) -> list[torch.Tensor]:
+        """Each concept's own LoRA's outputs on its (first ``rows``) inputs."""
+        return [x[:rows] @ (self.base + w * d).t() for x, d, w in zip(self.inputs, self.deltas, self.weights)]
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def fit_loraclr(layer: LayerInputs, settings: FitSettings | None = None) -> torc
     start = fit_least_squares(layer, settings).float()
     rows = min(min(x.shape[0] for x in layer.inputs), settings.contrastive_rows)
     inputs = torch.stack([x[:rows].float() for x in layer.inputs])
-    targets = torch.stack([x[:rows] @ (layer.base + w * d).t() for x, d, w in zip(inputs, layer.deltas, layer.weights)])
+    targets = torch.stack(layer.targets(rows)).float()
     # the margin in units of how far apart the concepts' own targets are: a scale-free setting
     scale = float(_rms_distances(targets, targets).sum() / max(1, targets.shape[0] * (targets.shape[0] - 1))) or 1.0
     base = layer.base.float()
