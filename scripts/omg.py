@@ -12,7 +12,8 @@ from omg_ext.hosts.a1111 import A1111Generation
 from omg_ext.hosts.errors import OmgUserError
 from omg_ext.hosts.host_api import fail_job
 from omg_ext.hosts.loras import lora_names, lora_trigger_words, refresh_loras
-from omg_ext.hosts import merge_ui
+from omg_ext.hosts import extract_ui, merge_ui
+from omg_ext.hosts.concepts_tab import concepts_tab
 from omg_ext.hosts.webui_settings import add_settings, add_xyz_axes, save_layout_images
 
 if running_forge():
@@ -88,6 +89,7 @@ class OmgScript(scripts.Script):
 
 script_callbacks.on_before_ui(add_xyz_axes)
 script_callbacks.on_ui_settings(add_settings)
-if not running_forge():  # merging on Forge's model patchers is not built yet
-    script_callbacks.on_ui_tabs(merge_ui.tab)
+if not running_forge():  # merging and extraction on Forge's model patchers are not built yet
+    script_callbacks.on_ui_tabs(concepts_tab(with_merge=True))
     script_callbacks.on_app_started(merge_ui.add_route)
+    script_callbacks.on_app_started(extract_ui.add_route)

@@ -204,10 +204,11 @@ def _mask_maker(world: ToyWorld, case: Case, s: Settings, images: int):
     return masks
 
 
-def _omg_run(world: ToyWorld, case: Case, seeds: list[int], s: Settings):
-    """The engine's two passes on the toy model: (result, host cond rows, host uncond rows)."""
+def _omg_run(world: ToyWorld, case: Case, seeds: list[int], s: Settings, concepts: list[Concept] | None = None):
+    """The engine's two passes on the toy model: (result, host cond rows, host uncond rows); the concepts are the
+    identities' LoRAs with their trigger prompts unless given."""
     prompt = case.prompt()
-    concepts = [
+    concepts = concepts or [
         Concept(world.encode(case.concept_prompt(j), (k,), s.lora_weight), world.encode("", (k,), s.lora_weight),
                 world.lora(k, s.lora_weight)["unet"], word_positions(prompt, IDENTITIES[k - 1].figure))
         for j, k in enumerate(case.identities)
@@ -221,9 +222,10 @@ def _omg_run(world: ToyWorld, case: Case, seeds: list[int], s: Settings):
     return result, cond, uncond
 
 
-def omg(world: ToyWorld, case: Case, seeds: list[int], settings: Settings | None = None) -> Generated:
-    """OMG with the given settings (this project's defaults unless changed)."""
-    result, _, _ = _omg_run(world, case, seeds, settings or Settings())
+def omg(world: ToyWorld, case: Case, seeds: list[int], settings: Settings | None = None,
+        concepts: list[Concept] | None = None) -> Generated:
+    """OMG with the given settings (this project's defaults unless changed), and concepts (the identities' LoRAs)."""
+    result, _, _ = _omg_run(world, case, seeds, settings or Settings(), concepts)
     return Generated(to_images(result.final), result.masks)
 
 

@@ -34,9 +34,9 @@ class ToyModel(nn.Module):
         self.unet = TinyUNet(**UNET_CONFIG, seed=seed)
         self.text = TextEncoder(dim=UNET_CONFIG["context_dim"])
 
-    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Conditioning as the engine takes it: ``{"context": [rows, tokens, dim]}``."""
-        return {"context": self.text(prompts)}
+    def encode(self, prompts: list[str], embeddings: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Conditioning as the engine takes it: ``{"context": [rows, tokens, dim]}`` (``embeddings``: name -> vectors)."""
+        return {"context": self.text(prompts, embeddings)}
 
     def unet_fn(self):
         """The host-style raw UNet call ``fn(x, t, cond)``."""

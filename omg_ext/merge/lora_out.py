@@ -49,9 +49,9 @@ def lora_tensors(key: str, parts: Factorised, weight_shape: torch.Size) -> dict[
             f"{key}.alpha": torch.tensor(float(parts.rank)).half()}
 
 
-def write_lora(path: Path, tensors: dict[str, torch.Tensor], triggers: list[str], merge_info: dict) -> None:
+def write_lora(path: Path, tensors: dict[str, torch.Tensor], triggers: list[str], info: dict, made_by: str = "merge") -> None:
     """Write the file (refusing an existing one), with the metadata WebUIs read: trigger words from
-    ``ss_tag_frequency``, and ``omg_merge`` (the concepts, their sources and the settings) as JSON."""
+    ``ss_tag_frequency``, and ``omg_<made_by>`` (what it was made from and with which settings) as JSON."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path.name} already exists in {path.parent}: choose another name")
@@ -59,8 +59,8 @@ def write_lora(path: Path, tensors: dict[str, torch.Tensor], triggers: list[str]
     metadata = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks, default=0)),
         "ss_network_alpha": str(max(ranks, default=0)), "ss_output_name": path.stem,
-        "ss_tag_frequency": json.dumps({"omg merge": {trigger: 1 for trigger in triggers}}),
-        "omg_merge": json.dumps(merge_info),
+        "ss_tag_frequency": json.dumps({f"omg {made_by}": {trigger: 1 for trigger in triggers}}),
+        f"omg_{made_by}": json.dumps(info),
     }
     partial = path.with_name(path.name + ".partial")
     try:

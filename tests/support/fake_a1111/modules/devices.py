@@ -4,3 +4,7 @@ import contextlib
 
 def autocast(disable=False):
     return contextlib.nullcontext()
+
+
+device = "cpu"
+dtype_unet = dtype_vae = dtype = __import__("torch").float32

@@ -51,6 +51,7 @@ class CmdOpts:
     """``shared.cmd_opts``: the folders the WebUI was started with."""
 
     lora_dir = ""
+    embeddings_dir = ""
 
 
 cmd_opts = CmdOpts()

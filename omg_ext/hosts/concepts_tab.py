@@ -1,0 +1,20 @@
+"""The "OMG concepts" tab (``on_ui_tabs``): "From pictures" (extraction) and, where the host has it, "Merge LoRAs"."""
+from __future__ import annotations
+
+
+def concepts_tab(with_merge: bool):
+    """The ``on_ui_tabs`` callback; merging is offered on A1111 only (Forge's model patchers are not built yet)."""
+    def tab():
+        import gradio as gr
+
+        from .extract_ui import extract_tab
+        from .merge_ui import merge_tab
+
+        with gr.Blocks(analytics_enabled=False) as blocks:
+            with gr.Tab("From pictures"):
+                extract_tab(gr)
+            if with_merge:
+                with gr.Tab("Merge LoRAs"):
+                    merge_tab(gr)
+        return [(blocks, "OMG concepts", "omg_concepts")]
+    return tab

@@ -1,0 +1,162 @@
+"""The "From pictures" part of the "OMG concepts" tab and ``POST /omg/concepts/extract``: an extraction as one
+WebUI job (``concept_jobs``), stopped by the Interrupt before its next step, leaving no file.
+
+The tab shows a progress bar over all rounds, then each round's masks over the first picture, the files
+written, and a button that sends the new concepts to txt2img's OMG accordion through the host's own
+"send to txt2img" (its infotext paste: the accordion's rows are filled from ``config.to_infotext``).
+"""
+from __future__ import annotations
+
+import html
+import json
+
+import torch
+
+from ..config import ConceptSpec, OmgConfig, to_infotext
+from ..engine.masks import overlay
+from . import concept_jobs
+from .errors import OmgUserError
+from .extract_host import run_extract
+from .extract_request import ExtractRequest
+from .pictures import to_pil
+
+INTERRUPTED = "OMG: the extraction was interrupted; nothing was written"
+ROWS = 4
+"""Concept rows in the tab (the loop takes 1 to 4 concepts)."""
+
+
+def run_as_job(request: ExtractRequest, progress=lambda text, done: None):
+    """``run_extract`` as the WebUI's current job, stopping at its Interrupt: (what was written, the extraction)."""
+    return concept_jobs.run_as_job("omg_extract", "OMG extract", INTERRUPTED,
+                                   lambda report, check: run_extract(request, report, check), progress)
+
+
+def add_route(_demo, app) -> None:
+    """``POST /omg/concepts/extract``: ``{"images": [base64…], "concepts": [{"name", "class_word", "boxes"}],
+    "settings": {…}}``; answers what was written and each round's loss; a user's mistake answers 422."""
+    from fastapi import Body
+
+    def extract_endpoint(body: dict = Body(...)) -> dict:  # noqa: B008 - FastAPI's way of taking the JSON body
+        return run_as_job(ExtractRequest.from_json(body))[0]
+
+    app.add_api_route("/omg/concepts/extract", extract_endpoint, methods=["POST"])
+
+
+def parse_boxes(text: str, pictures: int, what: str) -> list:
+    """``x0 y0 x1 y1`` per picture, pictures separated by ';' (an empty part: no box in that picture)."""
+    if not (text or "").strip():
+        return []
+    parts = text.split(";")
+    if len(parts) > pictures:
+        raise OmgUserError(f"{what}: {len(parts)} boxes for {pictures} pictures (separate pictures' boxes with ';')")
+    boxes = []
+    for part in parts:
+        numbers = part.replace(",", " ").split()
+        if numbers and len(numbers) != 4:
+            raise OmgUserError(f"{what}: a box is four numbers 'x0 y0 x1 y1' in pixels, got {part.strip()!r}")
+        boxes.append([float(n) for n in numbers] if numbers else None)
+    return boxes
+
+
+def paste_text(result: dict) -> str:
+    """The new concepts as generation parameters for the host's "send to txt2img": a prompt naming them all, and
+    the OMG accordion's rows (enabled, each concept's class word, prompt and LoRA)."""
+    loras = result["loras"] or [""] * len(result["embeddings"])
+    cfg = OmgConfig(enabled=True, concepts=[ConceptSpec(lora=lora, class_word=word, prompt=prompt)
+                                            for lora, word, prompt in zip(loras, result["class_words"], result["concept_prompts"])])
+    pairs = [f"{k}: {json.dumps(v) if isinstance(v, str) and (',' in v or ':' in v) else v}" for k, v in to_infotext(cfg).items()]
+    return " and ".join(result["concept_prompts"]) + "\n" + ", ".join(pairs)
+
+
+def round_pictures(extraction, picture) -> list:
+    """Each round's masks over the first picture, captioned with the round's loss."""
+    pixels = torch.from_numpy(__import__("numpy").asarray(picture, dtype="float32") / 255).permute(2, 0, 1)
+    shown = []
+    for r, result in enumerate(extraction.rounds):
+        masks = torch.nn.functional.interpolate(result.masks[:1].float(), size=pixels.shape[-2:], mode="nearest")[0]
+        caption = f"round {r}" + ("" if result.loss is None else f", loss {result.loss:.4f}")
+        shown.append((to_pil(overlay(masks, pixels).clamp(0, 1)), caption))
+    return shown
+
+
+def extract_from_tab(images, rounds, steps, vectors, learning_rate, lora, user_masks, *rows):
+    """The tab's button (a generator): progress bar while it runs, then the masks, the files and the paste text."""
+    try:
+        pictures = [item[0] if isinstance(item, (tuple, list)) else item for item in images or []]
+        pictures = [getattr(p, "name", p) if not hasattr(p, "mode") else p for p in pictures]
+        from PIL import Image
+
+        pictures = [Image.open(p) if isinstance(p, str) else p for p in pictures]
+        concepts = []
+        for n in range(ROWS):
+            name, word, boxes = rows[3 * n:3 * n + 3]
+            if (name or "").strip() or (word or "").strip():
+                concepts.append({"name": name, "class_word": word,
+                                 "boxes": parse_boxes(boxes, len(pictures), f"concept {n + 1}'s boxes")})
+        request = ExtractRequest(pictures, concepts, dict(
+            rounds=int(rounds), steps=int(steps), vectors=int(vectors), learning_rate=float(learning_rate),
+            lora=bool(lora), user_masks=user_masks))
+    except (OmgUserError, ValueError, OSError) as e:
+        yield concept_jobs.error_html(e), [], ""
+        return
+    for bar, result, error in concept_jobs.streamed(lambda progress: run_as_job(request, progress)):
+        if error is not None:
+            yield concept_jobs.error_html(error), [], ""
+        elif result is None:
+            yield bar, [], ""
+        else:
+            written, extraction = result
+            files = "".join(f"<li>{html.escape(f)}</li>" for f in written["files"])
+            yield (f"Learnt {', '.join(html.escape(n) for n in written['embeddings'])} in {written['seconds']} s. "
+                   f"Wrote:<ul>{files}</ul>Use them in a prompt as "
+                   + ", ".join(f"<code>{html.escape(p)}</code>" for p in written["concept_prompts"])
+                   + ", or send them to txt2img's OMG accordion with the button below.",
+                   round_pictures(extraction, request.pictures()[0]), paste_text(written))
+
+
+def extract_tab(gr) -> None:
+    """The "From pictures" tab's components and events (inside the "OMG concepts" Blocks)."""
+    from modules import shared
+
+    from ..concepts.settings import USER_MASKS, ExtractSettings
+
+    defaults = ExtractSettings()
+    gr.Markdown("Learn each character of one to four pictures as an embedding (and, if asked, a small LoRA), with its "
+                "mask, for OMG. Name each concept (its prompt word), give its class word (man, woman, dog…) and, "
+                "if you like, a box per picture. The loaded checkpoint is used and left unchanged.")
+    images = gr.Gallery(label="Pictures of the same characters (1-4, one size)", elem_id="omg_extract_images",
+                        type="pil", columns=4, height="auto")
+    rows = []
+    for n in range(1, ROWS + 1):
+        with gr.Row():
+            rows += [gr.Textbox(label=f"Concept {n}: name (a new word)", elem_id=f"omg_extract_name_{n}"),
+                     gr.Textbox(label="Class word", elem_id=f"omg_extract_class_{n}"),
+                     gr.Textbox(label="Box per picture: 'x0 y0 x1 y1', pictures separated by ';' (optional)",
+                                elem_id=f"omg_extract_boxes_{n}")]
+    with gr.Row():
+        rounds = gr.Number(value=defaults.rounds, precision=0, label="EM rounds")
+        steps = gr.Number(value=defaults.steps, precision=0, label="Steps per round")
+        vectors = gr.Number(value=defaults.vectors, precision=0, label="Vectors per concept")
+        learning_rate = gr.Number(value=defaults.learning_rate, label="Learning rate")
+        lora = gr.Checkbox(value=defaults.lora, label="Also a LoRA per concept")
+        user_masks = gr.Dropdown(list(USER_MASKS), value=defaults.user_masks, label="Boxes are")
+    with gr.Row():
+        start = gr.Button("Extract", variant="primary", elem_id="omg_extract_start")
+        stop = gr.Button("Interrupt")
+    result = gr.HTML(elem_id="omg_extract_result")
+    masks = gr.Gallery(label="Masks of each round", columns=4, height="auto", elem_id="omg_extract_masks")
+    paste = gr.Textbox(label="The new concepts as generation parameters", lines=2, elem_id="omg_extract_paste")
+    send = gr.Button("Send to txt2img's OMG", elem_id="omg_extract_send")
+    register_send(send, paste)
+    start.click(fn=extract_from_tab, inputs=[images, rounds, steps, vectors, learning_rate, lora, user_masks, *rows],
+                outputs=[result, masks, paste])
+    stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
+
+
+def register_send(button, text) -> None:
+    """The host's own "send to txt2img" for ``text``: its infotext paste fills the prompt and the OMG accordion."""
+    try:
+        from modules import infotext_utils as paste
+    except ImportError:  # A1111 before 1.8 named it so
+        from modules import generation_parameters_copypaste as paste
+    paste.register_paste_params_button(paste.ParamBinding(paste_button=button, tabname="txt2img", source_text_component=text))
