@@ -8,6 +8,7 @@ stopping needs no undoing, and the optimiser's state goes with the function's fr
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,7 +20,7 @@ from torch import nn
 from .estep import masks_from_maps, token_maps
 from .lora import ConceptLoRA
 from .model import ConceptModel
-from .mstep import rows_of_concept, step_loss
+from .mstep import StepDraw, rows_loss, step_rows
 from .settings import ExtractConcept, ExtractSettings, check_concepts
 
 BACKGROUND = "omgbackground"
@@ -102,6 +103,28 @@ def concept_maps(model: ConceptModel, latents: torch.Tensor, concepts: list[Extr
     return maps.view(images, len(concepts), *maps.shape[-2:])
 
 
+def step(model: ConceptModel, latents: torch.Tensor, masks: torch.Tensor, vectors: dict, lora: ConceptLoRA | None,
+         full: str, phrases: list[str], params: list, rows_per_pass: int, generator: torch.Generator
+         ) -> tuple[float, list[torch.Tensor]]:
+    """One optimiser step's mean loss over every row and its gradients, the rows run ``rows_per_pass`` at a time
+    (0: all at once); only the new tensors' gradients are computed, never the model's."""
+    draw = StepDraw.draw(model, latents, generator)
+    rows = step_rows(latents.shape[0], masks.shape[1])
+    size = rows_per_pass or len(rows)
+    total, grads = 0.0, [torch.zeros_like(p) for p in params]
+    for start in range(0, len(rows), size):
+        part = rows[start:start + size]
+        with torch.enable_grad():
+            embeddings = {k: v.to(latents.device) for k, v in vectors.items()}
+            with lora.installed([r.concept for r in part]) if lora is not None else contextlib.nullcontext():
+                loss = rows_loss(model, draw, masks, part, full, phrases, embeddings) / len(rows)
+            for g, new in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+                if new is not None:
+                    g += new
+        total += float(loss.detach())
+    return total, grads
+
+
 def extract(model: ConceptModel, latents: torch.Tensor, concepts: list[ExtractConcept], settings: ExtractSettings,
             report: Callable[[str, float], None] = lambda text, done: None, check: Callable[[], None] = lambda: None
             ) -> Extraction:
@@ -154,19 +177,13 @@ def extract(model: ConceptModel, latents: torch.Tensor, concepts: list[ExtractCo
         for s in range(settings.steps):
             progress(f"round {r}/{settings.rounds}: step {s + 1}/{settings.steps}"
                      + (f", loss {losses[-1]:.4f}" if losses else ""))
-            with torch.enable_grad():
-                embeddings = {k: v.to(latents.device) for k, v in vectors.items()}
-                if lora is not None:
-                    with lora.installed(rows_of_concept(images, len(concepts))):
-                        loss = step_loss(model, latents, masks.to(latents.device), [full] * images, phrases, embeddings, generator)
-                else:
-                    loss = step_loss(model, latents, masks.to(latents.device), [full] * images, phrases, embeddings, generator)
-                grads = torch.autograd.grad(loss, params)
+            loss, grads = step(model, latents, masks.to(latents.device), vectors, lora, full, phrases, params,
+                               settings.rows_per_pass, generator)
             for p, g in zip(params, grads):
                 p.grad = g
             optimiser.step()
             optimiser.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(loss)
             done += 1
         masks = e_step(r)
         rounds.append(Round(masks, sum(losses) / len(losses)))

@@ -55,11 +55,15 @@ class ExtractSettings:
     """Timesteps at which the E-step noises the pictures and reads the tokens' attention."""
     estep_draws: int = 2
     """Noise draws per E-step timestep."""
+    rows_per_pass: int = 0
+    """Rows (pictures × (1 + concepts)) run through the UNet at once in an M-step, their gradients added up:
+    0 all at once; 1 bounds the memory to one row's activations (an 8 GB card at 512², docs/extract.md)."""
     seed: int = 0
 
     def validate(self) -> "ExtractSettings":
         whole = {"rounds": (self.rounds, 0), "steps": (self.steps, 1), "vectors": (self.vectors, 1),
-                 "lora_rank": (self.lora_rank, 1), "estep_draws": (self.estep_draws, 1)}
+                 "lora_rank": (self.lora_rank, 1), "estep_draws": (self.estep_draws, 1),
+                 "rows_per_pass": (self.rows_per_pass, 0)}
         for name, (value, least) in whole.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ExtractError(f"{name} must be a whole number of at least {least}, got {value!r}")

@@ -13,7 +13,7 @@ import torch
 from ..concepts.settings import ExtractConcept, ExtractError, ExtractSettings, check_concepts
 from .errors import OmgUserError
 
-SETTINGS = ("rounds", "steps", "vectors", "learning_rate", "lora", "lora_rank", "user_masks", "seed")
+SETTINGS = ("rounds", "steps", "vectors", "learning_rate", "lora", "lora_rank", "user_masks", "rows_per_pass", "seed")
 """The settings a request may set; the others keep the defaults measured in the toy world."""
 MAX_SIDE = 2048
 

@@ -216,3 +216,21 @@ def test_bad_requests_are_refused_with_a_message_naming_the_mistake(model, chang
     with pytest.raises(ExtractError, match=message):
         extract(concept_model(model), _picture(), change.get("concepts", _concepts()),
                 ExtractSettings(**{**FAST, **change.get("settings", {})}))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_rows_run_one_at_a_time_learn_what_all_at_once_learn(model, lora):
+    """``rows_per_pass`` bounds memory only: the gradients of a step add up to the same, so the vectors agree."""
+    cm = concept_model(model)
+    pictures = _picture(images=2)
+    together = extract(cm, pictures, _concepts(), ExtractSettings(**FAST, lora=lora))
+    rows, predict = [], cm.predict
+    cm.predict = lambda x, t, c: (rows.append(x.shape[0]), predict(x, t, c))[1]
+    apart = extract(cm, pictures, _concepts(), ExtractSettings(**FAST, lora=lora, rows_per_pass=1))
+    assert rows.count(1) == 2 * 3 * 2 * 3  # rounds x steps x (pictures x (1 + concepts)) training rows, one by one
+    for name in ("xzorb", "xquix"):
+        assert torch.allclose(together.vectors[name], apart.vectors[name], atol=1e-5)
+    assert all(a.loss == pytest.approx(b.loss, rel=1e-5) for a, b in zip(together.rounds[1:], apart.rounds[1:]))
+    if lora:
+        key = next(k for k in together.loras["xzorb"] if k.endswith("up.weight"))
+        assert torch.allclose(together.loras["xzorb"][key].float(), apart.loras["xzorb"][key].float(), atol=1e-3)

@@ -458,3 +458,41 @@ def test_a_merged_lora_appears_in_the_list_loads_in_a_prompt_and_omg_takes_it_an
     assert status == 422 and "already exists" in json.dumps(result)
     status, result = _merge(loras=LORAS[:1], output="omg_live_merge_one")
     assert status == 422 and "a merge takes 2 to 12 LoRAs" in json.dumps(result)
+
+
+def _listed(path: str) -> list[str]:
+    with urllib.request.urlopen(URL.rstrip("/") + path, timeout=60) as r:
+        listed = json.load(r)
+    return list(listed["loaded"]) if isinstance(listed, dict) else [x["name"] for x in listed]
+
+
+def test_extracted_concepts_appear_in_both_lists_an_omg_job_uses_them_and_the_model_is_unchanged():
+    if "omglivea" in _listed("/sdapi/v1/embeddings") + _listed("/sdapi/v1/loras"):
+        pytest.skip("omglivea exists from an earlier run: remove it from the embeddings and LoRA folders to run this test")
+    _, before = _post("/sdapi/v1/txt2img", BASE)
+    body = {"images": before["images"][:1],
+            "concepts": [{"name": "omglivea", "class_word": "man", "boxes": [[0, 0, 32, 64]]},
+                         {"name": "omgliveb", "class_word": "woman"}],
+            "settings": {"rounds": 1, "steps": 2, "lora": True}}
+    status, result = _post("/omg/concepts/extract", body)
+    if status == 404:
+        pytest.skip("this WebUI has no /omg/concepts/extract")
+    assert status == 200, result
+    assert result["embeddings"] == ["omglivea", "omgliveb"] and result["loras"] == ["omglivea", "omgliveb"]
+    _, after = _post("/sdapi/v1/txt2img", BASE)
+    assert base64.b64decode(before["images"][0]) == base64.b64decode(after["images"][0])  # the model as it was
+    assert {"omglivea", "omgliveb"} <= set(_listed("/sdapi/v1/embeddings"))
+    assert {"omglivea", "omgliveb"} <= set(_listed("/sdapi/v1/loras"))
+    status, plain_embedding = _post("/sdapi/v1/txt2img", {**BASE, "prompt": "a omglivea man and a woman hugging"})
+    assert status == 200 and base64.b64decode(plain_embedding["images"][0]) != base64.b64decode(before["images"][0])
+    concepts = [{"lora": name, "class_word": word, "prompt": prompt, "te_weight": 0.5}
+                for name, word, prompt in zip(result["loras"], result["class_words"], result["concept_prompts"])]
+    status, omg = _post("/sdapi/v1/txt2img", {**BASE, **_omg(concepts=concepts)})
+    assert status == 200, omg
+    assert "omglivea" in omg["info"]
+    _, again = _post("/sdapi/v1/txt2img", BASE)
+    assert base64.b64decode(again["images"][0]) == base64.b64decode(before["images"][0])
+    status, result = _post("/omg/concepts/extract", body)  # the names are now in use
+    assert status == 422 and "already exists" in json.dumps(result)
+    status, result = _post("/omg/concepts/extract", {**body, "images": []})
+    assert status == 422 and "give 1 to 4 pictures" in json.dumps(result)
