@@ -89,7 +89,7 @@ class OmgScript(scripts.Script):
 
 script_callbacks.on_before_ui(add_xyz_axes)
 script_callbacks.on_ui_settings(add_settings)
-if not running_forge():  # merging and extraction on Forge's model patchers are not built yet
-    script_callbacks.on_ui_tabs(concepts_tab(with_merge=True))
+script_callbacks.on_ui_tabs(concepts_tab(with_merge=not running_forge()))  # merging on Forge's patchers: not built yet
+script_callbacks.on_app_started(extract_ui.add_route)
+if not running_forge():
     script_callbacks.on_app_started(merge_ui.add_route)
-    script_callbacks.on_app_started(extract_ui.add_route)

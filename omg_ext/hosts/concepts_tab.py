@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def concepts_tab(with_merge: bool):
-    """The ``on_ui_tabs`` callback; merging is offered on A1111 only (Forge's model patchers are not built yet)."""
+    """The ``on_ui_tabs`` callback; merging is offered on A1111 only (merging on Forge's model patchers is not built yet)."""
     def tab():
         import gradio as gr
 

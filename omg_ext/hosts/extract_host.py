@@ -1,18 +1,20 @@
-"""Extracting concepts on the WebUI's loaded model (A1111 v1.10): the host side of ``omg_ext.concepts``.
+"""Extracting concepts on the WebUI's loaded model: the host side of ``omg_ext.concepts``, shared by A1111
+(``extract_a1111``) and the Forge family (``extract_forge``), which each say how to reach their model.
 
 The loop sees the host's model through a ``ConceptModel``: the pictures encoded by the host's own VAE path
 (``images_tensor_to_samples``), prompts encoded by the host's text encoder with the concepts' vectors lent to
-its textual-inversion database for the call (the way A1111's own embedding training feeds its vectors in), the
-raw UNet under the host's autocast. Nothing of the model is written: the lent embeddings are taken back (the
-database's dictionaries restored as they were) after every call, also on an error or an Interrupt. The files go
-to the host's embeddings and LoRA folders, never over an existing file, and both lists are read again.
+its textual-inversion database for the call (the way A1111's own embedding training feeds its vectors in),
+the raw UNet. Nothing of the model is written: the lent embeddings are taken back (the database's
+dictionaries restored as they were) after every call, also on an error or an Interrupt. The files go to the
+host's embeddings and LoRA folders, never over an existing file, and both lists are read again.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -26,26 +28,28 @@ from .extract_request import ExtractRequest
 from .loras import host_networks, refresh_loras
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp")
+UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
 
-def embedding_db():
-    from modules import sd_hijack
+class LentEmbedding:
+    """An embedding as the hosts' databases and prompt code read one (A1111's and Forge's ``Embedding``)."""
 
-    return sd_hijack.model_hijack.embedding_db
+    def __init__(self, vec: torch.Tensor, name: str) -> None:
+        self.vec, self.name, self.vectors, self.shape = vec, name, vec.shape[0], vec.shape[-1]
+        self.step = self.sd_checkpoint = self.sd_checkpoint_name = self.filename = None
+        self.hash = self.shorthash = self.cached_checksum = None
 
 
 @contextlib.contextmanager
-def lent_embeddings(sd_model, vectors: dict[str, torch.Tensor]) -> Iterator[None]:
-    """``vectors`` registered as embeddings for the scope; the database exactly as it was afterwards."""
-    from modules.textual_inversion.textual_inversion import Embedding
-
-    db = embedding_db()
+def lent_embeddings(db, sd_model, vectors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``vectors`` registered in the host's embedding database ``db`` for the scope; its dictionaries exactly as
+    they were afterwards (A1111's ``register_embedding`` takes the model, Forge's does not)."""
     words, lookup = dict(db.word_embeddings), {k: list(v) for k, v in db.ids_lookup.items()}
+    takes_model = len(inspect.signature(db.register_embedding).parameters) > 1
     try:
         for name, vec in vectors.items():
-            embedding = Embedding(vec, name)
-            embedding.vectors, embedding.shape = vec.shape[0], vec.shape[-1]
-            db.register_embedding(embedding, sd_model)
+            embedding = LentEmbedding(vec, name)
+            db.register_embedding(embedding, sd_model) if takes_model else db.register_embedding(embedding)
         yield
     finally:
         db.word_embeddings.clear()
@@ -61,43 +65,38 @@ def embedding_tokens(clip, prompt: str, name: str) -> list[int]:
             if fix.embedding.name == name for k in range(int(fix.embedding.vectors))]
 
 
-def concept_model(sd_model) -> ConceptModel:
-    from modules import devices
-
-    clip, unet = sd_model.cond_stage_model, sd_model.model.diffusion_model
-
-    def encode(prompts: list[str], vectors: dict) -> torch.Tensor:
-        with lent_embeddings(sd_model, vectors), devices.autocast():
-            return clip(prompts)
-
-    def positions(prompt: str, word: str, vectors: dict) -> list[int]:
-        with lent_embeddings(sd_model, {k: v.detach() for k, v in vectors.items()}):
-            return embedding_tokens(clip, prompt, word) if word in vectors else class_word_tokens(clip, prompt, word)
-
-    def init_vectors(text: str, n: int) -> torch.Tensor:
-        """As A1111's "Create embedding" starts one: the init text's token embeddings cycled over the vectors."""
-        with devices.autocast():
-            embedded = clip.encode_embedding_init_text(text, n).float()
-        if embedded.shape[0] == 0:
-            raise OmgUserError(f"the class word {text!r} has no tokens")
-        return torch.stack([embedded[i * embedded.shape[0] // n] for i in range(n)])
-
-    def predict(x, t, context):
-        with devices.autocast():
-            return unet(x.to(devices.dtype_unet), t, context=context.to(devices.dtype_unet)).float()
-
-    layers = {"lora_unet_" + name.replace(".", "_"): m for name, m in unet.named_modules()
-              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name.startswith(("input_blocks", "middle_block", "output_blocks"))}
-    return ConceptModel(unet=unet, predict=predict, encode=encode, positions=positions, init_vectors=init_vectors,
-                        alphas_cumprod=sd_model.alphas_cumprod.float().cpu(), lora_layers=layers)
+def token_positions(clip, prompt: str, word: str, vectors: dict) -> list[int]:
+    """A concept's vectors' positions (``word`` an embedding's name) or a class word's, with the vectors lent."""
+    return embedding_tokens(clip, prompt, word) if word in vectors else class_word_tokens(clip, prompt, word)
 
 
-def output_paths(names: list[str], lora: bool) -> tuple[list[Path], list[Path]]:
+def cycled(embedded: torch.Tensor, n: int, text: str) -> torch.Tensor:
+    """As A1111's "Create embedding" starts one: the init text's token embeddings cycled over ``n`` vectors."""
+    if embedded.shape[0] == 0:
+        raise OmgUserError(f"the class word {text!r} has no tokens")
+    return torch.stack([embedded[i * embedded.shape[0] // n] for i in range(n)]).float()
+
+
+def lora_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Kohya key -> layer for the LoRA option: the UNet blocks' linear and convolution layers (LoCon's set), keyed
+    by their ldm names, which both hosts' LoRA loaders map."""
+    return {"lora_unet_" + name.replace(".", "_"): m for name, m in unet.named_modules()
+            if name.startswith(UNET_BLOCKS) and getattr(m, "weight", None) is not None and m.weight.dim() in (2, 4)
+            and not any(True for _ in m.children())}
+
+
+class ExtractHost(Protocol):
+    def concept_model(self, sd_model) -> ConceptModel: ...
+    def loaded_embeddings(self) -> set[str]: ...
+    def reload_embeddings(self) -> None: ...
+
+
+def output_paths(host: ExtractHost, names: list[str], lora: bool) -> tuple[list[Path], list[Path]]:
     """The embedding (and LoRA) files to write; a name in use by an embedding or LoRA is refused."""
     from modules import shared
 
     embeddings_dir, lora_dir = Path(shared.cmd_opts.embeddings_dir), Path(shared.cmd_opts.lora_dir)
-    loaded = {w.lower() for w in embedding_db().word_embeddings}
+    loaded = {w.lower() for w in host.loaded_embeddings()}
     for name in names:
         taken = [p for p in (embeddings_dir / f"{name}{s}" for s in EMBEDDING_SUFFIXES) if p.exists()]
         if taken or name.lower() in loaded:
@@ -108,14 +107,16 @@ def output_paths(names: list[str], lora: bool) -> tuple[list[Path], list[Path]]:
 
 
 def encode_pictures(sd_model, pictures: list) -> torch.Tensor:
+    """The pictures' latents by the host's own VAE path, as a plain float tensor (not one made in inference mode)."""
     from modules import devices, sd_samplers_common
 
     pixels = torch.from_numpy(np.stack([np.asarray(p, dtype=np.float32) / 255 for p in pictures])).permute(0, 3, 1, 2)
-    with torch.no_grad(), devices.autocast():
-        return sd_samplers_common.images_tensor_to_samples(pixels.to(devices.device), None, sd_model).float()
+    with torch.no_grad():
+        return sd_samplers_common.images_tensor_to_samples(pixels.to(devices.device), None, sd_model).float().clone()
 
 
-def run_extract(request: ExtractRequest, progress=lambda text, done: None, check=lambda: None) -> tuple[dict, Extraction]:
+def run_extract(host: ExtractHost, request: ExtractRequest, progress=lambda text, done: None, check=lambda: None
+                ) -> tuple[dict, Extraction]:
     """Extract the concepts on the loaded model into the embeddings (and LoRA) folders: (what was written, the
     extraction with every round's masks). ``check`` raises to stop (the Interrupt) before each step."""
     from modules import shared
@@ -127,10 +128,10 @@ def run_extract(request: ExtractRequest, progress=lambda text, done: None, check
     pictures = request.pictures()
     settings = request.extract_settings()
     concepts = request.extract_concepts(pictures[0].size)
-    embedding_files, lora_files = output_paths([c.name for c in concepts], settings.lora)
+    embedding_files, lora_files = output_paths(host, [c.name for c in concepts], settings.lora)
     latents = encode_pictures(sd_model, pictures)
     with torch.enable_grad():
-        extraction = extract(concept_model(sd_model), latents, concepts, settings, progress, check)
+        extraction = extract(host.concept_model(sd_model), latents, concepts, settings, progress, check)
     info = request.info(pictures, settings)
     written = []
     for c, path in zip(concepts, embedding_files):
@@ -139,7 +140,7 @@ def run_extract(request: ExtractRequest, progress=lambda text, done: None, check
     for c, path in zip(concepts, lora_files):
         write_concept_lora(path, extraction.loras[c.name], c.name, {**info, "name": c.name})
         written.append(str(path))
-    embedding_db().load_textual_inversion_embeddings(force_reload=True)
+    host.reload_embeddings()
     if lora_files:
         refresh_loras()
     return {"embeddings": [c.name for c in concepts], "loras": [c.name for c in concepts] if lora_files else [],

@@ -25,16 +25,35 @@ ROWS = 4
 """Concept rows in the tab (the loop takes 1 to 4 concepts)."""
 
 
+APP: dict = {}
+"""The WebUI's FastAPI app, once started: Forge's API keeps an embedding list of its own, read again after a run."""
+
+
+def extract_host():
+    """This WebUI's side of an extraction."""
+    from . import running_forge
+
+    if running_forge():
+        from .extract_forge import ForgeExtract
+
+        return ForgeExtract(APP.get("app"))
+    from .extract_a1111 import A1111Extract
+
+    return A1111Extract()
+
+
 def run_as_job(request: ExtractRequest, progress=lambda text, done: None):
     """``run_extract`` as the WebUI's current job, stopping at its Interrupt: (what was written, the extraction)."""
     return concept_jobs.run_as_job("omg_extract", "OMG extract", INTERRUPTED,
-                                   lambda report, check: run_extract(request, report, check), progress)
+                                   lambda report, check: run_extract(extract_host(), request, report, check), progress)
 
 
 def add_route(_demo, app) -> None:
     """``POST /omg/concepts/extract``: ``{"images": [base64…], "concepts": [{"name", "class_word", "boxes"}],
     "settings": {…}}``; answers what was written and each round's loss; a user's mistake answers 422."""
     from fastapi import Body
+
+    APP["app"] = app
 
     def extract_endpoint(body: dict = Body(...)) -> dict:  # noqa: B008 - FastAPI's way of taking the JSON body
         return run_as_job(ExtractRequest.from_json(body))[0]

@@ -15,7 +15,8 @@ from torch import nn
 
 from minisd.sampling import DiscreteSchedule
 from minisd.unet import TinyUNet
-from omg_ext.hosts import extract_host, extract_ui
+from omg_ext.hosts import extract_ui
+from omg_ext.hosts.extract_a1111 import A1111Extract
 from omg_ext.hosts.errors import OmgUserError
 from omg_ext.hosts.extract_request import ExtractRequest
 from tests.support import fake_a1111
@@ -147,7 +148,7 @@ def test_an_extraction_writes_files_the_host_loads_and_leaves_the_model_as_it_wa
     if lora:
         assert sorted(written["loras"]) == ["xquix", "xzorb"]
         net = fake_networks.load_network("xzorb", fake_networks.available_networks["xzorb"])
-        assert len(net.modules) == len(extract_host.concept_model(model).lora_layers)  # every layer found by the host
+        assert len(net.modules) == len(A1111Extract().concept_model(model).lora_layers)  # every layer found by the host
         with safe_open(str(folder / "Lora" / "xzorb.safetensors"), "pt") as f:
             metadata = f.metadata()
         assert metadata["ss_tag_frequency"] == '{"omg extract": {"xzorb": 1}}'
@@ -158,7 +159,7 @@ def test_an_extraction_writes_files_the_host_loads_and_leaves_the_model_as_it_wa
 
 def test_a_prompt_naming_an_embedding_encodes_its_vectors_at_its_positions(host):
     model, modules, _ = host
-    cm = extract_host.concept_model(model)
+    cm = A1111Extract().concept_model(model)
     vectors = {"xzorb": torch.randn(3, CTX)}
     prompt = "a xzorb man and a woman"
     assert cm.positions(prompt, "xzorb", vectors) == [2, 3, 4] and cm.positions(prompt, "man", vectors) == [5]
