@@ -20,62 +20,15 @@ from omg_ext.hosts.extract_a1111 import A1111Extract
 from omg_ext.hosts.errors import OmgUserError
 from omg_ext.hosts.extract_request import ExtractRequest
 from tests.support import fake_a1111
+from tests.support.fake_a1111.embedding_clip import CTX, EmbeddingClip
 from tests.support.fake_a1111 import networks as fake_networks
-
-CTX = 64
-
-
-class _EmbeddingClip(nn.Module):
-    """A text encoder with A1111's ``tokenize`` / ``tokenize_line`` (embeddings found through the hijack's
-    database, placed as ``PromptChunkFix``es) and ``EmbeddingsWithFixes``' substitution of their vectors."""
-
-    vocab: dict = {}
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(200, CTX)
-        self.proj = nn.Linear(CTX, CTX)
-
-    def tokenize(self, texts):
-        return [[self.vocab.setdefault(w, len(self.vocab) + 2) for w in t.replace(",", " ").split()] for t in texts]
-
-    def tokenize_line(self, line):
-        from modules import sd_hijack
-
-        ids, tokens, fixes, i = self.tokenize([line])[0], [], [], 0
-        while i < len(ids):
-            embedding, length = sd_hijack.model_hijack.embedding_db.find_embedding_at_position(ids, i)
-            if embedding is None:
-                tokens.append(ids[i])
-                i += 1
-                continue
-            fixes.append(types.SimpleNamespace(offset=len(tokens), embedding=embedding))
-            tokens += [0] * int(embedding.vectors)
-            i += length
-        return [types.SimpleNamespace(tokens=[0] + tokens + [1] * (76 - len(tokens)), fixes=fixes)], len(tokens)
-
-    def encode_embedding_init_text(self, text, n):
-        return self.embed(torch.tensor(self.tokenize([text])[0][:n]))
-
-    def forward(self, texts):
-        rows = []
-        for text in texts:
-            (chunk,), _ = self.tokenize_line(text)
-            x = self.embed(torch.tensor(chunk.tokens))
-            for fix in chunk.fixes:
-                vec = fix.embedding.vec.to(x)
-                x = torch.cat([x[:fix.offset + 1], vec, x[fix.offset + 1 + len(vec):]])
-            rows.append(self.proj(x))
-        return torch.stack(rows)
-
 
 class _Model:
     is_sdxl = False
 
     def __init__(self):
         self.model = types.SimpleNamespace(diffusion_model=TinyUNet(context_dim=CTX, channel_mult=(1, 2), seed=0).eval())
-        self.cond_stage_model = _EmbeddingClip()
+        self.cond_stage_model = EmbeddingClip()
         self.alphas_cumprod = DiscreteSchedule().alphas_cumprod
 
     def encode_first_stage(self, x):  # the stand-in VAE: 8x smaller, four channels

@@ -43,9 +43,22 @@ class ForgeTransformerBlock(nn.Module):
         return attn.to_out(patch(q, k, v, extra) if patch is not None else attention_function(q, k, v, attn.heads))
 
 
-def forge_unet(context_dim: int, seed: int = 0, adm_in_channels=None) -> TinyUNet:
+class ForgeUNet(TinyUNet):
+    """Forge's UNet call: ``transformer_options`` (replace patches among them) reach its transformer blocks."""
+
+    def forward(self, x, timesteps, context=None, y=None, control=None, transformer_options=None, **kwargs):
+        if transformer_options is None:  # KModel.apply_model has set them
+            return super().forward(x, timesteps, context=context, y=y, control=control)
+        self.forge_options["transformer_options"] = transformer_options
+        try:
+            return super().forward(x, timesteps, context=context, y=y, control=control)
+        finally:
+            self.forge_options.pop("transformer_options", None)
+
+
+def forge_unet(context_dim: int, seed: int = 0, adm_in_channels=None, **config) -> TinyUNet:
     """A ``TinyUNet`` whose transformer blocks are Forge's."""
-    unet = TinyUNet(context_dim=context_dim, seed=seed, adm_in_channels=adm_in_channels)
+    unet = ForgeUNet(context_dim=context_dim, seed=seed, adm_in_channels=adm_in_channels, **config)
     unet.forge_options = {}
     for name, module in list(unet.named_modules()):
         if name.endswith("transformer_blocks"):

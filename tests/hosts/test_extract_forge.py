@@ -1,0 +1,174 @@
+"""Extracting concepts on the Forge stand-in: the checkpoint's own UNet patcher and Forge's text engine, weights
+built in inference mode as Forge's loader builds them (autograd cannot keep those: the M-step computes with
+plain copies), OMG's attention patch reaching the UNet through the transformer options, the engine's embedding
+database and its "TI" infotext note restored, the files read back by the engine's database."""
+import os
+import sys
+import types
+
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+from torch import nn
+
+from minisd.sampling import DiscreteSchedule
+from omg_ext.hosts import extract_ui
+from omg_ext.hosts.errors import OmgUserError
+from omg_ext.hosts.extract_forge import ForgeExtract
+from omg_ext.hosts.extract_request import ExtractRequest
+from tests.support import fake_forge
+from tests.support.fake_a1111.embedding_clip import CTX, EmbeddingClip
+from tests.support.fake_a1111.modules.textual_inversion.textual_inversion import EmbeddingDatabase, create_embedding_from_data
+from tests.support.fake_forge.forge_unet import KModel, forge_unet
+from tests.support.fake_forge.patchers import CLIP, UnetPatcher
+from tests.hosts.test_forge_adapter import _Objects
+
+
+class _ForgeDatabase(EmbeddingDatabase):
+    """Forge's ``backend.text_processing.textual_inversion.EmbeddingDatabase``: registration without the model,
+    a reload without arguments, from its own folder."""
+
+    def __init__(self, folder, engine):
+        super().__init__()
+        self.folder, self.engine = folder, engine
+
+    def register_embedding(self, embedding):
+        return self.register_embedding_by_name(embedding, types.SimpleNamespace(cond_stage_model=self.engine()), embedding.name)
+
+    def load_textual_inversion_embeddings(self):
+        self.ids_lookup.clear()
+        self.word_embeddings.clear()
+        self.loads += 1
+        for filename in sorted(os.listdir(self.folder)):
+            name, ext = os.path.splitext(filename)
+            if ext == ".safetensors":
+                path = os.path.join(self.folder, filename)
+                self.register_embedding(create_embedding_from_data(safetensors.torch.load_file(path), name, filename, path))
+
+
+class _ForgeEngine(EmbeddingClip):
+    """Forge's ``ClassicTextProcessingEngine``: its text encoder under ``text_encoder.transformer.text_model``, its
+    database as ``embeddings``, and the "TI" note it leaves for the next picture's infotext."""
+
+    def __init__(self, folder):
+        super().__init__(database=lambda: self.embeddings)
+        self.embeddings = _ForgeDatabase(folder, lambda: self)
+        te = nn.Module()
+        te.transformer = nn.Module()
+        te.transformer.text_model = nn.Module()
+        te.transformer.text_model.embeddings = nn.Module()
+        te.transformer.text_model.embeddings.token_embedding = self.embed
+        te.proj = self.proj
+        self.__dict__["text_encoder"] = te
+
+    def __call__(self, texts):
+        from backend.text_processing import classic_engine
+
+        names = [f.embedding.name for t in texts for f in self.tokenize_line(t)[0][0].fixes]
+        if names:
+            classic_engine.last_extra_generation_params["TI"] = ", ".join(names)
+        return super().__call__(texts)
+
+
+class _ForgeModel:
+    is_sdxl = False
+
+    def __init__(self, folder):
+        with torch.inference_mode():  # as Forge's loader builds its models
+            unet = forge_unet(CTX, seed=0, channel_mult=(1, 2))
+            self.text_processing_engine = _ForgeEngine(folder)
+        self.forge_objects = _Objects(UnetPatcher(KModel(unet)), CLIP(self.text_processing_engine))
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.alphas_cumprod = DiscreteSchedule().alphas_cumprod
+
+    def encode_first_stage(self, x):
+        with torch.inference_mode():
+            x = nn.functional.avg_pool2d(x, 8)
+            return torch.cat([x, x.mean(1, keepdim=True)], 1)
+
+    def get_first_stage_encoding(self, z):
+        return z
+
+
+@pytest.fixture
+def host(tmp_path, monkeypatch):
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "Lora").mkdir()
+    engine_module = types.ModuleType("backend.text_processing.classic_engine")
+    engine_module.last_extra_generation_params = {"Emphasis": "Original"}
+    with fake_forge.installed() as modules:
+        text_processing = types.ModuleType("backend.text_processing")
+        text_processing.classic_engine = engine_module
+        monkeypatch.setitem(sys.modules, "backend.text_processing", text_processing)
+        monkeypatch.setitem(sys.modules, "backend.text_processing.classic_engine", engine_module)
+        model = _ForgeModel(str(tmp_path / "embeddings"))
+        modules.shared.sd_model = model
+        modules.shared.cmd_opts.embeddings_dir = str(tmp_path / "embeddings")
+        modules.shared.cmd_opts.lora_dir = str(tmp_path / "Lora")
+        monkeypatch.setattr("omg_ext.hosts.running_forge", lambda: True)
+        from tests.support.fake_a1111 import networks as fake_networks
+
+        monkeypatch.setitem(sys.modules, "networks", fake_networks)
+        fake_networks.list_available_networks()
+        yield model, modules, tmp_path, engine_module
+
+
+def _weights(model):
+    return {n: p.clone() for root in (model.forge_objects.unet.model, model.text_processing_engine)
+            for n, p in root.state_dict().items()}
+
+
+def _request(**settings):
+    pixels = (torch.rand(64, 96, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+    return ExtractRequest([Image.fromarray(pixels)], [{"name": "xzorb", "class_word": "man"}, {"name": "xquix", "class_word": "woman"}],
+                          {"rounds": 1, "steps": 2, **settings})
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_an_extraction_on_forge_writes_files_its_engine_loads_and_leaves_the_model_as_it_was(host, lora):
+    model, modules, folder, engine_module = host
+    before = _weights(model)
+    assert all(p.is_inference() for p in model.forge_objects.unet.model.parameters())
+    written, extraction = extract_ui.run_as_job(_request(lora=lora))
+    after = _weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.is_inference() for p in model.forge_objects.unet.model.parameters())  # the very tensors, not copies
+    for root in (model.forge_objects.unet.model, model.text_processing_engine):
+        assert all(not m._forward_hooks and not m._forward_pre_hooks and "_omg_saved" not in m.__dict__ for m in root.modules())
+    db = model.text_processing_engine.embeddings
+    assert db.loads == 1 and sorted(db.word_embeddings) == ["xquix", "xzorb"]
+    assert torch.equal(db.word_embeddings["xzorb"].vec, extraction.vectors["xzorb"])
+    assert engine_module.last_extra_generation_params == {"Emphasis": "Original"}  # no "TI" note of the lent vectors
+    assert written["rounds"][1]["loss"] > 0
+    assert written["loras"] == (["xzorb", "xquix"] if lora else [])
+
+
+def test_the_e_step_captures_through_forges_transformer_options(host):
+    model, *_ = host
+    cm = ForgeExtract().concept_model(model)
+    vectors = {"xzorb": torch.randn(2, CTX)}
+    context = cm.encode(["a xzorb man"], vectors)
+    from omg_ext.concepts.estep import token_maps
+
+    latents = torch.randn(1, 4, 16, 16)
+    maps = token_maps(cm, latents, context, [[cm.positions("a xzorb man", "xzorb", vectors)]], (500,), 1, torch.Generator().manual_seed(0))
+    assert maps.shape == (1, 1, 8, 8) and float(maps.sum()) > 0  # the patch saw the q and k of every capture layer
+    assert cm.unet.forge_options == {}  # the patch table left with the capture
+
+
+def test_an_interrupt_on_forge_writes_nothing_and_restores_the_database(host):
+    model, modules, folder, engine_module = host
+    before = _weights(model)
+
+    def progress(text, done):
+        if "step 2" in text:
+            modules.shared.state.interrupt()
+
+    with pytest.raises(OmgUserError, match="interrupted; nothing was written"):
+        extract_ui.run_as_job(_request(lora=True), progress)
+    after = _weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.text_processing_engine.embeddings.word_embeddings == {}
+    assert not list((folder / "embeddings").iterdir()) and not list((folder / "Lora").iterdir())
+    assert engine_module.last_extra_generation_params == {"Emphasis": "Original"}
