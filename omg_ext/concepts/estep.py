@@ -28,9 +28,18 @@ def token_maps(model: ConceptModel, latents: torch.Tensor, context: torch.Tensor
 
     ``context`` has one row per picture; ``tokens[i][j]`` are concept j's positions in picture i's context.
     """
+    return token_maps_and_errors(model, latents, context, tokens, timesteps, draws, generator)[0]
+
+
+@torch.no_grad()
+def token_maps_and_errors(model: ConceptModel, latents: torch.Tensor, context: torch.Tensor, tokens: list[list[list[int]]],
+                          timesteps: tuple[int, ...], draws: int, generator: torch.Generator
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_maps`` and, per row, the noise-prediction error per latent pixel [rows, H, W] over the same draws."""
     images, concepts = latents.shape[0], len(tokens[0])
     hw = tuple(latents.shape[-2:])
     maps = torch.zeros(images, concepts, *capture_size(hw), device=latents.device)
+    errors = torch.zeros(images, *hw, device=latents.device)
     with model.captured_attention() as state:
         for t in timesteps:
             for _ in range(draws):
@@ -38,8 +47,16 @@ def token_maps(model: ConceptModel, latents: torch.Tensor, context: torch.Tensor
                 steps = torch.full((images,), int(t), device=latents.device)
                 call = AttentionCall(hw, capture_rows=[(i, i) for i in range(images)], capture_tokens=tokens, maps=maps)
                 with state.during(call):
-                    model.predict(noised(latents, steps, noise, model.alphas_cumprod), steps, context)
-    return maps / (len(timesteps) * draws)
+                    prediction = model.predict(noised(latents, steps, noise, model.alphas_cumprod), steps, context)
+                errors += (prediction.float() - noise.float()).pow(2).mean(1)
+    return maps / (len(timesteps) * draws), errors / (len(timesteps) * draws)
+
+
+def responsibilities(errors: torch.Tensor) -> torch.Tensor:
+    """[images, concepts, H, W]: how much better each concept's row explains each pixel than the others', as
+    EM's posterior: ``softmax_j(-error_j / τ)`` with τ the pixel's mean error over the concepts."""
+    temperature = errors.mean(1, keepdim=True).clamp(min=1e-6)
+    return torch.softmax(-errors / temperature, dim=1)
 
 
 def masks_from_maps(maps: torch.Tensor, latent_hw: tuple[int, int], class_words: list[str], split: str = "figures"

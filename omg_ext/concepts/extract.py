@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .estep import masks_from_maps, token_maps
+from .estep import masks_from_maps, responsibilities, token_maps, token_maps_and_errors
 from .lora import ConceptLoRA
 from .model import ConceptModel
 from .mstep import StepDraw, rows_loss, step_rows
@@ -87,9 +87,13 @@ def with_user_masks(estimated: torch.Tensor, drawn: torch.Tensor | None) -> torc
 
 
 def concept_maps(model: ConceptModel, latents: torch.Tensor, concepts: list[ExtractConcept], embeddings: dict,
-                 settings: ExtractSettings, full: str, generator: torch.Generator) -> torch.Tensor:
+                 settings: ExtractSettings, full: str, lora: ConceptLoRA | None, generator: torch.Generator,
+                 learnt: bool = True) -> torch.Tensor:
     """[images, concepts, h, w]: each concept's token attention, read in the whole prompt's row or (``estep_rows``
-    "concept") in a row of its own phrase, where the M-step trained it to explain its figure."""
+    "concept") in a row of its own phrase (with its LoRA), where the M-step trained it to explain its figure;
+    with ``estep_evidence`` "attention×fit" and ``learnt`` tokens (after round 0: before it every concept's row
+    is its class word, whose fit says nothing of which figure is whose) weighed by how much better that row
+    explains each pixel."""
     images = latents.shape[0]
     if settings.estep_rows == "whole":
         context = model.encode([full] * images, embeddings)
@@ -98,9 +102,15 @@ def concept_maps(model: ConceptModel, latents: torch.Tensor, concepts: list[Extr
     own = [phrase(c) for c in concepts]
     context = model.encode(own * images, embeddings)
     tokens = [[concept_tokens(model, own[j], [c], embeddings)[0]] for _ in range(images) for j, c in enumerate(concepts)]
-    maps = token_maps(model, latents.repeat_interleave(len(concepts), 0), context, tokens, tuple(settings.estep_timesteps),
-                      settings.estep_draws, generator)
-    return maps.view(images, len(concepts), *maps.shape[-2:])
+    rows = [j for _ in range(images) for j in range(len(concepts))]
+    with lora.installed(rows) if lora is not None and settings.estep_lora else contextlib.nullcontext():
+        maps, errors = token_maps_and_errors(model, latents.repeat_interleave(len(concepts), 0), context, tokens,
+                                             tuple(settings.estep_timesteps), settings.estep_draws, generator)
+    maps = maps.view(images, len(concepts), *maps.shape[-2:])
+    if settings.estep_evidence == "attention" or not learnt:
+        return maps
+    fit = responsibilities(errors.view(images, len(concepts), *errors.shape[-2:]))
+    return F.interpolate(maps, size=fit.shape[-2:], mode="bilinear", align_corners=False) * fit
 
 
 def step(model: ConceptModel, latents: torch.Tensor, masks: torch.Tensor, vectors: dict, lora: ConceptLoRA | None,
@@ -164,7 +174,7 @@ def extract(model: ConceptModel, latents: torch.Tensor, concepts: list[ExtractCo
         else:
             with torch.no_grad():
                 embeddings = {k: v.detach().to(latents.device) for k, v in vectors.items()}
-                maps = concept_maps(model, latents, concepts, embeddings, settings, full, generator)
+                maps = concept_maps(model, latents, concepts, embeddings, settings, full, lora, generator, learnt=r > 0)
             estimated = masks_from_maps(maps, hw, [c.class_word.strip() for c in concepts], settings.mask_split).cpu()
             masks = with_user_masks(estimated, drawn if (r == 0 or settings.user_masks == "fixed") else None)
         done += 1

@@ -12,6 +12,7 @@ NAME = re.compile(r"^[A-Za-z][\w-]{1,63}$")
 USER_MASKS = ("first", "fixed")
 MASK_SPLITS = ("figures", "pixels")
 ESTEP_ROWS = ("concept", "whole")
+ESTEP_EVIDENCE = ("attention", "attention×fit")
 
 
 class ExtractError(ValueError):
@@ -30,7 +31,7 @@ class ExtractConcept:
 
 @dataclass
 class ExtractSettings:
-    rounds: int = 3
+    rounds: int = 2
     """EM rounds after the first masks: each an M-step then an E-step."""
     steps: int = 60
     """Optimiser steps per M-step."""
@@ -38,8 +39,8 @@ class ExtractSettings:
     """Vectors (tokens) per concept embedding."""
     learning_rate: float = 1e-2
     """The embeddings' AdamW learning rate (A1111's textual-inversion default is 5e-3; the toy world learns faster at 1e-2)."""
-    lora: bool = False
-    """Also train a LoRA per concept with the same masked loss."""
+    lora: bool = True
+    """Also train a LoRA per concept with the same masked loss (in the toy world a token alone keeps no identity)."""
     lora_rank: int = 4
     lora_learning_rate: float = 1e-3
     background: bool = True
@@ -51,6 +52,11 @@ class ExtractSettings:
     estep_rows: str = "concept"
     """Where the E-step reads a token's attention: in a row of the concept's phrase alone ("concept") or in the
     whole prompt's row ("whole")."""
+    estep_lora: bool = True
+    """With the LoRA option, each concept row of the E-step carries its LoRA too (the concept as OMG will draw it)."""
+    estep_evidence: str = "attention×fit"
+    """What the E-step's masks come from: the tokens' "attention", or "attention×fit": the attention weighed by
+    how much better the concept's row explains each pixel than the other concepts' rows (EM's posterior)."""
     estep_timesteps: tuple[int, ...] = (200, 400, 600)
     """Timesteps at which the E-step noises the pictures and reads the tokens' attention."""
     estep_draws: int = 2
@@ -79,6 +85,8 @@ class ExtractSettings:
             raise ExtractError(f"mask_split must be one of {', '.join(MASK_SPLITS)}, got {self.mask_split!r}")
         if self.estep_rows not in ESTEP_ROWS:
             raise ExtractError(f"estep_rows must be one of {', '.join(ESTEP_ROWS)}, got {self.estep_rows!r}")
+        if self.estep_evidence not in ESTEP_EVIDENCE:
+            raise ExtractError(f"estep_evidence must be one of {', '.join(ESTEP_EVIDENCE)}, got {self.estep_evidence!r}")
         if not self.estep_timesteps or any(not 0 <= int(t) < 1000 for t in self.estep_timesteps):
             raise ExtractError(f"estep_timesteps must be timesteps in [0, 1000), got {self.estep_timesteps!r}")
         return self

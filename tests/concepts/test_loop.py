@@ -206,6 +206,7 @@ def test_an_error_inside_the_model_leaves_it_as_it_was(model):
     (dict(settings=dict(vectors=20)), "vectors must be at most 16"),
     (dict(settings=dict(learning_rate=0)), r"learning_rate must be a number in \(0, 1\]"),
     (dict(settings=dict(user_masks="always")), "user_masks must be one of first, fixed"),
+    (dict(settings=dict(estep_evidence="fit")), "estep_evidence must be one of attention, attention×fit"),
     (dict(concepts=[ExtractConcept("xzorb", " ")]), "concept 'xzorb' has no class word"),
     (dict(concepts=[ExtractConcept("a b", "man")]), "the concept name 'a b' must be one word"),
     (dict(concepts=[ExtractConcept("xa", "man"), ExtractConcept("XA", "woman")]), "two concepts share a name: xa, XA"),
@@ -234,3 +235,15 @@ def test_rows_run_one_at_a_time_learn_what_all_at_once_learn(model, lora):
     if lora:
         key = next(k for k in together.loras["xzorb"] if k.endswith("up.weight"))
         assert torch.allclose(together.loras["xzorb"][key].float(), apart.loras["xzorb"][key].float(), atol=1e-3)
+
+
+def test_responsibilities_weigh_each_pixel_by_how_much_better_a_row_explains_it():
+    from omg_ext.concepts.estep import responsibilities
+
+    errors = torch.tensor([[[[0.1, 0.5]], [[0.3, 0.5]]]])  # [1 picture, 2 concepts, 1, 2]
+    r = responsibilities(errors)
+    tau = 0.2  # the mean error of the first pixel
+    expected = torch.exp(torch.tensor([-0.1 / tau, -0.3 / tau]))
+    assert torch.allclose(r[0, :, 0, 0], expected / expected.sum())
+    assert torch.allclose(r[0, :, 0, 1], torch.tensor([0.5, 0.5]))  # equal errors: no evidence either way
+    assert torch.allclose(r.sum(1), torch.ones(1, 1, 2))
