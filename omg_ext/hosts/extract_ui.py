@@ -101,11 +101,10 @@ def round_pictures(extraction, picture) -> list:
 def extract_from_tab(images, rounds, steps, vectors, learning_rate, lora, user_masks, *rows):
     """The tab's button (a generator): progress bar while it runs, then the masks, the files and the paste text."""
     try:
-        pictures = [item[0] if isinstance(item, (tuple, list)) else item for item in images or []]
-        pictures = [getattr(p, "name", p) if not hasattr(p, "mode") else p for p in pictures]
         from PIL import Image
 
-        pictures = [Image.open(p) if isinstance(p, str) else p for p in pictures]
+        # gradio 3 hands over temporary files (``.name``), gradio 4 their paths
+        pictures = [Image.open(getattr(item, "name", item)) for item in images or []]
         concepts = []
         for n in range(ROWS):
             name, word, boxes = rows[3 * n:3 * n + 3]
@@ -140,11 +139,11 @@ def extract_tab(gr) -> None:
     from ..concepts.settings import USER_MASKS, ExtractSettings
 
     defaults = ExtractSettings()
-    gr.Markdown("Learn each character of one to four pictures as an embedding (and, if asked, a small LoRA), with its "
+    gr.Markdown("Learn each character of one to four pictures as an embedding and a small LoRA, with its "
                 "mask, for OMG. Name each concept (its prompt word), give its class word (man, woman, dog…) and, "
                 "if you like, a box per picture. The loaded checkpoint is used and left unchanged.")
-    images = gr.Gallery(label="Pictures of the same characters (1-4, one size)", elem_id="omg_extract_images",
-                        type="pil", columns=4, height="auto")
+    images = gr.File(label="Pictures of the same characters (1-4, one size)", file_count="multiple",
+                     file_types=["image"], elem_id="omg_extract_images")
     rows = []
     for n in range(1, ROWS + 1):
         with gr.Row():
