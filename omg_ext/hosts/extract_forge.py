@@ -5,7 +5,8 @@ patches in the transformer options while the E-step captures, and the text encod
 
 Forge builds its models in inference mode, and autograd cannot keep an inference tensor for the backward
 pass; while the M-step runs, each layer whose weights are such tensors computes with plain copies of them
-(made in its forward, dropped after the backward pass): the weights themselves are never touched.
+(made in its forward, dropped after the backward pass), and the activations autograd keeps are copies, since
+Forge's UNet adds to some in place: the weights themselves are never touched (``trainable``).
 """
 from __future__ import annotations
 
@@ -22,34 +23,48 @@ from .forge_backend import forge_backend
 
 
 @contextlib.contextmanager
-def plain_weights(module: torch.nn.Module) -> Iterator[None]:
-    """While gradients are recorded, every layer holding inference-mode parameters computes with plain copies."""
-    handles = []
+def trainable(module: torch.nn.Module) -> Iterator[None]:
+    """The module made fit for a backward pass for the scope, without touching its weights:
+
+    - every layer holding inference-mode parameters or buffers (Forge's loader makes them so; CLIP's position ids
+      among them) computes with plain copies of them while gradients are recorded;
+    - every activation autograd keeps is kept as a copy: Forge's UNet adds to tensors in place (``x += n``)
+      after a layer saved them, which autograd refuses; the weights (and their copies) are kept as they are.
+    """
+    handles, weights = [], {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+
+    def held(m) -> list[dict]:
+        return [m._parameters, m._buffers]
 
     def swap_in(m, _inputs):
         if torch.is_grad_enabled():
-            m._omg_saved = dict(m._parameters)
-            for name, p in m._parameters.items():
-                if p is not None and p.is_inference():
-                    m._parameters[name] = p.clone()
+            m._omg_saved = [dict(d) for d in held(m)]
+            for d in held(m):
+                for name, t in d.items():
+                    if t is not None and t.is_inference():
+                        d[name] = t.clone()
+                        weights.add(d[name].untyped_storage().data_ptr())
 
-    def swap_out(m, _inputs, _out):
+    def swap_out(m, *_):
         saved = m.__dict__.pop("_omg_saved", None)
         if saved is not None:
-            m._parameters.update(saved)
+            for d, kept in zip(held(m), saved):
+                d.update(kept)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        return t if t.untyped_storage().data_ptr() in weights else t.clone()
 
     try:
         for m in module.modules():
-            if any(p.is_inference() for p in m._parameters.values() if p is not None):
+            if any(t is not None and t.is_inference() for d in held(m) for t in d.values()):
                 handles += [m.register_forward_pre_hook(swap_in), m.register_forward_hook(swap_out)]
-        yield
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
     finally:
         for handle in handles:
             handle.remove()
         for m in module.modules():
-            saved = m.__dict__.pop("_omg_saved", None)
-            if saved is not None:
-                m._parameters.update(saved)
+            swap_out(m)
 
 
 def text_side(sd_model):
@@ -88,7 +103,7 @@ class ForgeExtract:
         def encode(prompts: list[str], vectors: dict) -> torch.Tensor:
             if clip_patcher is not None:
                 self.backend.load_patcher(clip_patcher)
-            with lent_embeddings(db, sd_model, vectors), plain_weights(encoder_module(encoder)), kept_infotext():
+            with lent_embeddings(db, sd_model, vectors), trainable(encoder_module(encoder)), kept_infotext():
                 return encoder(prompts)
 
         def positions(prompt: str, word: str, vectors: dict) -> list[int]:
@@ -108,7 +123,7 @@ class ForgeExtract:
             self.backend.load_patcher(unet_patcher)
             dtype = getattr(unet_patcher.model, "computation_dtype", None) or next(unet.parameters()).dtype
             options = {"patches_replace": patches} if patches else {}
-            with plain_weights(unet):
+            with trainable(unet):
                 return unet(x.to(dtype), t, context=context.to(dtype), transformer_options=options).float()
 
         @contextlib.contextmanager

@@ -47,6 +47,18 @@ class _ForgeDatabase(EmbeddingDatabase):
                 self.register_embedding(create_embedding_from_data(safetensors.torch.load_file(path), name, filename, path))
 
 
+class _Positions(nn.Module):
+    """CLIP's position embedding: its ids a buffer (made in inference mode by Forge's loader, like the weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.position_embedding = nn.Embedding(77, CTX)
+        self.register_buffer("position_ids", torch.arange(77))
+
+    def forward(self):
+        return self.position_embedding(self.position_ids)
+
+
 class _ForgeEngine(EmbeddingClip):
     """Forge's ``ClassicTextProcessingEngine``: its text encoder under ``text_encoder.transformer.text_model``, its
     database as ``embeddings``, and the "TI" note it leaves for the next picture's infotext."""
@@ -60,6 +72,7 @@ class _ForgeEngine(EmbeddingClip):
         te.transformer.text_model.embeddings = nn.Module()
         te.transformer.text_model.embeddings.token_embedding = self.embed
         te.proj = self.proj
+        self.positions = te.transformer.text_model.embeddings.positions = _Positions()
         self.__dict__["text_encoder"] = te
 
     def __call__(self, texts):
@@ -68,7 +81,7 @@ class _ForgeEngine(EmbeddingClip):
         names = [f.embedding.name for t in texts for f in self.tokenize_line(t)[0][0].fixes]
         if names:
             classic_engine.last_extra_generation_params["TI"] = ", ".join(names)
-        return super().__call__(texts)
+        return super().__call__(texts) + self.positions()[None]
 
 
 class _ForgeModel:
@@ -112,6 +125,7 @@ def host(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, "networks", fake_networks)
         fake_networks.list_available_networks()
         yield model, modules, tmp_path, engine_module
+        modules.shared.state.interrupted = False  # the stand-in's state outlives the test
 
 
 def _weights(model):

@@ -52,6 +52,7 @@ def host(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, "networks", fake_networks)
         fake_networks.list_available_networks()
         yield model, modules, tmp_path
+        modules.shared.state.interrupted = False  # the stand-in's state outlives the test
 
 
 def _picture(seed=0, size=(96, 64), mode="RGB"):

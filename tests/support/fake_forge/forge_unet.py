@@ -7,7 +7,8 @@ replace patch is registered for its ``(block_name, number, transformer_index)`` 
 ``(block_name, number)``) the patch
 gets the projected q, k, v and ``extra_options`` (the transformer options plus
 ``n_heads``, ``dim_head``, ``block``, ``block_index``); otherwise the attention module
-runs ``backend.attention.attention_function``.
+runs ``backend.attention.attention_function``. Like Forge's, the block adds to its input in place
+(``x += n``): fine for sampling, an error for autograd unless the saved activations are kept apart.
 """
 import torch
 from torch import nn
@@ -33,9 +34,10 @@ class ForgeTransformerBlock(nn.Module):
         heads = self.attn1.heads
         extra.update(n_heads=heads, dim_head=self.attn1.to_q.out_features // heads, block=self.key[:2], block_index=self.key[2])
         n = self.norm1(x)
-        x = self._attend(self.attn1, replace.get("attn1", {}), n, n, extra) + x
-        x = self._attend(self.attn2, replace.get("attn2", {}), self.norm2(x), context, extra) + x
-        return self.ff(self.norm3(x)) + x
+        x += self._attend(self.attn1, replace.get("attn1", {}), n, n, extra)  # in place, as Forge's block adds
+        x += self._attend(self.attn2, replace.get("attn2", {}), self.norm2(x), context, extra)
+        x += self.ff(self.norm3(x))
+        return x
 
     def _attend(self, attn, patches, n, context, extra):
         q, k, v = attn.to_q(n), attn.to_k(context), attn.to_v(context)
