@@ -186,3 +186,28 @@ def test_an_interrupt_on_forge_writes_nothing_and_restores_the_database(host):
     assert model.text_processing_engine.embeddings.word_embeddings == {}
     assert not list((folder / "embeddings").iterdir()) and not list((folder / "Lora").iterdir())
     assert engine_module.last_extra_generation_params == {"Emphasis": "Original"}
+
+
+def test_gradients_through_forges_in_place_unet_are_those_of_the_same_unet_out_of_place(monkeypatch):
+    from omg_ext.hosts.extract_forge import trainable
+    from tests.support.fake_forge import forge_unet as fake
+
+    with torch.inference_mode():
+        unet = fake.forge_unet(CTX, seed=3, channel_mult=(1, 2))
+    x, t = torch.randn(2, 4, 16, 16), torch.full((2,), 400.0)
+
+    def grad():
+        context = torch.randn(2, 77, CTX, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with trainable(unet):
+            return torch.autograd.grad(unet(x, t, context=context, transformer_options={}).pow(2).mean(), context)[0]
+
+    in_place = grad()
+
+    def out_of_place(self, x, context=None):
+        n = self.norm1(x)
+        x = x + self._attend(self.attn1, {}, n, n, {})
+        x = x + self._attend(self.attn2, {}, self.norm2(x), context, {})
+        return x + self.ff(self.norm3(x))
+
+    monkeypatch.setattr(fake.ForgeTransformerBlock, "forward", out_of_place)
+    assert torch.allclose(in_place, grad(), atol=1e-6)
