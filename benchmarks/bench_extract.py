@@ -134,8 +134,9 @@ def main() -> None:
                 for m in measures:
                     for name, value in m.items():
                         together["trained LoRAs"].setdefault(name, []).append(value)
+                names = "_".join(IDENTITIES[k - 1].trigger for k in pair)
                 labelled_grid(shown[case], min(len(seeds), 8), f'"{case.prompt()}", concepts from picture {p} of {pair}'
-                              ).save(args.grids / f"{'_'.join(case.prompt().split())}_{p}.png")
+                              ).save(args.grids / f"{names}_picture_{p}_{'_'.join(case.prompt().split())}.png")
 
     print(f"\n(a) mask IoU against the true figure masks, by round ({len(PAIRS) * args.pictures} pictures, 2 concepts each)")
     print(f"{'variant':<20}" + "".join(f"{'round ' + str(r):>14}" for r in range(args.rounds + 1)))

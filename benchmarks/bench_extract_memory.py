@@ -32,7 +32,7 @@ GB = 1 << 30
 
 def training_row_bytes(unet: torch.nn.Module, side: int, context_dim: int) -> int:
     """Peak bytes of one row's forward and backward (to the context and the LoRA) above what was there before."""
-    lora = ConceptLoRA(lora_layers(unet), 1, rank=4).to(torch.bfloat16)
+    lora = ConceptLoRA(lora_layers(unet), 1, rank=4)  # float32, as an extraction keeps it
     x = torch.zeros(1, 4, side, side, dtype=torch.bfloat16)
     context = torch.zeros(1, 77, context_dim, dtype=torch.bfloat16, requires_grad=True)
     with LiveBytes() as meter, lora.installed([0]):
