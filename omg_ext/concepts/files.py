@@ -25,6 +25,17 @@ def _refuse_existing(path: Path) -> None:
         raise FileExistsError(f"{path.name} already exists in {path.parent}: choose another name")
 
 
+def embedding_vectors(vectors: torch.Tensor, parts: dict[str, int] | None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """An embedding as the hosts keep it: ``vectors`` [n, dim] as they are (one text encoder), or split along
+    ``dim`` into each encoder's share (SDXL: ``{"clip_l": 768, "clip_g": 1280}``, CLIP-L's first, as A1111's
+    ``encode_embedding_init_text`` joins them)."""
+    if parts is None:
+        return vectors
+    if sum(parts.values()) != vectors.shape[-1]:
+        raise ValueError(f"vectors of width {vectors.shape[-1]} do not split into {parts}")
+    return dict(zip(parts, torch.split(vectors, list(parts.values()), dim=-1)))
+
+
 def write_embedding(path: Path, vectors: torch.Tensor | dict[str, torch.Tensor], info: dict) -> None:
     """``vectors`` [n, dim] (SD1.5) or ``{"clip_l": …, "clip_g": …}`` (SDXL), saved fp32 with ``info`` as metadata."""
     path = Path(path)

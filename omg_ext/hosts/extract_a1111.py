@@ -1,11 +1,19 @@
-"""A1111's model for an extraction: its ``cond_stage_model`` with the hijack's embedding database, the ldm UNet
-under the host's autocast (the engine's attention processors capture its cross-attention)."""
+"""A1111's model for an extraction: its text encoders with the hijack's embedding database (SD1.5's
+``cond_stage_model``; SDXL's conditioner with CLIP-L and CLIP-G, an embedding's vectors split between them as
+its files keep them), the ldm/sgm UNet under the host's autocast (the engine's attention processors capture
+its cross-attention)."""
 from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager
 
 import torch
 
+from ..concepts.files import embedding_vectors
 from ..concepts.model import ConceptModel
-from .extract_host import cycled, lent_embeddings, lora_layers, token_positions
+from .errors import OmgUserError
+from .extract_host import (cycled, joined, lent_embeddings, lora_layers, sdxl_conditioning, sdxl_parts, token_positions,
+                           unet_conditioning)
 
 
 def embedding_db():
@@ -14,29 +22,59 @@ def embedding_db():
     return sd_hijack.model_hijack.embedding_db
 
 
+def sdxl_text_encoders(sd_model) -> list:
+    """SDXL's hijacked text encoders (CLIP-L's, then CLIP-G's); the refiner, with CLIP-G alone, is refused."""
+    encoders = [e for e in sd_model.conditioner.embedders if hasattr(e, "tokenize_line")]
+    if len(encoders) != 2:
+        raise OmgUserError("extracting concepts needs SDXL's two text encoders (CLIP-L and CLIP-G): the SDXL refiner has one; load a base SDXL checkpoint")
+    return encoders
+
+
+def a1111_text_side(sd_model, size: tuple[int, int], db, scope: Callable[[], ContextManager] = contextlib.nullcontext) -> dict:
+    """``ConceptModel``'s text fields on A1111's hijacked text encoders (also Forge Classic's and reForge's),
+    ``scope`` around every differentiable encoding (Forge's ``trainable``)."""
+    from modules import devices, prompt_parser
+
+    sdxl = bool(getattr(sd_model, "is_sdxl", False))
+    encoders = sdxl_text_encoders(sd_model) if sdxl else [sd_model.cond_stage_model]
+    with torch.no_grad(), devices.autocast():
+        parts = sdxl_parts(*(e.encode_embedding_init_text("a", 1).shape[-1] for e in encoders)) if sdxl else None
+
+    def lent(vectors: dict):
+        return lent_embeddings(db, sd_model, {k: embedding_vectors(v, parts) for k, v in vectors.items()})
+
+    def encode(prompts: list[str], vectors: dict):
+        with lent(vectors), scope(), devices.autocast():
+            if not sdxl:
+                return encoders[0](prompts)
+            cond_l, (cond_g, pooled) = encoders[0](prompts), encoders[1](prompts)
+            with torch.no_grad():
+                reference = sd_model.get_learned_conditioning(prompt_parser.SdConditioning(prompts, width=size[0], height=size[1]))
+            return sdxl_conditioning(cond_l, cond_g, pooled, reference)
+
+    def positions(prompt: str, word: str, vectors: dict) -> list[int]:
+        with lent({k: v.detach() for k, v in vectors.items()}):
+            return token_positions(encoders[0], prompt, word, vectors)
+
+    def init_vectors(text: str, n: int) -> torch.Tensor:
+        with torch.no_grad(), devices.autocast():
+            return cycled(joined([e.encode_embedding_init_text(text, n).float() for e in encoders]), n, text)
+
+    return dict(encode=encode, positions=positions, init_vectors=init_vectors, parts=parts)
+
+
 class A1111Extract:
-    def concept_model(self, sd_model) -> ConceptModel:
+    def concept_model(self, sd_model, size: tuple[int, int] = (512, 512)) -> ConceptModel:
+        """``size``: the pictures' (width, height), what SDXL's size conditioning says."""
         from modules import devices
 
-        clip, unet, db = sd_model.cond_stage_model, sd_model.model.diffusion_model, embedding_db()
-
-        def encode(prompts: list[str], vectors: dict) -> torch.Tensor:
-            with lent_embeddings(db, sd_model, vectors), devices.autocast():
-                return clip(prompts)
-
-        def positions(prompt: str, word: str, vectors: dict) -> list[int]:
-            with lent_embeddings(db, sd_model, {k: v.detach() for k, v in vectors.items()}):
-                return token_positions(clip, prompt, word, vectors)
-
-        def init_vectors(text: str, n: int) -> torch.Tensor:
-            with devices.autocast():
-                return cycled(clip.encode_embedding_init_text(text, n).float(), n, text)
+        unet = sd_model.model.diffusion_model
 
         def predict(x, t, context):
             with devices.autocast():
-                return unet(x.to(devices.dtype_unet), t, context=context.to(devices.dtype_unet)).float()
+                return unet(x.to(devices.dtype_unet), t, **unet_conditioning(context, devices.dtype_unet)).float()
 
-        return ConceptModel(unet=unet, predict=predict, encode=encode, positions=positions, init_vectors=init_vectors,
+        return ConceptModel(unet=unet, predict=predict, **a1111_text_side(sd_model, size, embedding_db()),
                             alphas_cumprod=sd_model.alphas_cumprod.float().cpu(), lora_layers=lora_layers(unet))
 
     def loaded_embeddings(self) -> set[str]:

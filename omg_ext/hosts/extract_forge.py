@@ -11,13 +11,17 @@ Forge's UNet adds to some in place: the weights themselves are never touched (``
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from ..concepts.model import ConceptModel
 from ..engine.attention import AttentionState, ProjectedAttention
-from .extract_host import cycled, lent_embeddings, lora_layers, token_positions
+from ..concepts.files import embedding_vectors
+from .errors import OmgUserError
+from .extract_a1111 import a1111_text_side
+from .extract_host import (cycled, joined, lent_embeddings, lora_layers, sdxl_conditioning, sdxl_parts, token_positions,
+                           unet_conditioning)
 from .forge_attention import FORGE_BLOCKS, attention_modules_by_block
 from .forge_backend import forge_backend
 
@@ -67,15 +71,64 @@ def trainable(module: torch.nn.Module) -> Iterator[None]:
             swap_out(m)
 
 
-def text_side(sd_model):
-    """(prompt encoder, its embedding database, what loads it on the device): Forge's engine, or A1111's
-    ``cond_stage_model`` and hijack in Classic and reForge."""
+def forge_engines(sd_model) -> list:
+    """Forge's text engines (CLIP-L's, then CLIP-G's for SDXL), each with its own embedding database; none in
+    Classic and reForge, which keep A1111's hijack."""
+    if getattr(sd_model, "is_sdxl", False) and hasattr(sd_model, "text_processing_engine_g"):
+        if not hasattr(sd_model, "text_processing_engine_l"):
+            raise OmgUserError("extracting concepts needs SDXL's two text encoders (CLIP-L and CLIP-G): the SDXL refiner has one; load a base SDXL checkpoint")
+        return [sd_model.text_processing_engine_l, sd_model.text_processing_engine_g]
     engine = getattr(sd_model, "text_processing_engine", None)
-    if engine is not None:
-        return engine, engine.embeddings, sd_model.forge_objects.clip.patcher
-    from modules import sd_hijack
+    return [engine] if engine is not None else []
 
-    return sd_model.cond_stage_model, sd_hijack.model_hijack.embedding_db, None
+
+def engines_text_side(sd_model, size: tuple[int, int], engines: list, load: Callable[[], None]) -> dict:
+    """``ConceptModel``'s text fields on Forge's engines: the vectors lent to every engine's database (split
+    between CLIP-L and CLIP-G for SDXL), the encoders made trainable while encoding; ``load`` puts the text
+    encoders on the device first."""
+    sdxl = len(engines) == 2
+    tables = [token_table(e) for e in engines]
+    parts = sdxl_parts(*(t.weight.shape[-1] for t in tables)) if sdxl else None
+
+    @contextlib.contextmanager
+    def lent(vectors: dict) -> Iterator[None]:
+        split = {k: embedding_vectors(v, parts) for k, v in vectors.items()}
+        with contextlib.ExitStack() as stack:
+            for engine in engines:
+                stack.enter_context(lent_embeddings(engine.embeddings, sd_model, split))
+            yield
+
+    def encode(prompts: list[str], vectors: dict):
+        load()
+        with lent(vectors), kept_infotext(), contextlib.ExitStack() as stack:
+            for engine in engines:
+                stack.enter_context(trainable(encoder_module(engine)))
+            if not sdxl:
+                return engines[0](prompts)
+            cond_l, (cond_g, pooled) = engines[0](prompts), engines[1](prompts)
+            from modules import prompt_parser
+
+            reference = sd_model.get_learned_conditioning(prompt_parser.SdConditioning(prompts, width=size[0], height=size[1]))
+            return sdxl_conditioning(cond_l, cond_g, pooled, reference)
+
+    def positions(prompt: str, word: str, vectors: dict) -> list[int]:
+        with lent({k: v.detach() for k, v in vectors.items()}):
+            return token_positions(engines[0], prompt, word, vectors)
+
+    def init_vectors(text: str, n: int) -> torch.Tensor:
+        load()
+        with torch.no_grad():
+            embedded = [table(torch.tensor([e.tokenize([text])[0][:n]], device=table.weight.device))[0].float()
+                        for e, table in zip(engines, tables)]
+        return cycled(joined(embedded), n, text)
+
+    return dict(encode=encode, positions=positions, init_vectors=init_vectors, parts=parts)
+
+
+def token_table(engine) -> torch.nn.Module:
+    """An engine's token embedding table (the lookup without the embeddings' substitution)."""
+    table = encoder_module(engine).transformer.text_model.embeddings.token_embedding
+    return getattr(table, "wrapped", table)
 
 
 def alphas_cumprod(sd_model, unet_patcher) -> torch.Tensor:
@@ -90,41 +143,30 @@ class ForgeExtract:
         """``app``: the WebUI's FastAPI app, whose ``/sdapi/v1/embeddings`` lists from a database of its own."""
         self.backend, self.app = forge_backend(), app
 
-    def concept_model(self, sd_model) -> ConceptModel:
+    def concept_model(self, sd_model, size: tuple[int, int] = (512, 512)) -> ConceptModel:
+        """``size``: the pictures' (width, height), what SDXL's size conditioning says."""
         objects = getattr(sd_model, "forge_objects_original", None) or sd_model.forge_objects
         unet_patcher = objects.unet
         self.backend.load_patcher(unet_patcher)
         unet = unet_patcher.model.diffusion_model
-        encoder, db, clip_patcher = text_side(sd_model)
         state = AttentionState()
         capture = ProjectedAttention(state, True, self.backend.attention(), attention_modules_by_block(unet))
         patches: dict = {}
+        engines = forge_engines(sd_model)
+        if engines:
+            text = engines_text_side(sd_model, size, engines, lambda: self.backend.load_patcher(sd_model.forge_objects.clip.patcher))
+        else:
+            from modules import sd_hijack
 
-        def encode(prompts: list[str], vectors: dict) -> torch.Tensor:
-            if clip_patcher is not None:
-                self.backend.load_patcher(clip_patcher)
-            with lent_embeddings(db, sd_model, vectors), trainable(encoder_module(encoder)), kept_infotext():
-                return encoder(prompts)
-
-        def positions(prompt: str, word: str, vectors: dict) -> list[int]:
-            with lent_embeddings(db, sd_model, {k: v.detach() for k, v in vectors.items()}):
-                return token_positions(encoder, prompt, word, vectors)
-
-        def init_vectors(text: str, n: int) -> torch.Tensor:
-            if clip_patcher is not None:
-                self.backend.load_patcher(clip_patcher)
-            ids = encoder.tokenize([text])[0][:n]
-            table = encoder_module(encoder).transformer.text_model.embeddings.token_embedding
-            table = getattr(table, "wrapped", table)
-            with torch.no_grad():
-                return cycled(table(torch.tensor([ids], device=table.weight.device))[0].float(), n, text)
+            text = a1111_text_side(sd_model, size, sd_hijack.model_hijack.embedding_db,
+                                   lambda: trainable(encoder_module(sd_model.cond_stage_model)))
 
         def predict(x, t, context):
             self.backend.load_patcher(unet_patcher)
             dtype = getattr(unet_patcher.model, "computation_dtype", None) or next(unet.parameters()).dtype
             options = {"patches_replace": patches} if patches else {}
             with trainable(unet):
-                return unet(x.to(dtype), t, context=context.to(dtype), transformer_options=options).float()
+                return unet(x.to(dtype), t, **unet_conditioning(context, dtype), transformer_options=options).float()
 
         @contextlib.contextmanager
         def attention() -> Iterator[AttentionState]:
@@ -134,24 +176,36 @@ class ForgeExtract:
             finally:
                 patches.clear()
 
-        return ConceptModel(unet=unet, predict=predict, encode=encode, positions=positions, init_vectors=init_vectors,
-                            alphas_cumprod=alphas_cumprod(sd_model, unet_patcher), lora_layers=lora_layers(unet),
-                            attention=attention)
+        return ConceptModel(unet=unet, predict=predict, **text, alphas_cumprod=alphas_cumprod(sd_model, unet_patcher),
+                            lora_layers=lora_layers(unet), attention=attention)
 
     def loaded_embeddings(self) -> set[str]:
-        from modules import shared
-
-        return set(text_side(shared.sd_model)[1].word_embeddings)
+        return {word for db in databases() for word in db.word_embeddings}
 
     def reload_embeddings(self) -> None:
-        """Every database that lists embeddings: the text engine's (what prompts use) and the API's."""
-        from modules import shared
-
-        db = text_side(shared.sd_model)[1]
-        db.load_textual_inversion_embeddings()
+        """Every database that lists embeddings: the text engines' (what prompts use) and the API's."""
+        dbs = databases()
+        for db in dbs:
+            db.load_textual_inversion_embeddings(**({} if forge_engines(current_model()) else {"force_reload": True}))
         api = api_embedding_db(self.app)
-        if api is not None and api is not db:
+        if api is not None and all(api is not db for db in dbs):
             api.load_textual_inversion_embeddings(force_reload=True, sync_with_sd_model=False)
+
+
+def current_model():
+    from modules import shared
+
+    return shared.sd_model
+
+
+def databases() -> list:
+    """The embedding databases prompts are read with: each Forge engine's, or A1111's hijack's in Classic and reForge."""
+    engines = forge_engines(current_model())
+    if engines:
+        return [e.embeddings for e in engines]
+    from modules import sd_hijack
+
+    return [sd_hijack.model_hijack.embedding_db]
 
 
 def api_embedding_db(app):

@@ -32,16 +32,18 @@ UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
 
 class LentEmbedding:
-    """An embedding as the hosts' databases and prompt code read one (A1111's and Forge's ``Embedding``)."""
+    """An embedding as the hosts' databases and prompt code read one (A1111's and Forge's ``Embedding``): one
+    tensor, or SDXL's ``{"clip_l": …, "clip_g": …}`` that each text encoder takes its part of."""
 
-    def __init__(self, vec: torch.Tensor, name: str) -> None:
-        self.vec, self.name, self.vectors, self.shape = vec, name, vec.shape[0], vec.shape[-1]
+    def __init__(self, vec: torch.Tensor | dict[str, torch.Tensor], name: str) -> None:
+        parts = list(vec.values()) if isinstance(vec, dict) else [vec]
+        self.vec, self.name, self.vectors, self.shape = vec, name, parts[0].shape[0], sum(p.shape[-1] for p in parts)
         self.step = self.sd_checkpoint = self.sd_checkpoint_name = self.filename = None
         self.hash = self.shorthash = self.cached_checksum = None
 
 
 @contextlib.contextmanager
-def lent_embeddings(db, sd_model, vectors: dict[str, torch.Tensor]) -> Iterator[None]:
+def lent_embeddings(db, sd_model, vectors: dict[str, torch.Tensor | dict]) -> Iterator[None]:
     """``vectors`` registered in the host's embedding database ``db`` for the scope; its dictionaries exactly as
     they were afterwards (A1111's ``register_embedding`` takes the model, Forge's does not)."""
     words, lookup = dict(db.word_embeddings), {k: list(v) for k, v in db.ids_lookup.items()}
@@ -77,6 +79,13 @@ def cycled(embedded: torch.Tensor, n: int, text: str) -> torch.Tensor:
     return torch.stack([embedded[i * embedded.shape[0] // n] for i in range(n)]).float()
 
 
+def joined(embedded: list[torch.Tensor]) -> torch.Tensor:
+    """Each text encoder's token embeddings of an init text side by side, over the tokens they all have (A1111's
+    CLIP-L lookup keeps at most the vectors asked for, its CLIP-G lookup every token)."""
+    tokens = min(e.shape[0] for e in embedded)
+    return torch.cat([e[:tokens] for e in embedded], 1)
+
+
 def lora_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Kohya key -> layer for the LoRA option: the UNet blocks' linear and convolution layers (LoCon's set), keyed
     by their ldm names, which both hosts' LoRA loaders map."""
@@ -85,8 +94,27 @@ def lora_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
             and not any(True for _ in m.children())}
 
 
+def sdxl_conditioning(cond_l: torch.Tensor, cond_g: torch.Tensor, pooled: torch.Tensor, reference: dict) -> dict:
+    """SDXL's conditioning from its two text encoders' outputs, differentiable in them: ``crossattn`` CLIP-L's and
+    CLIP-G's tokens side by side, ``vector`` CLIP-G's pooled output then the size embeddings, taken from
+    ``reference`` (the host's own conditioning of the same prompts, whose size part no vector changes)."""
+    vector = reference["vector"].detach().clone().to(pooled)
+    return {"crossattn": torch.cat([cond_l, cond_g.to(cond_l)], 2), "vector": torch.cat([pooled, vector[:, pooled.shape[-1]:]], 1)}
+
+
+def sdxl_parts(width_l: int, width_g: int) -> dict[str, int]:
+    return {"clip_l": width_l, "clip_g": width_g}
+
+
+def unet_conditioning(context, dtype: torch.dtype) -> dict:
+    """The raw UNet's keyword arguments for an encoded context: SD1.5's tensor, or SDXL's ``crossattn`` and ``vector`` (``y``)."""
+    if isinstance(context, dict):
+        return {"context": context["crossattn"].to(dtype), "y": context["vector"].to(dtype)}
+    return {"context": context.to(dtype)}
+
+
 class ExtractHost(Protocol):
-    def concept_model(self, sd_model) -> ConceptModel: ...
+    def concept_model(self, sd_model, size: tuple[int, int]) -> ConceptModel: ...
     def loaded_embeddings(self) -> set[str]: ...
     def reload_embeddings(self) -> None: ...
 
@@ -123,19 +151,18 @@ def run_extract(host: ExtractHost, request: ExtractRequest, progress=lambda text
 
     started = time.perf_counter()
     sd_model = shared.sd_model
-    if getattr(sd_model, "is_sdxl", False):
-        raise OmgUserError("extracting concepts with SDXL is not supported yet: load an SD1.5 checkpoint")
     pictures = request.pictures()
     settings = request.extract_settings()
     concepts = request.extract_concepts(pictures[0].size)
     embedding_files, lora_files = output_paths(host, [c.name for c in concepts], settings.lora)
+    model = host.concept_model(sd_model, pictures[0].size)
     latents = encode_pictures(sd_model, pictures)
     with torch.enable_grad():
-        extraction = extract(host.concept_model(sd_model), latents, concepts, settings, progress, check)
+        extraction = extract(model, latents, concepts, settings, progress, check)
     info = request.info(pictures, settings)
     written = []
     for c, path in zip(concepts, embedding_files):
-        write_embedding(path, extraction.vectors[c.name], {**info, "name": c.name, "class_word": c.class_word})
+        write_embedding(path, model.embedding(extraction.vectors[c.name]), {**info, "name": c.name, "class_word": c.class_word})
         written.append(str(path))
     for c, path in zip(concepts, lora_files):
         write_concept_lora(path, extraction.loras[c.name], c.name, {**info, "name": c.name})

@@ -50,9 +50,9 @@ class _ForgeDatabase(EmbeddingDatabase):
 class _Positions(nn.Module):
     """CLIP's position embedding: its ids a buffer (made in inference mode by Forge's loader, like the weights)."""
 
-    def __init__(self):
+    def __init__(self, dim=CTX):
         super().__init__()
-        self.position_embedding = nn.Embedding(77, CTX)
+        self.position_embedding = nn.Embedding(77, dim)
         self.register_buffer("position_ids", torch.arange(77))
 
     def forward(self):
@@ -63,8 +63,9 @@ class _ForgeEngine(EmbeddingClip):
     """Forge's ``ClassicTextProcessingEngine``: its text encoder under ``text_encoder.transformer.text_model``, its
     database as ``embeddings``, and the "TI" note it leaves for the next picture's infotext."""
 
-    def __init__(self, folder):
-        super().__init__(database=lambda: self.embeddings)
+    def __init__(self, folder, **encoder):
+        """``encoder``: ``EmbeddingClip``'s width, SDXL key and pooled output (SDXL's CLIP-L and CLIP-G engines)."""
+        super().__init__(database=lambda: self.embeddings, **encoder)
         self.embeddings = _ForgeDatabase(folder, lambda: self)
         te = nn.Module()
         te.transformer = nn.Module()
@@ -72,7 +73,7 @@ class _ForgeEngine(EmbeddingClip):
         te.transformer.text_model.embeddings = nn.Module()
         te.transformer.text_model.embeddings.token_embedding = self.embed
         te.proj = self.proj
-        self.positions = te.transformer.text_model.embeddings.positions = _Positions()
+        self.positions = te.transformer.text_model.embeddings.positions = _Positions(self.embed.weight.shape[1])
         self.__dict__["text_encoder"] = te
 
     def __call__(self, texts):
@@ -81,7 +82,10 @@ class _ForgeEngine(EmbeddingClip):
         names = [f.embedding.name for t in texts for f in self.tokenize_line(t)[0][0].fixes]
         if names:
             classic_engine.last_extra_generation_params["TI"] = ", ".join(names)
-        return super().__call__(texts) + self.positions()[None]
+        out = super().__call__(texts)
+        if self.return_pooled:
+            return out[0] + self.positions()[None], out[1]
+        return out + self.positions()[None]
 
 
 class _ForgeModel:

@@ -15,13 +15,15 @@ class EmbeddingClip(nn.Module):
 
     vocab: dict = {}
 
-    def __init__(self, database=None):
-        """``database``: where embeddings are found (a callable giving it); the hijack's by default."""
+    def __init__(self, database=None, dim=CTX, key="clip_l", pooled=False, seed=0):
+        """``database``: where embeddings are found (a callable giving it); the hijack's by default. ``key``: the
+        part of an SDXL embedding this encoder takes (A1111's ``textual_inversion_key``); ``pooled``: CLIP-G's
+        encoder, which also gives a pooled output and whose init text lookup keeps every token."""
         super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(200, CTX)
-        self.proj = nn.Linear(CTX, CTX)
-        self.database = database
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(200, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.database, self.key, self.return_pooled = database, key, pooled
 
     def tokenize(self, texts):
         return [[self.vocab.setdefault(w, len(self.vocab) + 2) for w in t.replace(",", " ").split()] for t in texts]
@@ -43,7 +45,8 @@ class EmbeddingClip(nn.Module):
         return [types.SimpleNamespace(tokens=[0] + tokens + [1] * (76 - len(tokens)), fixes=fixes)], len(tokens)
 
     def encode_embedding_init_text(self, text, n):
-        return self.embed(torch.tensor(self.tokenize([text])[0][:n]))
+        ids = self.tokenize([text])[0]
+        return self.embed(torch.tensor(ids if self.return_pooled else ids[:n]))
 
     def forward(self, texts):
         rows = []
@@ -51,7 +54,41 @@ class EmbeddingClip(nn.Module):
             (chunk,), _ = self.tokenize_line(text)
             x = self.embed(torch.tensor(chunk.tokens))
             for fix in chunk.fixes:
-                vec = fix.embedding.vec.to(x)
+                vec = fix.embedding.vec
+                vec = (vec[self.key] if isinstance(vec, dict) else vec).to(x)
                 x = torch.cat([x[:fix.offset + 1], vec, x[fix.offset + 1 + len(vec):]])
             rows.append(self.proj(x))
-        return torch.stack(rows)
+        z = torch.stack(rows)
+        return (z, z[:, -1] + z.mean(1)) if self.return_pooled else z
+
+
+SIZE_FEATURES = 4
+
+
+def size_features(width, height, rows):
+    """The stand-in of SDXL's size embeddings (original and target size, crop): what ``vector`` holds after the pooled output."""
+    return torch.tensor([height / 64, width / 64, 0.0, 1.0]).repeat(rows, 1)
+
+
+class SdxlConditioner(nn.Module):
+    """A1111's hijacked SDXL ``GeneralConditioner``: CLIP-L's and CLIP-G's encoders (``embedders``), each taking its
+    part of an SDXL embedding; the conditioning as ``sd_models_xl.get_learned_conditioning`` gives it
+    (``crossattn`` side by side, ``vector`` the pooled output then the size embeddings), with no gradient, as
+    sgm runs frozen embedders; ``tokenize`` and ``encode_embedding_init_text`` as A1111 patches them in."""
+
+    def __init__(self, dim_l=32, dim_g=48):
+        super().__init__()
+        self.embedders = nn.ModuleList([EmbeddingClip(dim=dim_l, key="clip_l", seed=0),
+                                        EmbeddingClip(dim=dim_g, key="clip_g", pooled=True, seed=1)])
+
+    def tokenize(self, texts):
+        return self.embedders[0].tokenize(texts)
+
+    def encode_embedding_init_text(self, text, n):
+        return torch.cat([e.encode_embedding_init_text(text, n) for e in self.embedders], 1)
+
+    def conditioning(self, batch):
+        with torch.no_grad():
+            cond_l, (cond_g, pooled) = self.embedders[0](list(batch)), self.embedders[1](list(batch))
+        size = size_features(getattr(batch, "width", 1024) or 1024, getattr(batch, "height", 1024) or 1024, len(batch))
+        return {"crossattn": torch.cat([cond_l, cond_g], 2), "vector": torch.cat([pooled, size], 1)}
