@@ -135,6 +135,25 @@ def step(model: ConceptModel, latents: torch.Tensor, masks: torch.Tensor, vector
     return total, grads
 
 
+def fitting_step(model: ConceptModel, latents: torch.Tensor, masks: torch.Tensor, vectors: dict, lora: ConceptLoRA | None,
+                 full: str, phrases: list[str], params: list, rows_per_pass: int, generator: torch.Generator,
+                 fits: list[int]) -> tuple[float, list[torch.Tensor]]:
+    """``step``, its rows run ``rows_per_pass`` at a time, or with 0 as many as ``fits`` [the last count that
+    fitted] says: all at first, half as many after the device ran out of memory, the step retried with the
+    same draw (the gradients add up to the same step whatever the count)."""
+    state = generator.get_state()
+    while True:
+        try:
+            return step(model, latents, masks, vectors, lora, full, phrases, params, rows_per_pass or fits[0], generator)
+        except torch.OutOfMemoryError:
+            if rows_per_pass or fits[0] == 1:
+                raise
+            fits[0] = (fits[0] + 1) // 2
+            generator.set_state(state)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
 def extract(model: ConceptModel, latents: torch.Tensor, concepts: list[ExtractConcept], settings: ExtractSettings,
             report: Callable[[str, float], None] = lambda text, done: None, check: Callable[[], None] = lambda: None
             ) -> Extraction:
@@ -160,6 +179,7 @@ def extract(model: ConceptModel, latents: torch.Tensor, concepts: list[ExtractCo
     phrases = [phrase(c) for c in concepts]
     drawn = user_masks(concepts, images, hw)
     units = settings.rounds * settings.steps + settings.rounds + 1
+    fits = [len(step_rows(images, len(concepts)))]
     done = 0
 
     def progress(text: str) -> None:
@@ -187,8 +207,8 @@ def extract(model: ConceptModel, latents: torch.Tensor, concepts: list[ExtractCo
         for s in range(settings.steps):
             progress(f"round {r}/{settings.rounds}: step {s + 1}/{settings.steps}"
                      + (f", loss {losses[-1]:.4f}" if losses else ""))
-            loss, grads = step(model, latents, masks.to(latents.device), vectors, lora, full, phrases, params,
-                               settings.rows_per_pass, generator)
+            loss, grads = fitting_step(model, latents, masks.to(latents.device), vectors, lora, full, phrases, params,
+                                       settings.rows_per_pass, generator, fits)
             for p, g in zip(params, grads):
                 p.grad = g
             optimiser.step()

@@ -63,7 +63,8 @@ class ExtractSettings:
     """Noise draws per E-step timestep."""
     rows_per_pass: int = 0
     """Rows (pictures × (1 + concepts)) run through the UNet at once in an M-step, their gradients added up:
-    0 all at once; 1 bounds the memory to one row's activations (an 8 GB card at 512², docs/extract.md)."""
+    0 all at once, then half as many each time the card runs out of memory (so SD1.5 at 512² fits an 8 GB
+    card, docs/extract.md); 1 bounds the memory to one row's activations from the start."""
     seed: int = 0
 
     def validate(self) -> "ExtractSettings":

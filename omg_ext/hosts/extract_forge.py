@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..concepts.model import ConceptModel
-from ..engine.attention import AttentionState, ProjectedAttention
+from ..engine.attention import AttentionState, ProjectedAttention, attend_with_replacement
 from ..concepts.files import embedding_vectors
 from .errors import OmgUserError
 from .extract_a1111 import a1111_text_side
@@ -31,11 +31,15 @@ def trainable(module: torch.nn.Module) -> Iterator[None]:
     """The module made fit for a backward pass for the scope, without touching its weights:
 
     - every layer holding inference-mode parameters or buffers (Forge's loader makes them so; CLIP's position ids
-      among them) computes with plain copies of them while gradients are recorded;
-    - every activation autograd keeps is kept as a copy: Forge's UNet adds to tensors in place (``x += n``)
-      after a layer saved them, which autograd refuses; the weights (and their copies) are kept as they are.
+      among them) computes with plain copies of them while gradients are recorded; where autograd keeps such a
+      copy for the backward pass it keeps the inference tensor instead and copies it again when the backward
+      pass needs it, so one layer's copy lives at a time, not the whole model's (SDXL's UNet is 5 GB in fp16);
+    - every other activation autograd keeps is kept as a copy: Forge's UNet adds to tensors in place (``x += n``)
+      after a layer saved them, which autograd refuses; the module's own tensors are kept as they are.
     """
-    handles, weights = [], {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    handles, own = [], {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    copies: dict[int, torch.Tensor] = {}
+    """A live copy's storage -> the inference tensor it copies (only while its layer runs: storage is reused)."""
 
     def held(m) -> list[dict]:
         return [m._parameters, m._buffers]
@@ -47,28 +51,52 @@ def trainable(module: torch.nn.Module) -> Iterator[None]:
                 for name, t in d.items():
                     if t is not None and t.is_inference():
                         d[name] = t.clone()
-                        weights.add(d[name].untyped_storage().data_ptr())
+                        copies[d[name].untyped_storage().data_ptr()] = t
 
     def swap_out(m, *_):
         saved = m.__dict__.pop("_omg_saved", None)
         if saved is not None:
             for d, kept in zip(held(m), saved):
+                for name, t in d.items():
+                    if t is not None and t is not kept[name]:
+                        copies.pop(t.untyped_storage().data_ptr(), None)
                 d.update(kept)
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        return t if t.untyped_storage().data_ptr() in weights else t.clone()
+    def pack(t: torch.Tensor):
+        original = copies.get(t.untyped_storage().data_ptr())
+        if original is not None:  # (a view of) a layer's copy: copied again for the backward pass
+            return original, t.size(), t.stride(), t.storage_offset()
+        return t if t.untyped_storage().data_ptr() in own else t.clone()
+
+    def unpack(packed) -> torch.Tensor:
+        if isinstance(packed, tuple):
+            original, size, stride, offset = packed
+            return original.clone().as_strided(size, stride, offset)
+        return packed
 
     try:
         for m in module.modules():
             if any(t is not None and t.is_inference() for d in held(m) for t in d.values()):
                 handles += [m.register_forward_pre_hook(swap_in), m.register_forward_hook(swap_out)]
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
     finally:
         for handle in handles:
             handle.remove()
         for m in module.modules():
             swap_out(m)
+
+
+def trainable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    """Attention as a replace patch autograd can go through (PyTorch's SDPA): Forge's sub-quadratic attention,
+    its choice on CPUs and cards without PyTorch attention, exponentiates in place once little free memory
+    makes it chunk, which a backward pass refuses."""
+    heads = extra_options["n_heads"]
+    return attend_with_replacement(q, k, v, heads, (q.shape[-1] // heads) ** -0.5, [])
+
+
+TRAINABLE_ATTENTION = {"attn1": dict.fromkeys(FORGE_BLOCKS, trainable_attention), "attn2": dict.fromkeys(FORGE_BLOCKS, trainable_attention)}
+"""The M-step's replace patches: every transformer block's self- and cross-attention through ``trainable_attention``."""
 
 
 def forge_engines(sd_model) -> list:
@@ -164,7 +192,7 @@ class ForgeExtract:
         def predict(x, t, context):
             self.backend.load_patcher(unet_patcher)
             dtype = getattr(unet_patcher.model, "computation_dtype", None) or next(unet.parameters()).dtype
-            options = {"patches_replace": patches} if patches else {}
+            options = {"patches_replace": TRAINABLE_ATTENTION if torch.is_grad_enabled() else patches}
             with trainable(unet):
                 return unet(x.to(dtype), t, **unet_conditioning(context, dtype), transformer_options=options).float()
 

@@ -247,3 +247,27 @@ def test_responsibilities_weigh_each_pixel_by_how_much_better_a_row_explains_it(
     assert torch.allclose(r[0, :, 0, 0], expected / expected.sum())
     assert torch.allclose(r[0, :, 0, 1], torch.tensor([0.5, 0.5]))  # equal errors: no evidence either way
     assert torch.allclose(r.sum(1), torch.ones(1, 1, 2))
+
+
+def test_a_step_that_runs_out_of_memory_is_retried_with_half_the_rows_and_learns_the_same(model):
+    """``rows_per_pass`` 0 starts with every row at once and halves the count when the device runs out of memory
+    (6 rows -> 3 -> 2 -> 1 here), each retry from the same draw; a count the user set is kept and the error shown."""
+    cm = concept_model(model)
+    pictures = _picture(images=2)
+    apart = extract(cm, pictures, _concepts(), ExtractSettings(**FAST, rows_per_pass=1))
+    rows, predict = [], cm.predict
+
+    def small_card(x, t, c):
+        if torch.is_grad_enabled():  # a training pass
+            rows.append(x.shape[0])
+            if x.shape[0] > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+        return predict(x, t, c)
+
+    cm.predict = small_card
+    fitted = extract(cm, pictures, _concepts(), ExtractSettings(**FAST))
+    assert rows[:4] == [6, 3, 2, 1] and rows.count(6) == rows.count(3) == rows.count(2) == 1  # remembered afterwards
+    for name in ("xzorb", "xquix"):
+        assert torch.allclose(fitted.vectors[name], apart.vectors[name], atol=1e-5)
+    with pytest.raises(torch.OutOfMemoryError):
+        extract(cm, pictures, _concepts(), ExtractSettings(**FAST, rows_per_pass=2))

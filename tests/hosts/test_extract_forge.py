@@ -192,6 +192,55 @@ def test_an_interrupt_on_forge_writes_nothing_and_restores_the_database(host):
     assert engine_module.last_extra_generation_params == {"Emphasis": "Original"}
 
 
+def test_a_layers_weight_copy_lives_only_while_the_layer_runs():
+    """Autograd keeps the inference weights themselves and copies them again in the backward pass: the model's
+    copies do not pile up over a forward pass (SDXL's would double Forge's 5 GB UNet and fill the memory)."""
+    import gc
+    import weakref
+
+    from omg_ext.hosts.extract_forge import trainable
+    from tests.support.fake_forge import forge_unet as fake
+
+    with torch.inference_mode():
+        unet = fake.forge_unet(CTX, seed=3, channel_mult=(1, 2))
+    copies = []
+
+    class Copies(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.Tensor.clone and args[0].is_inference():
+                copies.append(weakref.ref(out))
+            return out
+
+    context = torch.randn(2, 77, CTX, requires_grad=True)
+    with trainable(unet):
+        with Copies():
+            out = unet(torch.randn(2, 4, 16, 16), torch.full((2,), 400.0), context=context, transformer_options={})
+        gc.collect()
+        assert len(copies) == len(list(unet.parameters())) and not [c for c in copies if c() is not None]
+        assert torch.autograd.grad(out.pow(2).mean(), context)[0].abs().sum() > 0
+
+
+def test_the_m_step_trains_through_an_attention_autograd_cannot_go_through(host, monkeypatch):
+    """Forge's sub-quadratic attention (its choice on CPUs and cards without PyTorch attention) exponentiates in
+    place once little free memory makes it chunk, which autograd refuses: the M-step's blocks attend through
+    differentiable replace patches instead (this failed in a real Forge with SDXL on this CPU)."""
+    from tests.support.fake_forge import forge_unet as fake
+
+    def sub_quadratic(q, k, v, heads, mask=None):
+        b, n, c = q.shape
+        q, k, v = (t.view(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))
+        weights = q @ k.transpose(-1, -2) * (c // heads) ** -0.5
+        weights -= weights.amax(-1, keepdim=True).detach()
+        torch.exp(weights, out=weights)
+        out = (weights / weights.sum(-1, keepdim=True)) @ v
+        return out.transpose(1, 2).reshape(b, n, c)
+
+    monkeypatch.setattr(fake, "attention_function", sub_quadratic)
+    written, extraction = extract_ui.run_as_job(_request())
+    assert written["rounds"][1]["loss"] > 0 and torch.isfinite(extraction.vectors["xzorb"]).all()
+
+
 def test_gradients_through_forges_in_place_unet_are_those_of_the_same_unet_out_of_place(monkeypatch):
     from omg_ext.hosts.extract_forge import trainable
     from tests.support.fake_forge import forge_unet as fake
