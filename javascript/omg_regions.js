@@ -4,15 +4,20 @@
 // tells gradio (3.41 and 4.40 alike). A value set from Python (pasted infotext, an
 // uploaded mask image) is drawn back. The WebUIs load this file into the page; the
 // colours are the mask overlay's (omg_ext/masks.py), so a concept looks the same in both.
+// Other canvases (class "omg-regions-canvas": the extraction tab's) name their textbox in
+// data-textbox, and with data-fixed keep data-width x data-height (a picture's size) and
+// draw the <img> they hold under the boxes.
 (function () {
     const COLOURS = ["#ff4040", "#3380ff", "#40d94d", "#ffcc1a", "#bf4dff"];
     const LONG_SIDE = 320;
 
-    function textbox() {
-        return document.querySelector("#omg_regions textarea, #omg_regions input");
+    function textbox(host) {
+        const id = host.dataset.textbox || "omg_regions";
+        return document.querySelector(`#${id} textarea, #${id} input`);
     }
 
     function imageSize(host) {
+        if (host.dataset.fixed) return [Number(host.dataset.width), Number(host.dataset.height)];
         const w = document.querySelector("#txt2img_width input[type=number]");
         const h = document.querySelector("#txt2img_height input[type=number]");
         if (w && h && Number(w.value) > 0 && Number(h.value) > 0) return [Number(w.value), Number(h.value)];
@@ -71,6 +76,8 @@
             const ctx = canvas.getContext("2d");
             const sx = canvas.width / state.size[0], sy = canvas.height / state.size[1];
             ctx.clearRect(0, 0, canvas.width, canvas.height);
+            const picture = host.querySelector("img");
+            if (picture && picture.complete && picture.naturalWidth) ctx.drawImage(picture, 0, 0, canvas.width, canvas.height);
             const all = Object.entries(state.boxes);
             if (state.drag && state.drag.box) all.push([String(state.concept), state.drag.box]);
             for (const [concept, [x0, y0, x1, y1]] of all) {
@@ -87,7 +94,7 @@
         }
 
         function write() {
-            const box = textbox();
+            const box = textbox(host);
             if (!box) return;
             const [width, height] = state.size;
             box.value = Object.keys(state.boxes).length ? JSON.stringify({width, height, boxes: state.boxes}) : "";
@@ -126,7 +133,7 @@
 
         // Follow the value when Python sets it, and the image size while nothing is drawn.
         setInterval(() => {
-            const box = textbox();
+            const box = textbox(host);
             const size = imageSize(host);
             if (box && box.value !== state.seen) {
                 state.seen = box.value;
@@ -141,14 +148,15 @@
                 draw();
             }
         }, 300);
+        const picture = host.querySelector("img");
+        if (picture) picture.addEventListener("load", draw);
         paintButtons();
         fit();
         draw();
     }
 
     function scan() {
-        const host = document.getElementById("omg_regions_canvas");
-        if (host) setup(host);
+        document.querySelectorAll("#omg_regions_canvas, .omg-regions-canvas").forEach(setup);
     }
 
     if (typeof onUiLoaded === "function") onUiLoaded(scan);

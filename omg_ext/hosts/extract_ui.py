@@ -14,6 +14,8 @@ import torch
 
 from ..config import ConceptSpec, OmgConfig, to_infotext
 from ..engine.masks import overlay
+from ..masks.regions import parse_regions, scale_box
+from ..picture_canvas import picture_canvas
 from . import concept_jobs
 from .errors import OmgUserError
 from .extract_host import run_extract
@@ -21,6 +23,8 @@ from .extract_request import ExtractRequest
 from .pictures import to_pil
 
 INTERRUPTED = "OMG: the extraction was interrupted; nothing was written"
+REGIONS_ID = "omg_extract_regions"
+"""The textbox the first picture's canvas writes its boxes to (``javascript/omg_regions.js``)."""
 ROWS = 4
 """Concept rows in the tab (the loop takes 1 to 4 concepts)."""
 
@@ -98,19 +102,50 @@ def round_pictures(extraction, picture) -> list:
     return shown
 
 
-def extract_from_tab(images, rounds, steps, vectors, learning_rate, lora, user_masks, *rows):
+def uploaded_pictures(images) -> list:
+    """The tab's uploads as pictures: gradio 3 hands over temporary files (``.name``), gradio 4 their paths."""
+    from PIL import Image
+
+    return [Image.open(getattr(item, "name", item)) for item in images or []]
+
+
+def drawn_boxes(regions: str, size: tuple[int, int]) -> dict[int, list[float]]:
+    """Concept row -> its box drawn on the first picture's canvas, in that picture's pixels."""
+    if not (regions or "").strip():
+        return {}
+    try:
+        drawn = parse_regions(regions, ROWS)
+    except ValueError as e:
+        raise OmgUserError(f"the boxes drawn on the first picture: {e}") from None
+    return {j: list(scale_box(box, drawn.canvas_hw, (size[1], size[0]))) for j, box in drawn.boxes.items()}
+
+
+def row_boxes(typed: str, drawn: list[float] | None, pictures: int, what: str) -> list:
+    """A concept row's boxes: those typed (per picture), else the one drawn on the first picture."""
+    boxes = parse_boxes(typed, pictures, what)
+    return boxes or ([drawn] if drawn is not None else [])
+
+
+def canvas_for(images) -> tuple[str, str]:
+    """On a new upload: the canvas over the first picture, its drawn boxes cleared."""
+    try:
+        pictures = uploaded_pictures(images)
+    except OSError:
+        pictures = []
+    return picture_canvas(REGIONS_ID, pictures[0] if pictures else None), ""
+
+
+def extract_from_tab(images, regions, rounds, steps, vectors, learning_rate, lora, user_masks, *rows):
     """The tab's button (a generator): progress bar while it runs, then the masks, the files and the paste text."""
     try:
-        from PIL import Image
-
-        # gradio 3 hands over temporary files (``.name``), gradio 4 their paths
-        pictures = [Image.open(getattr(item, "name", item)) for item in images or []]
+        pictures = uploaded_pictures(images)
+        drawn = drawn_boxes(regions, pictures[0].size) if pictures else {}
         concepts = []
         for n in range(ROWS):
             name, word, boxes = rows[3 * n:3 * n + 3]
             if (name or "").strip() or (word or "").strip():
                 concepts.append({"name": name, "class_word": word,
-                                 "boxes": parse_boxes(boxes, len(pictures), f"concept {n + 1}'s boxes")})
+                                 "boxes": row_boxes(boxes, drawn.get(n), len(pictures), f"concept {n + 1}'s boxes")})
         request = ExtractRequest(pictures, concepts, dict(
             rounds=int(rounds), steps=int(steps), vectors=int(vectors), learning_rate=float(learning_rate),
             lora=bool(lora), user_masks=user_masks))
@@ -141,15 +176,19 @@ def extract_tab(gr) -> None:
     defaults = ExtractSettings()
     gr.Markdown("Learn each character of one to four pictures as an embedding and a small LoRA, with its "
                 "mask, for OMG. Name each concept (its prompt word), give its class word (man, woman, dog…) and, "
-                "if you like, a box per picture. The loaded checkpoint is used and left unchanged.")
+                "if you like, draw its box on the first picture (pick the concept's number, then drag) or type a "
+                "box per picture. The loaded checkpoint is used and left unchanged.")
     images = gr.File(label="Pictures of the same characters (1-4, one size)", file_count="multiple",
                      file_types=["image"], elem_id="omg_extract_images")
+    canvas = gr.HTML(picture_canvas(REGIONS_ID), elem_id="omg_extract_canvas")
+    regions = gr.Textbox(label="Boxes drawn on the first picture", elem_id=REGIONS_ID, lines=1)
+    images.change(fn=canvas_for, inputs=[images], outputs=[canvas, regions])
     rows = []
     for n in range(1, ROWS + 1):
         with gr.Row():
             rows += [gr.Textbox(label=f"Concept {n}: name (a new word)", elem_id=f"omg_extract_name_{n}"),
                      gr.Textbox(label="Class word", elem_id=f"omg_extract_class_{n}"),
-                     gr.Textbox(label="Box per picture: 'x0 y0 x1 y1', pictures separated by ';' (optional)",
+                     gr.Textbox(label="Or type a box per picture: 'x0 y0 x1 y1', pictures separated by ';'",
                                 elem_id=f"omg_extract_boxes_{n}")]
     with gr.Row():
         rounds = gr.Number(value=defaults.rounds, precision=0, label="EM rounds")
@@ -166,7 +205,7 @@ def extract_tab(gr) -> None:
     paste = gr.Textbox(label="The new concepts as generation parameters", lines=2, elem_id="omg_extract_paste")
     send = gr.Button("Send to txt2img's OMG", elem_id="omg_extract_send")
     register_send(send, paste)
-    start.click(fn=extract_from_tab, inputs=[images, rounds, steps, vectors, learning_rate, lora, user_masks, *rows],
+    start.click(fn=extract_from_tab, inputs=[images, regions, rounds, steps, vectors, learning_rate, lora, user_masks, *rows],
                 outputs=[result, masks, paste])
     stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
 

@@ -43,3 +43,31 @@ def test_drawing_two_boxes_gives_their_regions(page_url):
     expected = {"1": [51, 102, 205, 461], "2": [256, 26, 486, 307]}
     for concept, box in expected.items():
         assert value["boxes"][concept] == pytest.approx(box, abs=2), value
+
+
+@pytest.fixture(params=[3, 4], ids=["gradio3", "gradio4"])
+def picture_page_url(request):
+    with served_page(request.param, Path(__file__).with_name("picture_canvas_page.py")) as url:
+        yield url
+
+
+def test_a_box_drawn_on_the_extraction_pictures_canvas_is_in_the_pictures_pixels(picture_page_url):
+    """The extraction tab's canvas: the picture (96x64) under the boxes, a box in its pixels in its own textbox."""
+    with browser_page(picture_page_url) as page:
+        canvas = page.locator("#omg_extract_canvas canvas")
+        canvas.wait_for(timeout=30000)
+        page.wait_for_function("() => { const c = document.querySelector('#omg_extract_canvas canvas');"
+                               " return c.getContext('2d').getImageData(5, 5, 1, 1).data[0] > 200; }", timeout=15000)
+        colours = page.evaluate("() => { const c = document.querySelector('#omg_extract_canvas canvas'); const x = c.getContext('2d');"
+                                " return [Array.from(x.getImageData(5, c.height / 2, 1, 1).data),"
+                                " Array.from(x.getImageData(c.width - 5, c.height / 2, 1, 1).data), c.width, c.height]; }")
+        page.locator("#omg_extract_canvas button[data-concept='2']").click()
+        _drag(page, canvas, (0.5, 0.25), (1.0, 1.0))
+        page.locator("#echo_button").click()
+        page.wait_for_function("() => document.querySelector('#echo textarea').value.length > 0", timeout=15000)
+        value = json.loads(page.locator("#echo textarea").input_value())
+    left, right, width, height = colours
+    assert left[:3] == [255, 0, 0] and right[:3] == [0, 0, 255]  # the picture drawn, left red, right blue
+    assert width / height == pytest.approx(96 / 64, rel=0.02)
+    assert value["width"] == 96 and value["height"] == 64 and list(value["boxes"]) == ["2"]
+    assert value["boxes"]["2"] == pytest.approx([48, 16, 96, 64], abs=1)

@@ -108,6 +108,19 @@ class _ForgeModel:
         return z
 
 
+class _ClassicModel(_ForgeModel):
+    """Forge Classic's and reForge's SD1.5: Forge's patchers around A1111's hijacked ``cond_stage_model`` (with the
+    hijack's embedding database); weights built in inference mode."""
+
+    def __init__(self):
+        with torch.inference_mode():
+            unet = forge_unet(CTX, seed=0, channel_mult=(1, 2))
+            self.cond_stage_model = EmbeddingClip()
+        self.forge_objects = _Objects(UnetPatcher(KModel(unet)), CLIP(self.cond_stage_model))
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.alphas_cumprod = DiscreteSchedule().alphas_cumprod
+
+
 @pytest.fixture
 def host(tmp_path, monkeypatch):
     (tmp_path / "embeddings").mkdir()
@@ -160,6 +173,33 @@ def test_an_extraction_on_forge_writes_files_its_engine_loads_and_leaves_the_mod
     assert engine_module.last_extra_generation_params == {"Emphasis": "Original"}  # no "TI" note of the lent vectors
     assert written["rounds"][1]["loss"] > 0
     assert written["loras"] == (["xzorb", "xquix"] if lora else [])
+
+
+def test_an_extraction_on_forge_classic_goes_through_a1111s_text_encoder_and_database(tmp_path, monkeypatch):
+    for folder in ("embeddings", "Lora"):
+        (tmp_path / folder).mkdir()
+    with fake_forge.installed("ldm_patched") as modules:
+        model = modules.shared.sd_model = _ClassicModel()
+        modules.shared.cmd_opts.embeddings_dir = str(tmp_path / "embeddings")
+        modules.shared.cmd_opts.lora_dir = str(tmp_path / "Lora")
+        db = modules.sd_hijack.model_hijack.embedding_db = modules.textual_inversion.textual_inversion.EmbeddingDatabase()
+        monkeypatch.setattr("omg_ext.hosts.running_forge", lambda: True)
+        from tests.support.fake_a1111 import networks as fake_networks
+
+        monkeypatch.setitem(sys.modules, "networks", fake_networks)
+        fake_networks.list_available_networks()
+        roots = (model.forge_objects.unet.model, model.cond_stage_model)
+        before = {f"{i}.{n}": p.clone() for i, root in enumerate(roots) for n, p in root.state_dict().items()}
+        try:
+            written, extraction = extract_ui.run_as_job(_request(lora=True))
+        finally:
+            modules.shared.state.interrupted = False
+        after = {f"{i}.{n}": p.clone() for i, root in enumerate(roots) for n, p in root.state_dict().items()}
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(p.is_inference() for root in roots for p in root.parameters())
+        assert db.loads == 1 and sorted(db.word_embeddings) == ["xquix", "xzorb"]
+        assert torch.equal(db.word_embeddings["xzorb"].vec, extraction.vectors["xzorb"])
+        assert written["loras"] == ["xzorb", "xquix"] and written["rounds"][1]["loss"] > 0
 
 
 def test_the_e_step_captures_through_forges_transformer_options(host):

@@ -143,6 +143,29 @@ def test_the_tab_reads_boxes_per_picture():
         extract_ui.parse_boxes("0 0 10", 1, "c")
 
 
+def test_a_box_drawn_on_the_first_picture_is_its_concepts_unless_boxes_are_typed(tmp_path, monkeypatch):
+    path = tmp_path / "picture.png"
+    _picture().save(path)  # 96x64
+    requests = []
+
+    def run_as_job(request, progress):
+        requests.append(request)
+        raise OmgUserError("stopped by the test")
+
+    monkeypatch.setattr(extract_ui, "run_as_job", run_as_job)
+    drawn = json.dumps({"width": 192, "height": 128, "boxes": {"1": [0, 0, 96, 128], "2": [96, 0, 192, 128]}})  # a canvas twice as large
+    rows = ["xzorb", "man", "0 0 16 16", "xquix", "woman", "", "", "", "", "", "", ""]
+    out = list(extract_ui.extract_from_tab([str(path)], drawn, 0, 2, 2, 0.01, False, "first", *rows))
+    assert "stopped by the test" in out[-1][0]
+    first, second = requests[0].extract_concepts((96, 64))
+    assert first.masks[0][:16, :16].all() and first.masks[0].sum() == 16 * 16  # typed: the typed box
+    assert second.masks[0][:, 48:].all() and not second.masks[0][:, :48].any()  # drawn: in the picture's pixels
+    out = list(extract_ui.extract_from_tab([str(path)], "{not json", 0, 2, 2, 0.01, False, "first", *rows))
+    assert "the boxes drawn on the first picture: OMG regions: not valid JSON" in out[-1][0] and len(requests) == 1
+    html, cleared = extract_ui.canvas_for([str(path)])
+    assert 'data-width="96" data-height="64"' in html and "data:image/png;base64," in html and cleared == ""
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(images=[]), "give 1 to 4 pictures of the concepts, got 0"),
     (dict(images=[_picture(), _picture(size=(64, 64))]), "the pictures must all have one size; got 96x64, 64x64"),
