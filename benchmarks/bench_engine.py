@@ -1,8 +1,11 @@
 """Benchmark: plain generation vs this engine (default and fast mode) vs the official OMG schedule, side by side.
 
-    python benchmarks/bench_engine.py [--sizes 32 48] [--steps 20] [--runs 3] [--device cuda --dtype float16]
+    python benchmarks/bench_engine.py [--unet tiny|sd15] [--sizes 32 48] [--steps 20] [--runs 3] [--device cuda --dtype float16]
 
-On the tiny ldm-shaped test UNet (CPU by default, random weights), 2 concepts with LoRAs on every
+On the tiny ldm-shaped test UNet, or with ``--unet sd15`` a UNet of SD1.5's real layer shapes (320/640/1280
+channels, two ResBlocks a level, 8 heads, 768-wide context: 860 M random weights, whose layers weigh as a real
+checkpoint's do, where the tiny UNet's ratios are dominated by per-layer Python overhead) — CPU by default,
+random weights — 2 concepts with LoRAs on every
 Linear and Conv2d layer, this project's default blend start (the official schedule its own 0.32), Euler,
 CFG 7, one image; the engine with its default settings (concept guidance "shared", the background outside the masks from pass 1), with the
 background redrawn ("redrawn": the host cond row runs with pass 1's kept attention), redrawn with
@@ -50,7 +53,13 @@ METHODS = ("plain", "engine", "redrawn", "ref rows", "own", "fast", "official")
 """``engine`` and ``fast``: the defaults (concept guidance "shared", the background from pass 1); ``redrawn``: the
 background redrawn by the host cond row with pass 1's kept attention; ``ref rows``: redrawn with a reference row per
 image instead of kept attention; ``own``: two passes with the paper's own guidance."""
-CONCEPTS, CTX = 2, 128
+CONCEPTS = 2
+UNETS = {"tiny": dict(model_channels=64, channel_mult=(1, 2, 3, 4), context_dim=128, num_heads=8),
+         "sd15": dict(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
+                      context_dim=768, num_heads=8)}
+"""``--unet``: the tiny test UNet (quick), or SD1.5's layer shapes (ldm's v1 config)."""
+UNET = UNETS["tiny"]
+CTX = UNET["context_dim"]
 BLEND_START, OFFICIAL_BLEND_START = OmgConfig.blend_start, 0.32
 """This project's default blend start; the official code's (blending from step 16 of 50)."""
 DEVICE, DTYPE = torch.device("cpu"), torch.float32
@@ -60,7 +69,7 @@ def _ctx(seed: int, rows: int = 1) -> torch.Tensor:
     return torch.randn(rows, 77, CTX, generator=torch.Generator().manual_seed(seed))
 
 def setup():
-    unet = TinyUNet(model_channels=64, channel_mult=(1, 2, 3, 4), context_dim=CTX, num_heads=8, seed=0)
+    unet = TinyUNet(**UNET, seed=0)
     concepts = [
         Concept({"context": _ctx(10 + j).to(DEVICE, DTYPE)}, {"context": _ctx(20 + j).to(DEVICE, DTYPE)},
                 random_concept_deltas(unet, seed=j + 1, rank=4), tokens=[4 + j])
@@ -158,6 +167,7 @@ def measure(method: str, size: int, steps: int, runs: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--unet", default="tiny", choices=sorted(UNETS), help="the tiny test UNet or SD1.5's layer shapes")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 48], help="latent sizes (pixels / 8)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
@@ -165,18 +175,20 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global DEVICE, DTYPE
+    global DEVICE, DTYPE, UNET, CTX
     DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
+    UNET = UNETS[args.unet]
+    CTX = UNET["context_dim"]
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]), args.steps, args.runs)))
         return
     where = f"CPU ({torch.get_num_threads()} threads)" if DEVICE.type == "cpu" else str(DEVICE)
-    print(f"tiny ldm UNet on {where} in {args.dtype}, {args.steps} steps Euler, {CONCEPTS} concepts, "
+    print(f"{args.unet} ldm UNet on {where} in {args.dtype}, {args.steps} steps Euler, {CONCEPTS} concepts, "
           f"blend start {BLEND_START}, median of {args.runs} runs, each method in a fresh process")
     for size in args.sizes:
         results = {}
         for method in METHODS:
-            out = subprocess.run([sys.executable, __file__, "--child", method, str(size), "--steps", str(args.steps),
+            out = subprocess.run([sys.executable, __file__, "--child", method, str(size), "--unet", args.unet, "--steps", str(args.steps),
                                   "--runs", str(args.runs), "--device", args.device, "--dtype", args.dtype],
                                  check=True, capture_output=True, text=True).stdout
             results[method] = json.loads(out.strip().splitlines()[-1])

@@ -64,6 +64,11 @@ def a1111_text_side(sd_model, size: tuple[int, int], db, scope: Callable[[], Con
 
 
 class A1111Extract:
+    def loaded_model(self):
+        from modules import shared
+
+        return shared.sd_model
+
     def concept_model(self, sd_model, size: tuple[int, int] = (512, 512)) -> ConceptModel:
         """``size``: the pictures' (width, height), what SDXL's size conditioning says."""
         from modules import devices

@@ -171,6 +171,16 @@ class ForgeExtract:
         """``app``: the WebUI's FastAPI app, whose ``/sdapi/v1/embeddings`` lists from a database of its own."""
         self.backend, self.app = forge_backend(), app
 
+    def loaded_model(self):
+        """The selected checkpoint, loaded: Forge loads it at the first job (``forge_model_reload``), and an
+        extraction may be that job."""
+        from modules import sd_models
+
+        reload = getattr(sd_models, "forge_model_reload", None)
+        if reload is not None:
+            reload()
+        return current_model()
+
     def concept_model(self, sd_model, size: tuple[int, int] = (512, 512)) -> ConceptModel:
         """``size``: the pictures' (width, height), what SDXL's size conditioning says."""
         objects = getattr(sd_model, "forge_objects_original", None) or sd_model.forge_objects

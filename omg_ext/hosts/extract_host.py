@@ -114,6 +114,7 @@ def unet_conditioning(context, dtype: torch.dtype) -> dict:
 
 
 class ExtractHost(Protocol):
+    def loaded_model(self): ...
     def concept_model(self, sd_model, size: tuple[int, int]) -> ConceptModel: ...
     def loaded_embeddings(self) -> set[str]: ...
     def reload_embeddings(self) -> None: ...
@@ -147,10 +148,8 @@ def run_extract(host: ExtractHost, request: ExtractRequest, progress=lambda text
                 ) -> tuple[dict, Extraction]:
     """Extract the concepts on the loaded model into the embeddings (and LoRA) folders: (what was written, the
     extraction with every round's masks). ``check`` raises to stop (the Interrupt) before each step."""
-    from modules import shared
-
     started = time.perf_counter()
-    sd_model = shared.sd_model
+    sd_model = host.loaded_model()
     pictures = request.pictures()
     settings = request.extract_settings()
     concepts = request.extract_concepts(pictures[0].size)

@@ -202,6 +202,22 @@ def test_an_extraction_on_forge_classic_goes_through_a1111s_text_encoder_and_dat
         assert written["loras"] == ["xzorb", "xquix"] and written["rounds"][1]["loss"] > 0
 
 
+def test_an_extraction_as_forges_first_job_loads_the_checkpoint_first(host, monkeypatch):
+    """Forge loads the selected checkpoint at the first job: before it, ``shared.sd_model`` is no engine yet."""
+    model, modules, folder, _ = host
+    modules.shared.sd_model = types.SimpleNamespace()  # what Forge holds before its first job
+    loads = []
+
+    def forge_model_reload():
+        loads.append(1)
+        modules.shared.sd_model = model
+        return model, True
+
+    monkeypatch.setattr(modules.sd_models, "forge_model_reload", forge_model_reload, raising=False)
+    written, _ = extract_ui.run_as_job(_request())
+    assert loads == [1] and written["embeddings"] == ["xzorb", "xquix"]
+
+
 def test_the_e_step_captures_through_forges_transformer_options(host):
     model, *_ = host
     cm = ForgeExtract().concept_model(model)

@@ -19,7 +19,7 @@ def installed():
         del sys.modules[name]
     sys.modules["modules"] = modules
     for sub in ("script_callbacks", "rng", "shared", "prompt_parser", "sd_samplers_common", "devices", "call_queue",
-                "sd_hijack", "textual_inversion"):
+                "sd_hijack", "textual_inversion", "sd_models"):
         sys.modules[f"modules.{sub}"] = getattr(modules, sub)
     sys.modules["modules.textual_inversion.textual_inversion"] = modules.textual_inversion.textual_inversion
     try:
