@@ -45,7 +45,8 @@ from omg_ext.engine.lora import RowRoutedLoRA  # noqa: E402
 from omg_ext.engine.session import Concept  # noqa: E402
 from minisd.loras import random_concept_deltas  # noqa: E402
 
-from minisd.runs import SCHEDULE, run_fast, run_omg  # noqa: E402
+from minisd.runs import SCHEDULE, run_omg  # noqa: E402
+from minisd.runs import run_fast as fast_mode  # noqa: E402
 from minisd.sampling import generate  # noqa: E402
 from minisd.unet import TinyUNet, unet_fn  # noqa: E402
 
@@ -109,7 +110,7 @@ def run_engine(unet, concepts, size: int, steps: int, share_uncond: bool = True,
     return {"rows": c["pass1"].rows + c["pass2"].rows, "record_bytes": r.session.record.peak_nbytes}
 
 def run_fast(unet, concepts, size: int, steps: int) -> dict:
-    r = run_fast(unet, concepts, {"context": _ctx(1)}, {"context": _ctx(2)}, steps=steps,
+    r = fast_mode(unet, concepts, {"context": _ctx(1)}, {"context": _ctx(2)}, steps=steps,
                          latent_shape=(1, 4, size, size), blend_start=BLEND_START, masks=half_masks((size, size)),
                          device=DEVICE, dtype=None if DTYPE == torch.float32 else DTYPE, share_uncond=True)
     return {"rows": r.session.counters["pass1"].rows + r.session.counters["fast"].rows, "record_bytes": 0}
