@@ -12,8 +12,7 @@ import torch
 from ..concepts.files import embedding_vectors
 from ..concepts.model import ConceptModel
 from .errors import OmgUserError
-from .extract_host import (cycled, joined, lent_embeddings, lora_layers, sdxl_conditioning, sdxl_parts, token_positions,
-                           unet_conditioning)
+from .extract_host import cycled, joined, lent_embeddings, lent_positions, lora_layers, sdxl_encode, sdxl_parts, unet_conditioning
 
 
 def embedding_db():
@@ -33,7 +32,7 @@ def sdxl_text_encoders(sd_model) -> list:
 def a1111_text_side(sd_model, size: tuple[int, int], db, scope: Callable[[], ContextManager] = contextlib.nullcontext) -> dict:
     """``ConceptModel``'s text fields on A1111's hijacked text encoders (also Forge Classic's and reForge's),
     ``scope`` around every differentiable encoding (Forge's ``trainable``)."""
-    from modules import devices, prompt_parser
+    from modules import devices
 
     sdxl = bool(getattr(sd_model, "is_sdxl", False))
     encoders = sdxl_text_encoders(sd_model) if sdxl else [sd_model.cond_stage_model]
@@ -47,20 +46,13 @@ def a1111_text_side(sd_model, size: tuple[int, int], db, scope: Callable[[], Con
         with lent(vectors), scope(), devices.autocast():
             if not sdxl:
                 return encoders[0](prompts)
-            cond_l, (cond_g, pooled) = encoders[0](prompts), encoders[1](prompts)
-            with torch.no_grad():
-                reference = sd_model.get_learned_conditioning(prompt_parser.SdConditioning(prompts, width=size[0], height=size[1]))
-            return sdxl_conditioning(cond_l, cond_g, pooled, reference)
-
-    def positions(prompt: str, word: str, vectors: dict) -> list[int]:
-        with lent({k: v.detach() for k, v in vectors.items()}):
-            return token_positions(encoders[0], prompt, word, vectors)
+            return sdxl_encode(sd_model, encoders, prompts, size)
 
     def init_vectors(text: str, n: int) -> torch.Tensor:
         with torch.no_grad(), devices.autocast():
             return cycled(joined([e.encode_embedding_init_text(text, n).float() for e in encoders]), n, text)
 
-    return dict(encode=encode, positions=positions, init_vectors=init_vectors, parts=parts)
+    return dict(encode=encode, positions=lent_positions(lent, encoders[0]), init_vectors=init_vectors, parts=parts)
 
 
 class A1111Extract:

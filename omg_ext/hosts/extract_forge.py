@@ -20,8 +20,7 @@ from ..engine.attention import AttentionState, ProjectedAttention, attend_with_r
 from ..concepts.files import embedding_vectors
 from .errors import OmgUserError
 from .extract_a1111 import a1111_text_side
-from .extract_host import (cycled, joined, lent_embeddings, lora_layers, sdxl_conditioning, sdxl_parts, token_positions,
-                           unet_conditioning)
+from .extract_host import cycled, joined, lent_embeddings, lent_positions, lora_layers, sdxl_encode, sdxl_parts, unet_conditioning
 from .forge_attention import FORGE_BLOCKS, attention_modules_by_block
 from .forge_backend import forge_backend
 
@@ -133,15 +132,7 @@ def engines_text_side(sd_model, size: tuple[int, int], engines: list, load: Call
                 stack.enter_context(trainable(encoder_module(engine)))
             if not sdxl:
                 return engines[0](prompts)
-            cond_l, (cond_g, pooled) = engines[0](prompts), engines[1](prompts)
-            from modules import prompt_parser
-
-            reference = sd_model.get_learned_conditioning(prompt_parser.SdConditioning(prompts, width=size[0], height=size[1]))
-            return sdxl_conditioning(cond_l, cond_g, pooled, reference)
-
-    def positions(prompt: str, word: str, vectors: dict) -> list[int]:
-        with lent({k: v.detach() for k, v in vectors.items()}):
-            return token_positions(engines[0], prompt, word, vectors)
+            return sdxl_encode(sd_model, engines, prompts, size)
 
     def init_vectors(text: str, n: int) -> torch.Tensor:
         load()
@@ -150,7 +141,7 @@ def engines_text_side(sd_model, size: tuple[int, int], engines: list, load: Call
                         for e, table in zip(engines, tables)]
         return cycled(joined(embedded), n, text)
 
-    return dict(encode=encode, positions=positions, init_vectors=init_vectors, parts=parts)
+    return dict(encode=encode, positions=lent_positions(lent, engines[0]), init_vectors=init_vectors, parts=parts)
 
 
 def token_table(engine) -> torch.nn.Module:

@@ -102,6 +102,27 @@ def sdxl_conditioning(cond_l: torch.Tensor, cond_g: torch.Tensor, pooled: torch.
     return {"crossattn": torch.cat([cond_l, cond_g.to(cond_l)], 2), "vector": torch.cat([pooled, vector[:, pooled.shape[-1]:]], 1)}
 
 
+def sdxl_encode(sd_model, encoders: list, prompts: list[str], size: tuple[int, int]) -> dict:
+    """``sdxl_conditioning`` of ``prompts`` by the host's CLIP-L and CLIP-G encoders (CLIP-G's giving its pooled
+    output too), the size part from the host's own conditioning at the pictures' ``size`` (width, height)."""
+    from modules import prompt_parser
+
+    cond_l, (cond_g, pooled) = encoders[0](prompts), encoders[1](prompts)
+    with torch.no_grad():
+        reference = sd_model.get_learned_conditioning(prompt_parser.SdConditioning(prompts, width=size[0], height=size[1]))
+    return sdxl_conditioning(cond_l, cond_g, pooled, reference)
+
+
+def lent_positions(lent, encoder):
+    """``ConceptModel.positions`` with the vectors lent by ``lent`` (a context of a name -> vectors dict) and the
+    tokens of ``encoder`` (CLIP-L's with SDXL)."""
+    def positions(prompt: str, word: str, vectors: dict) -> list[int]:
+        with lent({k: v.detach() for k, v in vectors.items()}):
+            return token_positions(encoder, prompt, word, vectors)
+
+    return positions
+
+
 def sdxl_parts(width_l: int, width_g: int) -> dict[str, int]:
     return {"clip_l": width_l, "clip_g": width_g}
 

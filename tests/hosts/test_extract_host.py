@@ -2,6 +2,7 @@
 and read back by the stand-in of its loader, the model and the embedding database exactly as they were after
 success, an error and an Interrupt, and bad input named without touching the user's files."""
 import base64
+import contextlib
 import io
 import json
 import sys
@@ -39,9 +40,9 @@ class _Model:
         return z * 0.5
 
 
-@pytest.fixture
-def host(tmp_path, monkeypatch):
-    model = _Model()
+@contextlib.contextmanager
+def a1111_with(model, tmp_path, monkeypatch):
+    """The A1111 stand-in with ``model`` loaded, its embeddings and LoRA folders in ``tmp_path``: its modules."""
     (tmp_path / "embeddings").mkdir()
     (tmp_path / "Lora").mkdir()
     with fake_a1111.installed() as modules:
@@ -51,8 +52,17 @@ def host(tmp_path, monkeypatch):
         modules.sd_hijack.model_hijack.embedding_db = modules.textual_inversion.textual_inversion.EmbeddingDatabase()
         monkeypatch.setitem(sys.modules, "networks", fake_networks)
         fake_networks.list_available_networks()
+        try:
+            yield modules
+        finally:
+            modules.shared.state.interrupted = False  # the stand-in's state outlives the test
+
+
+@pytest.fixture
+def host(tmp_path, monkeypatch):
+    model = _Model()
+    with a1111_with(model, tmp_path, monkeypatch) as modules:
         yield model, modules, tmp_path
-        modules.shared.state.interrupted = False  # the stand-in's state outlives the test
 
 
 def _picture(seed=0, size=(96, 64), mode="RGB"):

@@ -2,7 +2,6 @@
 between CLIP-L and CLIP-G (``clip_l``/``clip_g`` files, as both hosts load them), learnt through both encoders'
 tokens and CLIP-G's pooled output; the size conditioning the pictures' size; the model and the databases as
 they were afterwards."""
-import sys
 import types
 
 import pytest
@@ -17,9 +16,8 @@ from omg_ext.hosts.errors import OmgUserError
 from omg_ext.hosts.extract_a1111 import A1111Extract
 from omg_ext.hosts.extract_forge import ForgeExtract
 from tests.hosts.test_extract_forge import _ForgeEngine, _Objects, _request
+from tests.hosts.test_extract_host import a1111_with
 from tests.hosts.test_extract_forge import host as forge_host  # noqa: F401  (the Forge fixture, for a Forge SDXL model)
-from tests.support import fake_a1111
-from tests.support.fake_a1111 import networks as fake_networks
 from tests.support.fake_a1111.embedding_clip import SIZE_FEATURES, SdxlConditioner, size_features
 from tests.support.fake_forge.forge_unet import KModel, forge_unet
 from tests.support.fake_forge.patchers import CLIP, UnetPatcher
@@ -58,17 +56,8 @@ class _A1111Sdxl:
 @pytest.fixture
 def a1111(tmp_path, monkeypatch):
     model = _A1111Sdxl()
-    (tmp_path / "embeddings").mkdir()
-    (tmp_path / "Lora").mkdir()
-    with fake_a1111.installed() as modules:
-        modules.shared.sd_model = model
-        modules.shared.cmd_opts.embeddings_dir = str(tmp_path / "embeddings")
-        modules.shared.cmd_opts.lora_dir = str(tmp_path / "Lora")
-        modules.sd_hijack.model_hijack.embedding_db = modules.textual_inversion.textual_inversion.EmbeddingDatabase()
-        monkeypatch.setitem(sys.modules, "networks", fake_networks)
-        fake_networks.list_available_networks()
+    with a1111_with(model, tmp_path, monkeypatch) as modules:
         yield model, modules, tmp_path
-        modules.shared.state.interrupted = False
 
 
 def _weights(*roots):
