@@ -4,9 +4,10 @@
 // tells gradio (3.41 and 4.40 alike). A value set from Python (pasted infotext, an
 // uploaded mask image) is drawn back. The WebUIs load this file into the page; the
 // colours are the mask overlay's (omg_ext/masks.py), so a concept looks the same in both.
-// Other canvases (class "omg-regions-canvas": the extraction tab's) name their textbox in
-// data-textbox, and with data-fixed keep data-width x data-height (a picture's size) and
-// draw the <img> they hold under the boxes.
+// Every canvas (class "omg-regions-canvas": the accordion's in txt2img and img2img, the
+// extraction tab's) names its textbox in data-textbox and the tab whose width and height it
+// takes in data-tab; with data-fixed it keeps data-width x data-height (a picture's size)
+// and draws the <img> it holds under the boxes.
 (function () {
     const COLOURS = ["#ff4040", "#3380ff", "#40d94d", "#ffcc1a", "#bf4dff"];
     const LONG_SIDE = 320;
@@ -18,8 +19,9 @@
 
     function imageSize(host) {
         if (host.dataset.fixed) return [Number(host.dataset.width), Number(host.dataset.height)];
-        const w = document.querySelector("#txt2img_width input[type=number]");
-        const h = document.querySelector("#txt2img_height input[type=number]");
+        const tab = host.dataset.tab || "txt2img";
+        const w = document.querySelector(`#${tab}_width input[type=number]`);
+        const h = document.querySelector(`#${tab}_height input[type=number]`);
         if (w && h && Number(w.value) > 0 && Number(h.value) > 0) return [Number(w.value), Number(h.value)];
         return [Number(host.dataset.width) || 512, Number(host.dataset.height) || 512];
     }

@@ -1,6 +1,6 @@
-"""The WebUI Script: the OMG accordion in txt2img, wired to the engine through the host adapter."""
+"""The WebUI Script: the OMG accordion in txt2img and img2img, wired to the engine through the host adapter."""
 from modules import script_callbacks, scripts, ui_common
-from modules.processing import StableDiffusionProcessingTxt2Img
+from modules.processing import StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img
 from modules.ui_components import InputAccordion
 
 from omg_ext import ui
@@ -30,22 +30,28 @@ class OmgScript(scripts.Script):
         return "OMG multi-concept"
 
     def show(self, is_img2img):
-        return scripts.AlwaysVisible if not is_img2img else False
+        return scripts.AlwaysVisible
 
     def after_component(self, component, **kwargs):
-        """Keep the txt2img prompt box: picking a concept's LoRA prefills its prompt from it."""
-        if kwargs.get("elem_id") == "txt2img_prompt":
+        """Keep the tab's prompt box: picking a concept's LoRA prefills its prompt from it."""
+        if kwargs.get("elem_id") == f"{self.tab()}_prompt":
             self.prompt_box = component
 
+    def tab(self) -> str:
+        return "img2img" if self.is_img2img else "txt2img"
+
     def ui(self, is_img2img):
+        tab = self.tab()
+        prefix = "omg" if tab == "txt2img" else f"omg_{tab}"
+
         def refresh_button(dropdown, n):
-            ui_common.create_refresh_button(dropdown, refresh_loras, lambda: {"choices": ["", *lora_names()]}, f"omg_lora_refresh_{n}")
+            ui_common.create_refresh_button(dropdown, refresh_loras, lambda: {"choices": ["", *lora_names()]}, f"{prefix}_lora_refresh_{n}")
 
         components, self.infotext_fields = ui.build(
-            lambda label: InputAccordion(False, label=label, elem_id="omg"), lora_names, refresh_button,
+            lambda label: InputAccordion(False, label=label, elem_id=prefix), lora_names, refresh_button,
             prompt_box=getattr(self, "prompt_box", None), trigger_words=lora_trigger_words,
             image_to_regions=lambda image: regions_from_image(image, MAX_CONCEPTS), free_models=free_mask_models,
-            model_status=model_files_status)
+            model_status=model_files_status, tab=tab)
         self.paste_field_names = [name for _, name in self.infotext_fields]
         return components
 
@@ -56,8 +62,8 @@ class OmgScript(scripts.Script):
             cfg = with_overrides(from_args(args), getattr(p, "omg_xyz", {}))
             if not cfg.enabled:
                 return
-            if not isinstance(p, StableDiffusionProcessingTxt2Img):
-                raise OmgUserError("OMG works in txt2img only")
+            if not isinstance(p, (StableDiffusionProcessingTxt2Img, StableDiffusionProcessingImg2Img)):
+                raise OmgUserError("OMG works in txt2img and img2img only")
             cfg.validate()
             p._omg = Generation(p, cfg)
         except (OmgConfigError, OmgUserError) as e:
@@ -89,7 +95,6 @@ class OmgScript(scripts.Script):
 
 script_callbacks.on_before_ui(add_xyz_axes)
 script_callbacks.on_ui_settings(add_settings)
-script_callbacks.on_ui_tabs(concepts_tab(with_merge=not running_forge()))  # merging on Forge's patchers: not built yet
+script_callbacks.on_ui_tabs(concepts_tab())
 script_callbacks.on_app_started(extract_ui.add_route)
-if not running_forge():
-    script_callbacks.on_app_started(merge_ui.add_route)
+script_callbacks.on_app_started(merge_ui.add_route)

@@ -1,9 +1,12 @@
 """The Automatic1111 v1.10 adapter: a generation's lifecycle (the Forge family's adapter extends it).
 
-One ``A1111Generation`` per txt2img job. It replaces ``p.sample`` (and
-``p.sample_hr_pass``) on the processing object for the job; inside the replaced
+One ``A1111Generation`` per txt2img or img2img job. It replaces ``p.sample`` (and
+txt2img's ``p.sample_hr_pass``) on the processing object for the job; inside the replaced
 ``sample`` it runs pass 1, builds the masks and runs pass 2, with the model patched only
-for that call and restored in ``finally`` (errors, Interrupt, Skip):
+for that call and restored in ``finally`` (errors, Interrupt, Skip). In img2img both passes
+are the host's own img2img sampling from the init latent (pass 2 from the same noise); with
+an inpaint mask each concept's mask is cut to the inpainted area, and SAM and the detector
+look at the init picture the host prepared (resized, or cropped for "only masked"):
 
 - an instance ``forward`` on ``p.sd_model.model.diffusion_model`` routes every UNet call
   through the engine's ``OmgSession``;
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -31,7 +35,7 @@ from ..engine.masks import overlay
 from ..engine.memory import MemoryBudget
 from ..engine.record import first_blended
 from ..engine.session import Concept, OmgSession
-from ..masks.regions import Regions, parse_regions
+from ..masks.regions import Regions, cropped, parse_regions
 from ..masks.sources import MaskInputs, concept_masks
 from .concept_cache import CONCEPTS
 from .controlnet_units import (RowConcepts, adopt_prompt_marks, concept_controls, controlnet_script, fresh_ip_adapter_caches,
@@ -66,7 +70,7 @@ class Prepared:
 
 
 class A1111Generation:
-    """OMG for one txt2img job ``p``."""
+    """OMG for one txt2img or img2img job ``p``."""
 
     def __init__(self, p, cfg: OmgConfig) -> None:
         prompts = list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")])
@@ -79,6 +83,8 @@ class A1111Generation:
         self.to_show: tuple[torch.Tensor, list] | None = None
         """The current batch's masks and layout pictures, shown once the host has decoded its images (``keep_pictures``)."""
         self.warnings: list[str] = concept_loras_in_prompt(cfg, prompts)
+        self.outside_crop: list[int] = []
+        """Concepts whose drawn region lies outside the crop inpainting's "only masked" samples: not drawn."""
 
     def unet_module(self):
         """The UNet ``nn.Module`` of the job's model."""
@@ -87,7 +93,7 @@ class A1111Generation:
     # -- wiring on p (per job; p is discarded after the job)
     def attach(self) -> None:
         p = self.p
-        original_sample, original_hr = p.sample, p.sample_hr_pass
+        original_sample, original_hr = p.sample, getattr(p, "sample_hr_pass", None)
 
         def sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
             return self.sample(original_sample, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts)
@@ -97,7 +103,9 @@ class A1111Generation:
                 self.session.begin_hires(self.cfg.hires_blend)
             return original_hr(*args, **kwargs)
 
-        p.sample, p.sample_hr_pass = sample, sample_hr_pass
+        p.sample = sample
+        if original_hr is not None:  # txt2img's hires fix
+            p.sample_hr_pass = sample_hr_pass
         self.session: OmgSession | None = None
         fill_lora_hashes(self.cfg)
         p.extra_generation_params.update(to_infotext(self.cfg))
@@ -134,13 +142,15 @@ class A1111Generation:
                 shared.state.nextjob()
                 shared.state.textinfo = "OMG: making the masks"
                 results = self.concept_masks(session, layout if self.cfg.show_layout or self.masks_need_image() else None)
-                masks = self.skip_missing(results)
+                masks = self.within_inpaint_area(self.skip_missing(results))
                 for r in results:
                     self.warnings += r.warnings()
                 p.extra_generation_params["OMG mask sources used"] = ", ".join(results[0].sources)
                 session.begin_pass2(masks, blend_start=self.cfg.blend_start, self_attention_until=self.cfg.self_attention_until,
                                     share_uncond=self.cfg.concept_guidance == "shared",
                                     background_from_pass1=self.cfg.background == "pass 1")
+                if session.blend_from_t == -math.inf and self.cfg.blend_start < 1:  # 1: the host's own picture, asked for
+                    raise OmgUserError(no_blended_step_message(self.cfg.blend_start, len(session.record.calls)))
                 shape, seeds_, subseeds_, strength, h, w = rng_state
                 p.rng = rng.ImageRNG(shape, seeds_, subseeds=subseeds_, subseed_strength=strength,
                                      seed_resize_from_h=h, seed_resize_from_w=w)
@@ -169,7 +179,7 @@ class A1111Generation:
 
         def make_masks(s: OmgSession) -> torch.Tensor:
             results = self.concept_masks(s, denoised[0] if self.masks_need_image() else None)
-            made.append(self.skip_missing(results))
+            made.append(self.within_inpaint_area(self.skip_missing(results)))
             for r in results:
                 self.warnings += r.warnings()
             self.p.extra_generation_params["OMG mask sources used"] = ", ".join(results[0].sources)
@@ -275,6 +285,15 @@ class A1111Generation:
             regions = parse_regions(self.cfg.regions, len(concepts)) if self.cfg.regions.strip() else None
         except ValueError as e:
             raise OmgUserError(str(e)) from e
+        crop, whole = getattr(self.p, "paste_to", None), getattr(self.p, "mask_for_overlay", None)
+        if regions is not None and crop and whole is not None:  # inpainting "only masked": the crop is sampled
+            inside = cropped(regions, whole.size, crop)
+            outside = sorted({*regions.boxes, *regions.masks} - {*inside.boxes, *inside.masks})
+            if len(outside) == len({*regions.boxes, *regions.masks}):
+                raise OmgUserError("OMG: every concept's region lies outside the inpaint area: draw them over the part the "
+                                   "inpaint mask repaints")
+            self.warnings += [f"OMG concept {j + 1} not drawn: its mask lies outside the inpaint area" for j in outside]
+            regions, self.outside_crop = inside, outside
         return Prepared(concepts, labels, regions)
 
     def find_concept_units(self, units: dict[int, int]) -> None:
@@ -362,6 +381,9 @@ class A1111Generation:
         """One ``MaskResult`` per image from the configured source (attention, SAM, detector, regions);
         ``layout``: the latent SAM and the detector see (None for sources that need no image)."""
         cfg = self.cfg
+        init_latent = getattr(self.p, "init_latent", None)
+        if layout is not None and init_latent is not None and self.masks_need_image():
+            layout = init_latent  # img2img: the user's picture, not pass 1's repainting of it
         self.pictures = [] if layout is None else to_pictures(layout)
         maps, hw = session.attention_maps(), session.record.latent_hw()
         if not bool(torch.isfinite(maps).all()):
@@ -382,6 +404,24 @@ class A1111Generation:
         1.62 s for a 2-row UNet call)."""
         return self.cfg.mask_source not in ("attention", "regions")
 
+    def within_inpaint_area(self, masks: torch.Tensor) -> torch.Tensor:
+        """Inpainting: each concept's mask [images, concepts, H, W] cut to the area the host repaints (its latent
+        mask ``p.nmask``, blurred and rounded as the host made it); a concept left with nothing there is named
+        in a warning (it cannot be drawn in this picture)."""
+        area = getattr(self.p, "nmask", None) if getattr(self.p, "mask", None) is not None else None
+        if area is None:
+            return masks
+        masks = masks.clone()
+        masks[:, self.outside_crop] = 0  # their regions lie outside the crop "only masked" samples
+        area = area.float().cpu().reshape(-1, *area.shape[-2:])[:1][None]
+        area = torch.nn.functional.interpolate(area, size=masks.shape[-2:], mode="nearest") if area.shape[-2:] != masks.shape[-2:] else area
+        cut = masks * area.to(masks)
+        for i, j in ((i, j) for i in range(masks.shape[0]) for j in range(masks.shape[1])):
+            if float(masks[i, j].sum()) > 0 and float(cut[i, j].sum()) == 0:
+                where = f" in image {i + 1}" if masks.shape[0] > 1 else ""
+                self.warnings.append(f"OMG concept {j + 1} not drawn{where}: its mask lies outside the inpaint area")
+        return cut
+
     # -- results
     def keep_pictures(self, images: torch.Tensor) -> None:
         """Per image of the batch the host has just decoded (``images``: [B, 3, H, W] in [0, 1], after any hires
@@ -398,6 +438,12 @@ class A1111Generation:
                 shown = torch.nn.functional.interpolate(masks[i:i + 1].float().cpu(), size=pixels.shape[-2:], mode="nearest")[0]
                 pictures.append((to_pil(overlay(shown, pixels).clamp(0, 1)), "-omg-masks"))
             self.layout_images.append(pictures)
+
+
+def no_blended_step_message(blend_start: float, calls: int) -> str:
+    return (f"OMG: no step would be blended: the blend start {blend_start} of the {calls} model calls this job makes "
+            "leaves none (img2img runs denoising strength × steps). Lower the blend start, or raise the steps or the "
+            "denoising strength.")
 
 
 def _as_cond(cond) -> dict:

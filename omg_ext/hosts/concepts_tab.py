@@ -1,9 +1,9 @@
-"""The "OMG concepts" tab (``on_ui_tabs``): "From pictures" (extraction) and, where the host has it, "Merge LoRAs"."""
+"""The "OMG concepts" tab (``on_ui_tabs``): "From pictures" (extraction) and "Merge LoRAs"."""
 from __future__ import annotations
 
 
-def concepts_tab(with_merge: bool):
-    """The ``on_ui_tabs`` callback; merging is offered on A1111 only (merging on Forge's model patchers is not built yet)."""
+def concepts_tab():
+    """The ``on_ui_tabs`` callback."""
     def tab():
         import gradio as gr
 
@@ -13,8 +13,7 @@ def concepts_tab(with_merge: bool):
         with gr.Blocks(analytics_enabled=False) as blocks:
             with gr.Tab("From pictures"):
                 extract_tab(gr)
-            if with_merge:
-                with gr.Tab("Merge LoRAs"):
-                    merge_tab(gr)
+            with gr.Tab("Merge LoRAs"):
+                merge_tab(gr)
         return [(blocks, "OMG concepts", "omg_concepts")]
     return tab

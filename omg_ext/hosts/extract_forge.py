@@ -174,7 +174,7 @@ class ForgeExtract:
 
     def concept_model(self, sd_model, size: tuple[int, int] = (512, 512)) -> ConceptModel:
         """``size``: the pictures' (width, height), what SDXL's size conditioning says."""
-        objects = getattr(sd_model, "forge_objects_original", None) or sd_model.forge_objects
+        objects = original_objects(sd_model)
         unet_patcher = objects.unet
         self.backend.load_patcher(unet_patcher)
         unet = unet_patcher.model.diffusion_model
@@ -183,7 +183,7 @@ class ForgeExtract:
         patches: dict = {}
         engines = forge_engines(sd_model)
         if engines:
-            text = engines_text_side(sd_model, size, engines, lambda: self.backend.load_patcher(sd_model.forge_objects.clip.patcher))
+            text = engines_text_side(sd_model, size, engines, lambda: self.backend.load_patcher(objects.clip.patcher))
         else:
             from modules import sd_hijack
 
@@ -219,6 +219,12 @@ class ForgeExtract:
         api = api_embedding_db(self.app)
         if api is not None and all(api is not db for db in dbs):
             api.load_textual_inversion_embeddings(force_reload=True, sync_with_sd_model=False)
+
+
+def original_objects(sd_model):
+    """The checkpoint's own patchers: Forge keeps the last job's LoRA patches in ``forge_objects``, and loading
+    a patcher writes its patches into the weights shared by both."""
+    return getattr(sd_model, "forge_objects_original", None) or sd_model.forge_objects
 
 
 def current_model():

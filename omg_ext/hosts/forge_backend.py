@@ -61,14 +61,16 @@ class ForgeBackend:
         key maps in one ``load_lora`` call (reForge's ``load_lora`` returns only the patches, Forge's,
         Neo's and Classic's also the keys left over); the UNet's patches are the ones aimed at
         ``diffusion_model.*``."""
-        lora = self.lora_module()
-        key_map = lora.model_lora_keys_unet(objects.unet.model, {})
-        key_map = lora.model_lora_keys_clip(objects.clip.cond_stage_model, key_map)
-        patches = lora.load_lora(state_dict, key_map)
+        patches = self.lora_module().load_lora(state_dict, self.lora_key_map(objects))
         if isinstance(patches, tuple):
             patches = patches[0]
         unet = {k: v for k, v in patches.items() if (k if isinstance(k, str) else k[0]).startswith("diffusion_model.")}
         return unet, {k: v for k, v in patches.items() if k not in unet}
+
+    def lora_key_map(self, objects) -> dict:
+        """The host's map of a LoRA file's layer names (kohya's, diffusers'…) to the model's parameter names."""
+        lora = self.lora_module()
+        return lora.model_lora_keys_clip(objects.clip.cond_stage_model, lora.model_lora_keys_unet(objects.unet.model, {}))
 
     def merge(self, objects, patch, base: torch.Tensor, strength: float, key: str) -> torch.Tensor:
         """``base`` (float32) with ``patch`` merged at ``strength``, as Forge merges it."""

@@ -1,9 +1,10 @@
-"""Merging LoRAs on the WebUI's loaded model (A1111 v1.10): the host side of ``omg_ext.merge``.
+"""Merging LoRAs on the WebUI's loaded model: the host side of ``omg_ext.merge``, shared by A1111
+(``A1111Merge``, below) and the Forge family (``merge_forge``), which each say how to parse a LoRA.
 
-Each LoRA is parsed by the host's own ``networks.load_network`` (every format it reads: LoRA, LoCon, LoHa,
-LoKr…) into per-layer modules whose ``calc_updown`` gives the dense delta. A concept's inputs are recorded
-with its deltas acting through the engine's row-routed forward hooks (no weight is written), while its
-trigger prompts are encoded by the host and a few DDIM steps run on the raw UNet. The model's weights are
+Each LoRA is parsed by the host's own loader (every format it reads: LoRA, LoCon, LoHa, LoKr…) into a dense
+delta per layer. A concept's inputs are recorded with its deltas acting through the engine's row-routed forward
+hooks (no weight is written), while its trigger prompt is encoded by the host's text encoder and a few DDIM
+steps run on the raw UNet — the model as an extraction sees it (``ConceptModel``). The model's weights are
 therefore bitwise what they were after a merge, an error or an Interrupt; the hooks go as a set on exit. The
 merged file goes to the host's LoRA folder (never over an existing file) and the LoRA list is read again.
 """
@@ -13,15 +14,18 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
+from ..concepts.model import ConceptModel
 from ..engine.lora import DenseDelta, RowRoutedLoRA
 from ..merge.fit import FitSettings
 from ..merge.merge import MergeConcept, MergeError, MergeSettings, merge, to_file
 from ..merge.record import recording
 from ..merge.sampling import ddim_steps
 from .errors import OmgUserError
+from .extract_a1111 import A1111Extract
 from .loras import host_networks, lora_on_disk, lora_trigger_words
 
 NAME = re.compile(r"^[\w][\w .+-]{0,120}$")
@@ -78,43 +82,59 @@ def output_path(name: str) -> Path:
     return path
 
 
-def concept_layers(name: str, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> tuple[dict, dict]:
-    """(kohya key -> module, kohya key -> dense delta) of one LoRA, parsed by the host; the key is the one the
-    file itself uses for that layer, which this host loads."""
-    unet_ids = {id(m) for m in unet.modules()}
-    te_ids = {id(m) for m in text_encoder.modules()}
-    on_disk = lora_on_disk(name)
-    net = host_networks().load_network(name, on_disk)
-    net.te_multiplier = net.unet_multiplier = 1.0
-    modules, deltas = {}, {}
-    for module in net.modules.values():
-        target = module.sd_module
-        if id(target) not in unet_ids and id(target) not in te_ids:
-            continue
-        if getattr(target, "in_proj_weight", None) is not None:
-            raise OmgUserError(f"LoRA {name!r}: merging SDXL's OpenCLIP text encoder is not supported yet")
-        key = module.network_key.split(".", 1)[0]
-        updown, _ = module.calc_updown(target.weight.detach().float())
-        modules[key], deltas[key] = target, updown.reshape(target.weight.shape).float()
-    if not deltas:
-        raise OmgUserError(f"LoRA {name!r} has no layer of this checkpoint (made for another architecture?)")
-    return modules, deltas
+class MergeHost(Protocol):
+    def loaded_model(self): ...
+    def concept_model(self, sd_model, size: tuple[int, int]) -> ConceptModel: ...
+    def lora_layers(self, sd_model, name: str) -> tuple[dict[str, torch.nn.Module], dict[str, torch.Tensor]]:
+        """(kohya key -> layer, kohya key -> dense weight delta) of one LoRA, parsed by the host; the key is one
+        both hosts' loaders map to that layer."""
 
 
-def run_merge(request: MergeRequest, progress=lambda text, done: None, check=lambda: None) -> dict:
+class A1111Merge(A1111Extract):
+    """A1111's LoRAs through its ``networks.load_network``: each parsed module's ``calc_updown`` is the delta."""
+
+    def lora_layers(self, sd_model, name: str) -> tuple[dict, dict]:
+        unet, text_encoder = sd_model.model.diffusion_model, sd_model.cond_stage_model
+        unet_ids = {id(m) for m in unet.modules()}
+        te_ids = {id(m) for m in text_encoder.modules()}
+        net = host_networks().load_network(name, lora_on_disk(name))
+        net.te_multiplier = net.unet_multiplier = 1.0
+        modules, deltas = {}, {}
+        for module in net.modules.values():
+            target = module.sd_module
+            if id(target) not in unet_ids and id(target) not in te_ids:
+                continue
+            if getattr(target, "in_proj_weight", None) is not None:
+                raise OmgUserError(f"LoRA {name!r}: merging SDXL's OpenCLIP text encoder is not supported yet")
+            key = module.network_key.split(".", 1)[0]
+            updown, _ = module.calc_updown(target.weight.detach().float())
+            modules[key], deltas[key] = target, updown.reshape(target.weight.shape).float()
+        return modules, deltas
+
+
+def merge_host() -> MergeHost:
+    """This WebUI's side of a merge."""
+    from . import running_forge
+
+    if running_forge():
+        from .merge_forge import ForgeMerge
+
+        return ForgeMerge()
+    return A1111Merge()
+
+
+def run_merge(host: MergeHost, request: MergeRequest, progress=lambda text, done: None, check=lambda: None) -> dict:
     """Merge ``request.loras`` on the loaded model into the LoRA folder; returns what was written.
     ``check`` raises to stop (the WebUI's Interrupt) before each recorded step and fitted layer."""
-    from modules import devices, shared
-
     started = time.perf_counter()
-    sd_model = shared.sd_model
+    sd_model = host.loaded_model()
     if getattr(sd_model, "is_sdxl", False):
         raise OmgUserError("merging SDXL LoRAs is not supported yet: load an SD1.5 checkpoint")
     path = output_path(request.output)
-    unet, text_encoder = sd_model.model.diffusion_model, sd_model.cond_stage_model
+    model = host.concept_model(sd_model, (request.size, request.size))
     layers, concepts, by_module = {}, [], {}
     for j, name in enumerate(request.loras):
-        modules, deltas = concept_layers(name, unet, text_encoder)
+        modules, deltas = host.lora_layers(sd_model, name)
         canonical = {}
         for key, module in modules.items():  # two files may name one layer differently: the first name stays
             canonical[key] = by_module.setdefault(id(module), key)
@@ -129,12 +149,10 @@ def run_merge(request: MergeRequest, progress=lambda text, done: None, check=lam
     def record(j: int):
         concept = concepts[j]
         router = RowRoutedLoRA(layers, [{k: DenseDelta(d, scale=concept.weight) for k, d in concept.deltas.items()}])
-        with recording(layers, settings.rows, seed=j) as samples, router.installed(), \
-                router.route([(0, 0, None)], batch=None), torch.no_grad(), devices.autocast():
-            cond = sd_model.get_learned_conditioning([concept.trigger])
-            uncond = sd_model.get_learned_conditioning([""])
-            ddim_steps(lambda x, t, c: unet(x, t, context=c), sd_model.alphas_cumprod, cond, uncond, latent,
-                       request.record_steps, 7.0, torch.Generator().manual_seed(j), check)
+        with recording(layers, settings.rows, seed=j) as samples, router.installed(), router.route_all(0), torch.no_grad():
+            cond, uncond = model.encode([concept.trigger], {}), model.encode([""], {})
+            ddim_steps(model.predict, model.alphas_cumprod, cond, uncond, latent, request.record_steps, 7.0,
+                       torch.Generator().manual_seed(j), check)
         return samples
 
     def report(text: str, done: float) -> None:

@@ -7,14 +7,14 @@ import html
 from . import concept_jobs
 from .errors import OmgUserError
 from .loras import lora_names, lora_trigger_words, refresh_loras
-from .merge_host import MergeRequest, run_merge
+from .merge_host import MergeRequest, merge_host, run_merge
 
 INTERRUPTED = "OMG: the merge was interrupted; nothing was written"
 
 
 def run_as_job(request: MergeRequest, progress=lambda text, done: None) -> dict:
     """``run_merge`` as the WebUI's current job, stopping at its Interrupt."""
-    return concept_jobs.run_as_job("omg_merge", "OMG merge", INTERRUPTED, lambda report, check: run_merge(request, report, check),
+    return concept_jobs.run_as_job("omg_merge", "OMG merge", INTERRUPTED, lambda report, check: run_merge(merge_host(), request, report, check),
                                    progress)
 
 
@@ -73,18 +73,19 @@ def merge_tab(gr) -> None:
         loras = gr.Dropdown(lora_names(), multiselect=True, label="LoRAs to merge", elem_id="omg_merge_loras")
         refresh = gr.Button("Refresh the LoRA list")
     with gr.Row():
-        triggers = gr.Textbox(label="Trigger prompt per LoRA ('name: trigger', prefilled from the LoRA's metadata)", lines=4)
+        triggers = gr.Textbox(label="Trigger prompt per LoRA ('name: trigger', prefilled from the LoRA's metadata)", lines=4,
+                              elem_id="omg_merge_triggers")
         weights = gr.Textbox(label="Weight per LoRA ('name: 0.8'; 1 where left out)", lines=4)
     with gr.Row():
         method = gr.Dropdown(list(METHODS), value="loraclr", label="Method")
         energy = gr.Slider(0.5, 1.0, value=0.99, step=0.005, label="Energy kept by the saved LoRA (sets its rank)")
         steps = gr.Number(value=100, precision=0, label="Steps per layer (loraclr)")
         size = gr.Number(value=512, precision=0, label="Picture size while recording (px)")
-    output = gr.Textbox(label="Name of the merged LoRA (a new file in the LoRA folder)")
+    output = gr.Textbox(label="Name of the merged LoRA (a new file in the LoRA folder)", elem_id="omg_merge_output")
     with gr.Row():
-        start = gr.Button("Merge", variant="primary")
+        start = gr.Button("Merge", variant="primary", elem_id="omg_merge_start")
         stop = gr.Button("Interrupt")
-    result = gr.HTML()
+    result = gr.HTML(elem_id="omg_merge_result")
     refresh.click(fn=lambda: (refresh_loras(), gr.update(choices=lora_names()))[1], inputs=[], outputs=[loras])
     loras.change(fn=lambda picked: "\n".join(f"{name}: {lora_trigger_words(name)}" for name in picked or []),
                  inputs=[loras], outputs=[triggers])

@@ -40,6 +40,25 @@ class Regions:
     masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+def cropped(regions: Regions, frame_wh: tuple[int, int], crop: tuple[int, int, int, int]) -> Regions:
+    """The regions drawn over a whole picture (``frame_wh``: its width and height; the canvas stands for all of
+    it) as seen inside ``crop`` (x, y, width, height in the picture's pixels): what inpainting's "only masked"
+    samples, scaled up to the job's size. A region with nothing inside the crop is dropped."""
+    (fw, fh), (x, y, w, h) = frame_wh, crop
+    sx, sy = fw / regions.canvas_hw[1], fh / regions.canvas_hw[0]
+    inside = Regions((h, w))
+    for j, (x0, y0, x1, y1) in regions.boxes.items():
+        box = (min(max(x0 * sx - x, 0), w), min(max(y0 * sy - y, 0), h), min(max(x1 * sx - x, 0), w), min(max(y1 * sy - y, 0), h))
+        if box[2] > box[0] and box[3] > box[1]:
+            inside.boxes[j] = box
+    for j, mask in regions.masks.items():
+        (mh, mw), top, left = mask.shape, round(y * mask.shape[0] / fh), round(x * mask.shape[1] / fw)
+        part = mask[top:max(round((y + h) * mh / fh), top + 1), left:max(round((x + w) * mw / fw), left + 1)]
+        if bool(part.any()):
+            inside.masks[j] = part
+    return inside
+
+
 def parse_regions(text: str, concepts: int) -> Regions:
     """The regions in the canvas's JSON; ValueError naming the problem."""
     try:

@@ -238,31 +238,39 @@ class _Job:
         """The host's key of a prompt's conditioning, with what of it this stand-in has."""
         return (required_prompts, steps, hires_steps, use_old_scheduling, extra_network_data, self.width, self.height)
 
+    def schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent the sampler starts from and the sigmas it walks (txt2img: noise, every step)."""
+        sigmas = SCHEDULE.get_sigmas(self.steps)
+        return self.rng.next() * sigmas[0], sigmas
+
+    def kept(self, denoised: torch.Tensor) -> torch.Tensor:
+        """What the CFG denoiser keeps of a step's denoised latent (img2img's inpainting keeps the init outside)."""
+        return denoised
+
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         unet = self.sd_model.model.diffusion_model
         cond, uncond = conditioning, unconditional_conditioning
-
-        step, state = iter(range(self.steps)), self.modules.shared.state
+        x, sigmas = self.schedule()
+        steps = len(sigmas) - 1
+        step, state = iter(range(steps)), self.modules.shared.state
 
         def denoiser(x, sigma):
             # Euler: a denoiser call per step; the host's per-step callback sets the counter after the step's
             # UNet call, so during step i it still says i - 1
-            state.sampling_step, state.sampling_steps = max(next(step) - 1, 0), self.steps
+            state.sampling_step, state.sampling_steps = max(next(step) - 1, 0), steps
             x_in, sigma_in = torch.cat([x, x]), sigma.repeat(2)
             self.modules.script_callbacks.cfg_denoiser_callback(self.modules.script_callbacks.CFGDenoiserParams(
-                x_in, None, sigma_in, state.sampling_step, self.steps, cond, uncond))
+                x_in, None, sigma_in, state.sampling_step, steps, cond, uncond))
             c_in = 1 / (sigma_in ** 2 + 1) ** 0.5
             eps = unet(x_in * c_in[:, None, None, None], SCHEDULE.sigma_to_t(sigma_in), context=torch.cat([cond, uncond]))
             self.calls += 1
             d, n = x_in - eps * sigma_in[:, None, None, None], x.shape[0]
-            denoised = d[n:] + (d[:n] - d[n:]) * 7.0
+            denoised = self.kept(d[n:] + (d[:n] - d[n:]) * 7.0)
             self.modules.script_callbacks.cfg_after_cfg_callback(
-                self.modules.script_callbacks.AfterCFGCallbackParams(denoised, state.sampling_step, self.steps))
+                self.modules.script_callbacks.AfterCFGCallbackParams(denoised, state.sampling_step, steps))
             return denoised
 
-        sigmas = SCHEDULE.get_sigmas(self.steps)
-        x = self.rng.next() * sigmas[0]
-        return SAMPLERS[self.sampler_name](lambda x, s: denoiser(x, s.expand(x.shape[0])), x, sigmas)
+        return self.kept(SAMPLERS[self.sampler_name](lambda x, s: denoiser(x, s.expand(x.shape[0])), x, sigmas))
 
     def sample_hr_pass(self, *args, **kwargs):
         raise AssertionError("no hires in this job")

@@ -1,17 +1,13 @@
 """Merging LoRAs on the A1111 stand-in's model: files parsed by the stand-in of the host's loader, the merged
 file written to the LoRA folder and read back by it, the model bitwise unchanged after success, error and
 Interrupt, and bad input named."""
-import sys
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from minisd.sampling import DiscreteSchedule
 from omg_ext.hosts import merge_host, merge_ui
 from omg_ext.hosts.errors import OmgUserError
-from tests.hosts.test_a1111_adapter import _Model
-from tests.support import fake_a1111
+from tests.hosts.test_extract_host import _Model, a1111_with
 from tests.support.fake_a1111 import networks as fake_networks
 
 TARGETS = ("input_blocks_1_1_transformer_blocks_0_attn2_to_k", "input_blocks_1_1_transformer_blocks_0_attn1_to_q",
@@ -38,14 +34,11 @@ def _write_lora(path, model, seed):
 def host(tmp_path, monkeypatch):
     """The stand-in WebUI with a model, two LoRAs (char1, char2) in its LoRA folder and the host's loader."""
     model = _Model()
-    model.alphas_cumprod = DiscreteSchedule().alphas_cumprod
-    with fake_a1111.installed() as modules:
-        modules.shared.sd_model, modules.shared.cmd_opts.lora_dir = model, str(tmp_path)
+    with a1111_with(model, tmp_path, monkeypatch) as modules:
         for n in (1, 2):
-            _write_lora(tmp_path / f"char{n}.safetensors", model, n)
-        monkeypatch.setitem(sys.modules, "networks", fake_networks)
+            _write_lora(tmp_path / "Lora" / f"char{n}.safetensors", model, n)
         fake_networks.list_available_networks()
-        yield model, modules, tmp_path
+        yield model, modules, tmp_path / "Lora"
 
 
 def _snapshot(model):

@@ -410,3 +410,16 @@ def test_a_detector_in_the_models_folder_loads_offline_or_falls_back_with_a_mess
     monkeypatch.setattr(torch, "load", lambda *a, **k: None)  # A1111's safe unpickler refusing pytorch_model.bin
     with pytest.raises(MissingModelFile, match=rf"the {backend} detector in .*omg-detectors could not be loaded \(.*see the console\)"):
         detector.load_detector(backend, folder, local_only=True)
+
+
+def test_regions_cropped_to_a_part_of_the_picture_keep_what_lies_inside_it_in_the_crops_pixels():
+    from omg_ext.masks.regions import Regions, cropped
+
+    mask = torch.zeros(12, 20, dtype=torch.bool)
+    mask[6:, 10:] = True  # the bottom-right quarter, on a 20x12 mask of a 160x96 picture
+    regions = Regions((48, 80), boxes={0: (0, 0, 40, 24), 1: (20, 12, 80, 48)}, masks={2: mask})  # a half-size canvas
+    inside = cropped(regions, (160, 96), (80, 48, 80, 48))
+    assert inside.canvas_hw == (48, 80)
+    assert inside.boxes == {1: (0, 0, 80, 48)}  # box 0 (the top-left quarter) lies outside
+    assert torch.equal(inside.masks[2], torch.ones(6, 10, dtype=torch.bool))
+    assert cropped(regions, (160, 96), (0, 0, 40, 24)).boxes == {0: (0, 0, 40, 24)}
