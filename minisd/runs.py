@@ -7,7 +7,7 @@ import torch
 
 from omg_ext.engine.record import threshold
 from omg_ext.engine.session import OmgSession
-from minisd.sampling import DiscreteSchedule, generate
+from minisd.sampling import DiscreteSchedule, generate, img2img_sigmas
 from minisd.unet import unet_fn
 
 SCHEDULE = DiscreteSchedule()
@@ -41,7 +41,8 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
             blend_start=0.3, layout=True, self_attention_until=0.0, layout_until=1.0, share_uncond=False,
             background_from_pass1=False, max_rows=None, masks=None,
             dilation=0, feather=0, groups=None, batch_cond_uncond=True, cfg_scale=7.0,
-            fail_at=None, seeds=None, dtype=None, device=None, memory=None, raw=None, keep_attention=True) -> OmgResult:
+            fail_at=None, seeds=None, dtype=None, device=None, memory=None, raw=None, keep_attention=True,
+            init=None, strength=1.0) -> OmgResult:
     """Pass 1, masks, pass 2. ``fail_at`` injects an exception at a stage.
 
     ``masks``: a tensor [images, concepts, H, W], a function of the session and the layout
@@ -50,13 +51,14 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
     conditioning in it, the sampler keeps float32, as the WebUIs do. ``device``: where the UNet
     (and concepts) are: the calls move there and back. ``memory``: the session's
     ``MemoryBudget``; ``raw``: the host's UNet call (default: the tiny UNet's); ``keep_attention``: pass 2's
-    layout from pass 1's kept attention outputs (default) or from reference rows.
+    layout from pass 1's kept attention outputs (default) or from reference rows; ``init``, ``strength``: both
+    passes img2img from ``init`` (``sampling.generate``).
     """
     session = OmgSession(unet, concepts, images=latent_shape[0], layout=layout, max_rows=max_rows, memory=memory,
                          keep_attention=keep_attention)
     raw = raw or unet_fn(unet)
     kwargs = dict(seed=seed, steps=steps, latent_shape=latent_shape, cfg_scale=cfg_scale, batch_cond_uncond=batch_cond_uncond,
-                  seeds=seeds)
+                  seeds=seeds, init=init, strength=strength)
 
     model_fn = _host_calls(session, raw, dtype=dtype, device=device, fail_at=fail_at)
 
@@ -83,12 +85,14 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
 
 def run_fast(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, latent_shape=(1, 4, 16, 16),
              blend_start=0.3, masks=None, dilation=0, feather=0, cfg_scale=7.0, seeds=None, dtype=None,
-             device=None, share_uncond=False) -> OmgResult:
+             device=None, share_uncond=False, init=None, strength=1.0) -> OmgResult:
     """Fast mode (one pass): ``masks`` as for ``run_omg`` but a function of the session alone
-    (there is no layout latent), or None for the attention masks of the steps before the blend start."""
+    (there is no layout latent), or None for the attention masks of the steps before the blend start;
+    ``init``, ``strength``: img2img from ``init``."""
     session = OmgSession(unet, concepts, images=latent_shape[0])
     model_fn = _host_calls(session, unet_fn(unet), dtype=dtype, device=device)
-    timesteps = [float(SCHEDULE.sigma_to_t(s)) for s in SCHEDULE.get_sigmas(steps)[:-1]]
+    sigmas = SCHEDULE.get_sigmas(steps) if init is None else img2img_sigmas(SCHEDULE.get_sigmas(steps), strength)
+    timesteps = [float(SCHEDULE.sigma_to_t(s)) for s in sigmas[:-1]]
     if masks is None:
         def masks(s):
             return torch.stack([m.masks for m in s.attention_masks(dilation=dilation, feather=feather)])
@@ -99,7 +103,7 @@ def run_fast(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, 
         start_t = threshold(timesteps, blend_start)
         session.begin_fast(lambda t: float(t.max()) <= start_t, masks, share_uncond=share_uncond)
         final = generate(model_fn, SCHEDULE, sampler, cond, uncond, seed=seed,
-                         steps=steps, latent_shape=latent_shape, cfg_scale=cfg_scale, seeds=seeds)
+                         steps=steps, latent_shape=latent_shape, cfg_scale=cfg_scale, seeds=seeds, init=init, strength=strength)
     return OmgResult(None, final, None if session.masks is None else session.masks.masks, session)
 
 

@@ -143,13 +143,23 @@ def initial_noise(latent_shape: tuple, seed: int, seeds=None) -> torch.Tensor:
     return torch.stack([torch.randn(latent_shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+def img2img_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+    """The sigmas img2img walks: the last ``int(strength · steps)`` steps of the schedule (A1111's without
+    "img2img fix steps"), at least one."""
+    steps = len(sigmas) - 1
+    return sigmas[steps - max(int(min(strength, 1.0) * steps), 1):]
+
+
 @torch.no_grad()
 def generate(model_fn, schedule: DiscreteSchedule, sampler: str, cond: dict, uncond: dict, *, seed: int, steps: int,
              latent_shape: tuple, cfg_scale: float = 7.0, karras: bool = False, batch_cond_uncond: bool = True,
-             seeds=None) -> torch.Tensor:
-    """A whole txt2img sampling run; the same seed gives the same noise, ancestral noise included."""
+             seeds=None, init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+    """A whole txt2img sampling run; the same seed gives the same noise, ancestral noise included. With ``init``
+    (a latent of ``latent_shape``) an img2img run: from ``init`` noised to the first of ``img2img_sigmas``."""
     sigmas = schedule.get_sigmas_karras(steps) if karras else schedule.get_sigmas(steps)
-    x = initial_noise(latent_shape, seed, seeds) * sigmas[0]
+    if init is not None:
+        sigmas = img2img_sigmas(sigmas, strength)
+    x = initial_noise(latent_shape, seed, seeds) * sigmas[0] + (0 if init is None else init)
     noise = torch.Generator().manual_seed(seed + 1)
     denoiser = CFGDenoiser(model_fn, schedule, cond, uncond, cfg_scale, batch_cond_uncond)
     return SAMPLERS[sampler](denoiser, x, sigmas, noise_sampler=lambda s, s_next: torch.randn(latent_shape, generator=noise))

@@ -95,11 +95,24 @@ class Settings:
     window: tuple[float, float] = (0.0, 1.0)
     """The fractions of pass 1's steps whose attention makes the masks."""
     masks: str = "attention"
-    """``attention``, ``halves`` (fixed left/right regions) or ``grounded`` (the toy detector and
-    segmenter through the ``detector+sam`` source: the paper's route)."""
+    """``attention``, ``halves`` (fixed left/right regions), ``grounded`` (the toy detector and
+    segmenter through the ``detector+sam`` source: the paper's route) or ``grounded init`` (the same on
+    img2img's init pictures)."""
     mask_split: str = OmgConfig.mask_split
     """How attention masks are shared out: ``figures`` (each figure, or a band of touching ones, to one
     concept) or ``pixels`` (each pixel to the strongest attention)."""
+
+
+@dataclass(frozen=True)
+class Img2Img:
+    """An img2img job's start: the init pictures as the model's input ([B, 3, H, W] in [-1, 1]) and the strength."""
+
+    init: torch.Tensor
+    strength: float
+
+
+def img2img_args(init: Img2Img | None) -> dict:
+    return {} if init is None else {"init": init.init, "strength": init.strength}
 
 
 class ToyWorld:
@@ -126,13 +139,13 @@ class ToyWorld:
         with router.installed(), router.route([(j, 0, None) for j in range(len(identities))], batch=None):
             return self.model.encode([prompt])
 
-    def sample(self, cond: dict, uncond: dict, seeds: list[int]) -> torch.Tensor:
-        """A plain generation of one image per seed (Euler, ``STEPS``, CFG ``CFG``)."""
+    def sample(self, cond: dict, uncond: dict, seeds: list[int], init: Img2Img | None = None) -> torch.Tensor:
+        """A plain generation of one image per seed (Euler, ``STEPS``, CFG ``CFG``), img2img from ``init``."""
         raw = self.model.unet_fn()
         fn = lambda x, t, c, rows: raw(x, t, c)  # noqa: E731
         rows = len(seeds)
         return generate(fn, SCHEDULE, "euler", _rows(cond, rows), _rows(uncond, rows), seed=0, steps=STEPS,
-                        latent_shape=(rows, 3, SIZE, SIZE), cfg_scale=CFG, seeds=seeds)
+                        latent_shape=(rows, 3, SIZE, SIZE), cfg_scale=CFG, seeds=seeds, **img2img_args(init))
 
 
 def _rows(cond: dict, rows: int) -> dict:
@@ -151,12 +164,12 @@ def no_lora(world: ToyWorld, case: Case, seeds: list[int]) -> Generated:
     return Generated(to_images(world.sample(world.encode(case.prompt()), world.encode(""), seeds)))
 
 
-def global_loras(world: ToyWorld, case: Case, seeds: list[int], weight: float = 1.0) -> Generated:
+def global_loras(world: ToyWorld, case: Case, seeds: list[int], weight: float = 1.0, init: Img2Img | None = None) -> Generated:
     ids = case.identities
     router = RowRoutedLoRA(dict(world.model.unet.named_modules()), [world.lora(k, weight)["unet"] for k in ids])
     cond, uncond = world.encode(case.prompt(triggers=True), ids, weight), world.encode("", ids, weight)
     with router.installed(), router.route([(j, 0, None) for j in range(len(ids))], batch=None):
-        return Generated(to_images(world.sample(cond, uncond, seeds)))
+        return Generated(to_images(world.sample(cond, uncond, seeds, init)))
 
 
 def halves(case: Case) -> str:
@@ -179,8 +192,9 @@ def _attention_masks(case: Case, s: Settings):
         labels=labels)])
 
 
-def _mask_maker(world: ToyWorld, case: Case, s: Settings, images: int):
-    """The function of (session, layout latent) after pass 1 that gives the masks the settings ask for."""
+def _mask_maker(world: ToyWorld, case: Case, s: Settings, images: int, init: Img2Img | None = None):
+    """The function of (session, layout latent) after pass 1 that gives the masks the settings ask for; with
+    ``grounded init`` the detector and segmenter look at img2img's init pictures instead of the layout."""
     if s.masks == "attention":
         attention = _attention_masks(case, s)
         return lambda session, layout: attention(session)
@@ -188,14 +202,14 @@ def _mask_maker(world: ToyWorld, case: Case, s: Settings, images: int):
     if s.masks == "halves":
         source, extra = "regions", dict(regions=parse_regions(halves(case), len(case.identities)))
         models = None
-    elif s.masks == "grounded":
+    elif s.masks in ("grounded", "grounded init"):
         source, extra = "detector+sam", {}
         models = MaskModels(sam=lambda: ToySegmenter(world.scorer).segment, detector=lambda: ToyDetector(world.scorer))
     else:
         raise ValueError(f"unknown toy mask source {s.masks!r}")
 
     def masks(session, layout):
-        pictures = (to_images(layout) * 255).round().to(torch.uint8).numpy()
+        pictures = (to_images(init.init if s.masks == "grounded init" else layout) * 255).round().to(torch.uint8).numpy()
         maps = session.attention_maps(s.window)
         return torch.stack([
             concept_masks(source, MaskInputs(maps[b], (SIZE, SIZE), labels, image=pictures[b], groups=groups,
@@ -204,7 +218,8 @@ def _mask_maker(world: ToyWorld, case: Case, s: Settings, images: int):
     return masks
 
 
-def _omg_run(world: ToyWorld, case: Case, seeds: list[int], s: Settings, concepts: list[Concept] | None = None):
+def _omg_run(world: ToyWorld, case: Case, seeds: list[int], s: Settings, concepts: list[Concept] | None = None,
+             init: Img2Img | None = None):
     """The engine's two passes on the toy model: (result, host cond rows, host uncond rows); the concepts are the
     identities' LoRAs with their trigger prompts unless given."""
     prompt = case.prompt()
@@ -218,18 +233,20 @@ def _omg_run(world: ToyWorld, case: Case, seeds: list[int], s: Settings, concept
     result = run_omg(world.model.unet, concepts, cond, uncond, steps=STEPS, latent_shape=(rows, 3, SIZE, SIZE),
                      cfg_scale=CFG, seeds=seeds, blend_start=s.blend_start, layout=s.layout,
                      self_attention_until=s.self_attention_until, layout_until=s.layout_until, share_uncond=s.share_uncond,
-                     background_from_pass1=s.background_from_pass1, keep_attention=s.keep_attention, masks=_mask_maker(world, case, s, rows))
+                     background_from_pass1=s.background_from_pass1, keep_attention=s.keep_attention,
+                     masks=_mask_maker(world, case, s, rows, init), **img2img_args(init))
     return result, cond, uncond
 
 
 def omg(world: ToyWorld, case: Case, seeds: list[int], settings: Settings | None = None,
-        concepts: list[Concept] | None = None) -> Generated:
+        concepts: list[Concept] | None = None, init: Img2Img | None = None) -> Generated:
     """OMG with the given settings (this project's defaults unless changed), and concepts (the identities' LoRAs)."""
-    result, _, _ = _omg_run(world, case, seeds, settings or Settings(), concepts)
+    result, _, _ = _omg_run(world, case, seeds, settings or Settings(), concepts, init)
     return Generated(to_images(result.final), result.masks)
 
 
-def omg_fast(world: ToyWorld, case: Case, seeds: list[int], settings: Settings | None = None) -> Generated:
+def omg_fast(world: ToyWorld, case: Case, seeds: list[int], settings: Settings | None = None,
+             init: Img2Img | None = None) -> Generated:
     """OMG's fast mode: one pass, each concept's LoRA and prompt masked in the host's rows from the blend start
     (attention masks of the steps before it)."""
     s = settings or Settings()
@@ -243,7 +260,8 @@ def omg_fast(world: ToyWorld, case: Case, seeds: list[int], settings: Settings |
     ]
     result = run_fast(world.model.unet, concepts, _rows(world.encode(prompt), rows), _rows(world.encode(""), rows),
                       steps=STEPS, latent_shape=(rows, 3, SIZE, SIZE), cfg_scale=CFG, seeds=seeds,
-                      blend_start=s.blend_start, masks=_attention_masks(case, s), share_uncond=s.share_uncond)
+                      blend_start=s.blend_start, masks=_attention_masks(case, s), share_uncond=s.share_uncond,
+                      **img2img_args(init))
     return Generated(to_images(result.final), result.masks)
 
 

@@ -25,12 +25,20 @@ def world():
     return ToyWorld()
 
 
-def _pooled(world, method) -> dict[str, float]:
+def pooled(world, cases, made) -> dict[str, float]:
+    """Each measure's mean over the cases' images; ``made(case)``: (images, the reference figure classes per
+    image for the layout measure, or None)."""
     values = []
-    for case in CASES:
-        kinds, looks = world.scorer.labels(method(world, case, SEEDS).images)
-        values += [image_measures(kinds[b], looks[b], case.looks) for b in range(len(SEEDS))]
+    for case in cases:
+        images, reference = made(case)
+        kinds, looks = world.scorer.labels(images)
+        values += [image_measures(kinds[b], looks[b], case.looks, None if reference is None else reference[b])
+                   for b in range(len(images))]
     return {m: sum(v[m] for v in values) / len(values) for m in values[0]}
+
+
+def _pooled(world, method) -> dict[str, float]:
+    return pooled(world, CASES, lambda case: (method(world, case, SEEDS).images, None))
 
 
 @torch.no_grad()
