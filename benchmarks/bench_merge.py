@@ -1,6 +1,6 @@
 """Merging the toy world's identity LoRAs into one file: how much of each identity the merged file keeps.
 
-    python benchmarks/bench_merge.py [--seeds 10] [--methods loraclr "least squares" sum] [--grids docs/merge]
+    python benchmarks/bench_merge.py [--seeds 10] [--methods loraclr "least squares" sum] [--grids docs/merge] [--weights DIR]
 
 For 2, 3 and 4 identities (zorb, quix, plok and the LoHa vann) merged by each method: the time and peak memory
 of the merge, the largest relative SVD error of the saved file, and, per identity, the fidelity of its
@@ -65,9 +65,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--grids", type=Path, default=ROOT / "docs" / "merge")
     parser.add_argument("--rows", type=int, default=4096, help="input rows sampled per layer and identity")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a folder with other identity LoRAs (e.g. attention-only ones); the base model and scorer stay the committed ones")
     args = parser.parse_args()
     torch.manual_seed(0)
     world = ToyWorld()
+    if args.weights is not None:
+        world.files = {k: args.weights / path.name for k, path in world.files.items()}
     seeds = list(range(FIRST_SEED, FIRST_SEED + args.seeds))
     columns = min(len(seeds), 8)
     args.grids.mkdir(parents=True, exist_ok=True)

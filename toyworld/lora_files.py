@@ -38,19 +38,27 @@ def _conv(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d)
 
 
-def target_layers(model: ToyModel) -> dict[str, tuple[str, str, nn.Module]]:
+PRESETS = ("all", "attention")
+
+
+def target_layers(model: ToyModel, preset: str = "all") -> dict[str, tuple[str, str, nn.Module]]:
     """Kohya key -> (part, module name, module) for every layer a LoRA may train.
 
     UNet: every Linear and Conv2d of the input, middle and output blocks (attention,
-    feed-forward, projections, ResBlocks: LoCon's set). Text encoder: the Linear layers
-    of its transformer layers.
+    feed-forward, projections, ResBlocks: LoCon's set), or with ``preset="attention"`` the
+    attention projections alone (kohya's plain LoRA on SD1.5, as many civitai character LoRAs
+    are trained). Text encoder: the Linear layers of its transformer layers.
     """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     layers = {}
     for part, root in (("unet", model.unet), ("text", model.text)):
         for name, module in root.named_modules():
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
             if part == "unet" and not name.startswith(("input_blocks", "middle_block", "output_blocks")):
+                continue
+            if part == "unet" and preset == "attention" and not (".attn1." in name or ".attn2." in name):
                 continue
             if part == "text" and ".layers." not in name:
                 continue
@@ -61,12 +69,13 @@ def target_layers(model: ToyModel) -> dict[str, tuple[str, str, nn.Module]]:
 class TrainableAdapter(nn.Module):
     """LoRA or LoHa factors for every target layer, added by forward hooks while installed."""
 
-    def __init__(self, model: ToyModel, kind: str = "lora", rank: int = 4, alpha: float = 4.0, seed: int = 0):
+    def __init__(self, model: ToyModel, kind: str = "lora", rank: int = 4, alpha: float = 4.0, seed: int = 0,
+                 preset: str = "all"):
         super().__init__()
         if kind not in ("lora", "loha"):
             raise ValueError(f"kind must be 'lora' or 'loha', got {kind!r}")
         self.kind, self.rank, self.alpha = kind, rank, alpha
-        self.layers = target_layers(model)
+        self.layers = target_layers(model, preset)
         g = torch.Generator().manual_seed(seed)
         self.factors = nn.ParameterDict()
         for key, (_, _, module) in self.layers.items():

@@ -2,6 +2,7 @@
 
     python -m toyworld.train all        # base model, identity LoRAs, scorer (about an hour on 2 cores)
     python -m toyworld.train base       # or one part: base | loras | scorer
+    python -m toyworld.train loras --preset attention --out DIR   # attention-only LoRAs elsewhere (merging)
 
 Training runs on the CPU with a progress bar (to stderr, or the log file you redirect it
 to) and writes a resumable checkpoint every ``CHECKPOINT_EVERY`` steps under
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .lora_files import TrainableAdapter
+from .lora_files import PRESETS, TrainableAdapter
 from .model import SCHEDULE, WEIGHTS, ToyModel, to_latent
 from .scenes import IDENTITIES, random_scene, render
 from .scorer import Scorer, augment, scorer_batch, scorer_loss
@@ -141,11 +142,12 @@ LORA_KINDS = ("lora", "lora", "lora", "loha")
 """One kind per identity (``IDENTITIES`` order): three kohya LoRAs (LoCon) and a LoHa."""
 
 
-def train_lora(k: int, steps: int = 600, batch: int = 32) -> None:
-    """Identity ``k`` (1-based) as a civitai user trains it: frozen base, trigger word, one figure per image."""
+def train_lora(k: int, steps: int = 600, batch: int = 32, preset: str = "all", out: Path = WEIGHTS) -> None:
+    """Identity ``k`` (1-based) as a civitai user trains it: frozen base, trigger word, one figure per image;
+    ``preset``: the layers it trains (``lora_files.PRESETS``), ``out``: the folder of the file."""
     identity = IDENTITIES[k - 1]
     base = ToyModel.load(WEIGHTS / "base.safetensors")
-    adapter = TrainableAdapter(base, LORA_KINDS[k - 1], rank=4, alpha=4.0, seed=SEED + k)
+    adapter = TrainableAdapter(base, LORA_KINDS[k - 1], rank=4, alpha=4.0, seed=SEED + k, preset=preset)
     generator = torch.Generator().manual_seed(SEED + k)
 
     def loss_at(step: int) -> torch.Tensor:
@@ -153,14 +155,16 @@ def train_lora(k: int, steps: int = 600, batch: int = 32) -> None:
         with adapter.installed():
             return diffusion_loss(base, x0, prompts, generator)
 
-    loop = Checkpointed(f"lora_{identity.trigger}", steps, list(adapter.parameters()), lr=2e-3)
+    name = f"lora_{identity.trigger}" + ("" if preset == "all" else f"_{preset}")
+    loop = Checkpointed(name, steps, list(adapter.parameters()), lr=2e-3)
     loop.run(loss_at, adapter.state_dict, adapter.load_state_dict)
-    adapter.save(WEIGHTS / f"{identity.trigger}.safetensors", identity.trigger, identity.figure)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter.save(out / f"{identity.trigger}.safetensors", identity.trigger, identity.figure)
 
 
-def train_loras() -> None:
+def train_loras(preset: str = "all", out: Path = WEIGHTS) -> None:
     for k in range(1, len(IDENTITIES) + 1):
-        train_lora(k)
+        train_lora(k, preset=preset, out=out)
 
 
 def train_scorer(steps: int = 1500, batch: int = 64) -> None:
@@ -183,8 +187,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=[*PARTS, "all"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--preset", choices=PRESETS, default="all",
+                        help="loras: the layers they train (attention: the UNet's attention projections and the text encoder)")
+    parser.add_argument("--out", type=Path, default=WEIGHTS, help="loras: the folder the files go to")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.part == "loras":
+        train_loras(args.preset, args.out)
+        return
     for name in (PARTS if args.part == "all" else [args.part]):
         PARTS[name]()
 
