@@ -71,3 +71,17 @@ def test_a_foreign_key_is_named(model, tmp_path):
                "lora_unet_label_emb_0_0.lora_down.weight": torch.zeros(4, 4)}, str(path))
     with pytest.raises(ValueError, match="sdxl.safetensors: lora_unet_label_emb_0_0 is not a layer of the toy model"):
         read_kohya(path, model)
+
+
+def test_the_attention_preset_trains_the_unets_attention_projections_and_the_text_encoder(model):
+    from toyworld.lora_files import target_layers
+
+    every, attention = target_layers(model), target_layers(model, "attention")
+    assert set(attention) < set(every)
+    assert {k for k, (part, _, _) in attention.items() if part == "text"} == {k for k, (part, _, _) in every.items() if part == "text"}
+    unet = [name for part, name, _ in attention.values() if part == "unet"]
+    assert unet and all(".attn1." in name or ".attn2." in name for name in unet)
+    assert len(unet) < len([1 for part, _, _ in every.values() if part == "unet"])
+    assert set(TrainableAdapter(model, preset="attention").layers) == set(attention)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        target_layers(model, "convs")
