@@ -381,17 +381,16 @@ class A1111Generation:
         """One ``MaskResult`` per image from the configured source (attention, SAM, detector, regions);
         ``layout``: the latent SAM and the detector see (None for sources that need no image)."""
         cfg = self.cfg
-        init_latent = getattr(self.p, "init_latent", None)
-        if layout is not None and init_latent is not None and self.masks_need_image():
-            layout = init_latent  # img2img: the user's picture, not pass 1's repainting of it
-        self.pictures = [] if layout is None else to_pictures(layout)
+        init = getattr(self.p, "init_latent", None) if self.masks_need_image() else None  # img2img: the user's picture
+        self.pictures = to_pictures(layout) if layout is not None and (init is None or cfg.show_layout) else []
+        seen = to_pictures(init) if init is not None else self.pictures
         maps, hw = session.attention_maps(), session.record.latent_hw()
         if not bool(torch.isfinite(maps).all()):
             raise OmgUserError(NAN_MESSAGE)
         models = mask_models(cfg)
         try:
             return [concept_masks(cfg.mask_source, MaskInputs(
-                maps[i], hw, self.prepared.labels, numpy.array(self.pictures[i].convert("RGB")) if self.pictures else None,
+                maps[i], hw, self.prepared.labels, numpy.array(seen[i].convert("RGB")) if seen else None,
                 cfg.mask_groups(),
                 cfg.instance_order, cfg.mask_dilation, cfg.mask_feather, self.prepared.regions), models)
                 for i in range(session.images)]
@@ -413,9 +412,7 @@ class A1111Generation:
             return masks
         masks = masks.clone()
         masks[:, self.outside_crop] = 0  # their regions lie outside the crop "only masked" samples
-        area = area.float().cpu().reshape(-1, *area.shape[-2:])[:1][None]
-        area = torch.nn.functional.interpolate(area, size=masks.shape[-2:], mode="nearest") if area.shape[-2:] != masks.shape[-2:] else area
-        cut = masks * area.to(masks)
+        cut = masks * area.reshape(-1, *area.shape[-2:])[0].to(masks)  # [latent channels, h, w]: the same in each
         for i, j in ((i, j) for i in range(masks.shape[0]) for j in range(masks.shape[1])):
             if float(masks[i, j].sum()) > 0 and float(cut[i, j].sum()) == 0:
                 where = f" in image {i + 1}" if masks.shape[0] > 1 else ""

@@ -117,8 +117,9 @@ def test_a_strength_that_leaves_no_blended_step_is_refused_with_a_message(host):
         _run(job, model, _cfg(blend_start=0.6))
 
 
+@pytest.mark.parametrize("show_layout", [False, True])
 @torch.no_grad()
-def test_sam_and_the_detector_see_the_init_picture_not_pass_1s(host, monkeypatch):
+def test_sam_and_the_detector_see_the_init_picture_not_pass_1s(host, monkeypatch, show_layout):
     modules, model = host
     seen, init = [], _init(2)
     monkeypatch.setattr(a1111, "to_pictures", lambda latent: seen.append(latent.clone()) or [
@@ -127,8 +128,11 @@ def test_sam_and_the_detector_see_the_init_picture_not_pass_1s(host, monkeypatch
     monkeypatch.setattr(a1111, "concept_masks", lambda source, inputs, models: types.SimpleNamespace(
         masks=torch.full((2, *LATENT), 0.5), empty=[], sources=[source], warnings=lambda: []))
     job = _Img2ImgJob(modules, model, "a man and a woman", "blurry", init, 0.6, steps=10)
-    _run(job, model, _cfg(mask_source="attention+sam"))
-    assert len(seen) == 1 and torch.equal(seen[0], init)
+    _run(job, model, _cfg(mask_source="attention+sam", show_layout=show_layout))
+    assert torch.equal(seen[-1], init)  # what SAM is shown
+    assert len(seen) == 1 + show_layout  # pass 1's picture decoded only to be shown as the layout
+    if show_layout:
+        assert not torch.equal(seen[0], init)
 
 
 @torch.no_grad()
