@@ -1,15 +1,15 @@
-"""OMG (two passes and fast mode) vs plain wall time in a running WebUI (A1111 or Forge, ``--api``), side by side in one run.
+"""OMG (two passes, one pass, fast mode) vs plain wall time in a running WebUI (A1111 or Forge, ``--api``), side by side in one run.
 
 Each round times one plain txt2img job, one OMG job (two concepts, each with a LoRA), the
 same OMG job with the background redrawn in pass 2 (``"background": "redrawn"``, the default
-before 2026-12-04: a host cond row more per image and step) and one OMG fast-mode job with the
-same seed and size, in turn, after a warm-up; the medians and their ratios to plain are
-printed, and the same for hires fix (unless ``--no-hires``).
+before 2026-12-04: a host cond row more per image and step), one in the one-pass mode and one in fast
+mode with the same seed and size, in turn, after a warm-up; the medians and their ratios to plain are
+printed, and the same for hires fix (unless ``--no-hires``). ``--jobs`` times some of them only (plain always).
 ``--controlnet NAME`` adds one ControlNet unit (that model, no preprocessor, a block as hint)
 to every job, plain included: the ratios are then OMG + ControlNet to ControlNet alone.
-``--pairs N`` times only plain and OMG (two passes), N rounds in turns whose order swaps each round
+``--pairs N`` times only plain and OMG (two passes, or ``--mode``), N rounds in turns whose order swaps each round
 (plain first, then OMG first: whatever the previous job leaves costs both alike), and prints each
-round's ratio and their median: the two-pass target's figure, with less of this machine's drift in it.
+round's ratio and their median: a mode's target figure, with less of this machine's drift in it.
 ``--regional-prompter`` adds the incumbent, timed in the same rounds: Regional Prompter
 (``hako-mikan/sd-webui-regional-prompter``, installed in that WebUI) in Latent mode with two
 regions side by side, one LoRA each (``a man <lora:A:1> BREAK a woman <lora:B:1>``), as users
@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omg_ext.config import OmgConfig  # noqa: E402  (plain Python: no torch needed)
+from omg_ext.config import MODES, OmgConfig  # noqa: E402  (plain Python: no torch needed)
 
 
 def post(url: str, payload: dict) -> dict:
@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--controlnet", help="a ControlNet model name: every job (plain too) gets one unit of it")
     parser.add_argument("--regional-prompter", action="store_true", help="also time Regional Prompter's Latent mode (installed in that WebUI)")
     parser.add_argument("--pairs", type=int, help="only plain and OMG, this many rounds in alternating order")
+    parser.add_argument("--mode", default="two passes", choices=MODES, help="the OMG mode --pairs times")
+    parser.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS), help="the jobs to time (plain always)")
     args = parser.parse_args()
     first, second = args.loras.split(",")
     plain = {"prompt": "a man and a woman hugging", "negative_prompt": "", "steps": args.steps, "width": args.size,
@@ -101,12 +103,11 @@ def main() -> None:
           f"LoRAs {first}/{second}, " + (f"{args.pairs} pairs" if args.pairs else f"median of {args.runs}")
           + (f", ControlNet {args.controlnet} on every job" if args.controlnet else ""))
     if args.pairs:
-        return time_pairs(args.url, plain, {**plain, **omg}, args.pairs)
-    fast = json.loads(json.dumps(omg))
-    fast["alwayson_scripts"]["OMG multi-concept"]["args"][0]["mode"] = "fast"
-    redrawn = json.loads(json.dumps(omg))  # pass 2 draws the background again (host cond rows), as before 2026-12-04
-    redrawn["alwayson_scripts"]["OMG multi-concept"]["args"][0]["background"] = "redrawn"
-    jobs = {"plain": {}, "OMG": omg, "OMG redrawn": redrawn, "fast": fast}
+        return time_pairs(args.url, plain, {**plain, **omg_with(omg, mode=args.mode)}, args.pairs)
+    jobs = {"plain": {}, "OMG": omg,
+            "OMG redrawn": omg_with(omg, background="redrawn"),  # pass 2 draws the background again, as before 2026-12-04
+            "one pass": omg_with(omg, mode="one pass"), "fast": omg_with(omg, mode="fast")}
+    jobs = {name: job for name, job in jobs.items() if name == "plain" or name in args.jobs}
     if args.regional_prompter:
         jobs["RP Latent"] = regional_prompter_latent(first, second)
         if args.controlnet:
@@ -122,7 +123,18 @@ def main() -> None:
         print("    " + " | ".join(f"{name}/plain {t / p:.2f}" for name, t in median.items() if name != "plain"))
         if args.regional_prompter:
             rp = median["RP Latent"]
-            print(f"    OMG/RP Latent {median['OMG'] / rp:.2f} | fast/RP Latent {median['fast'] / rp:.2f}")
+            print("    " + " | ".join(f"{name}/RP Latent {t / rp:.2f}" for name, t in median.items()
+                                    if name not in ("plain", "RP Latent")))
+
+
+JOBS = ("OMG", "OMG redrawn", "one pass", "fast")
+
+
+def omg_with(omg: dict, **settings) -> dict:
+    """The OMG job with some settings changed (a deep copy)."""
+    job = json.loads(json.dumps(omg))
+    job["alwayson_scripts"]["OMG multi-concept"]["args"][0].update(settings)
+    return job
 
 
 def time_pairs(url: str, plain: dict, omg: dict, rounds: int) -> None:

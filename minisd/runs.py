@@ -85,10 +85,11 @@ def run_omg(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, l
 
 def run_fast(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, latent_shape=(1, 4, 16, 16),
              blend_start=0.3, masks=None, dilation=0, feather=0, cfg_scale=7.0, seeds=None, dtype=None,
-             device=None, share_uncond=False, init=None, strength=1.0) -> OmgResult:
+             device=None, share_uncond=False, init=None, strength=1.0, concept_rows=False) -> OmgResult:
     """Fast mode (one pass): ``masks`` as for ``run_omg`` but a function of the session alone
     (there is no layout latent), or None for the attention masks of the steps before the blend start;
-    ``init``, ``strength``: img2img from ``init``."""
+    ``init``, ``strength``: img2img from ``init``; ``concept_rows``: the "one pass" mode (concept rows from the
+    blend start)."""
     session = OmgSession(unet, concepts, images=latent_shape[0])
     model_fn = _host_calls(session, unet_fn(unet), dtype=dtype, device=device)
     sigmas = SCHEDULE.get_sigmas(steps) if init is None else img2img_sigmas(SCHEDULE.get_sigmas(steps), strength)
@@ -101,7 +102,7 @@ def run_fast(unet, concepts, cond, uncond, *, sampler="euler", seed=0, steps=8, 
         masks = lambda s: given  # noqa: E731
     with session.installed():
         start_t = threshold(timesteps, blend_start)
-        session.begin_fast(lambda t: float(t.max()) <= start_t, masks, share_uncond=share_uncond)
+        session.begin_fast(lambda t: float(t.max()) <= start_t, masks, share_uncond=share_uncond, concept_rows=concept_rows)
         final = generate(model_fn, SCHEDULE, sampler, cond, uncond, seed=seed,
                          steps=steps, latent_shape=latent_shape, cfg_scale=cfg_scale, seeds=seeds, init=init, strength=strength)
     return OmgResult(None, final, None if session.masks is None else session.masks.masks, session)

@@ -31,9 +31,14 @@ MASK_SPLITS = ("figures", "pixels")
 connected figure goes whole to one concept, touching figures are cut into bands at their mass (assigned by
 each concept's own attention); ``pixels``: each pixel to the concept whose attention is strongest there (only
 same-word concepts are split as figures). Measured in the toy world: docs/quality.md."""
-MODES = ("two passes", "fast")
+MODES = ("two passes", "one pass", "fast")
 """``two passes``: layout pass, then concept rows beside the host's (the paper's method);
-``fast``: one pass, each concept's LoRA and prompt masked in the host's rows (``engine/fast.py``)."""
+``one pass``: no layout pass: the host's rows until the blend start, then concept rows as in pass 2, the
+background their mean (``OmgSession.begin_fast(concept_rows=True)``);
+``fast``: one pass, each concept's LoRA and prompt masked in the host's rows (``engine/fast.py``).
+Measured side by side: docs/quality.md ("Where fast mode loses quality")."""
+ONE_PASS_MODES = ("one pass", "fast")
+"""The modes without a layout pass: their masks come from the steps before the blend start."""
 WEIGHT_RANGE = (-5.0, 5.0)
 PIXELS_RANGE = (0, 256)
 NO_CONTROL_UNIT = -1
@@ -196,9 +201,9 @@ class OmgConfig:
         for attr, choices in CHOICES.items():
             if getattr(self, attr) not in choices:
                 raise OmgConfigError(attr, f"OMG {attr.replace('_', ' ')} must be one of {', '.join(choices)} (got {getattr(self, attr)!r})")
-        if self.mode == "fast" and self.mask_source != "regions" and self.blend_start == 0:
-            raise OmgConfigError("blend_start", f"OMG fast mode makes {self.mask_source} masks from the steps before the "
-                                 "blend start: the blend start must be above 0 (or use drawn regions)")
+        if self.mode in ONE_PASS_MODES and self.mask_source != "regions" and self.blend_start == 0:
+            raise OmgConfigError("blend_start", f"OMG {self.mode} mode makes {self.mask_source} masks from the steps "
+                                 "before the blend start: the blend start must be above 0 (or use drawn regions)")
         if self.mask_source.startswith("regions") and self.enabled and not self.regions.strip():
             raise OmgConfigError("regions", f"OMG mask source {self.mask_source} needs regions: draw a box per concept or upload a mask image")
         for attr in ("mask_dilation", "mask_feather"):
@@ -214,8 +219,9 @@ class OmgConfig:
         for n, concept in enumerate(self.concepts, start=1):
             concept.validate(n)
         units = list(self.control_units().values())
-        if units and self.mode == "fast":
-            raise OmgConfigError("mode", "OMG fast mode has no concept rows: a ControlNet or IP-Adapter unit for one concept needs the two-pass mode")
+        if units and self.mode != "two passes":
+            raise OmgConfigError("mode", f"OMG {self.mode} mode: a ControlNet or IP-Adapter unit for one concept needs "
+                                 "the two-pass mode")
         if len(set(units)) < len(units):
             raise OmgConfigError("concepts", f"OMG: two concepts name the same ControlNet unit ({', '.join(map(str, units))}); give each its own")
         return self

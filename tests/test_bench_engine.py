@@ -23,6 +23,7 @@ def test_every_method_runs_and_counts_its_rows(bench):
     rows = {method: bench.measure(method, 8, 2, 1)["rows"] for method in bench.METHODS}
     assert rows["plain"] == 2 * 2  # 2 steps, a cond and an uncond row each
     assert rows["fast"] == rows["plain"]  # one pass, the concepts in the host's rows
+    assert rows["one pass"] == 2 + 1 + 2  # step 1 the host's two rows, step 2 (blended) its uncond and 2 concept rows
     assert rows["plain"] < rows["engine"] < rows["official"]
 
 

@@ -37,7 +37,9 @@ def test_defaults():
     (dict(self_attention_until=-0.1), "self_attention_until", "self attention until must be between 0 and 1"),
     (dict(mask_source="sam"), "mask_source", "mask source must be one of attention"),
     (dict(mask_dilation=300), "mask_dilation", "mask dilation must be 0 to 256 pixels"),
-    (dict(mode="quick"), "mode", "mode must be one of two passes, fast"),
+    (dict(mode="quick"), "mode", "mode must be one of two passes, one pass, fast"),
+    (dict(mode="one pass", blend_start=0.0), "blend_start",
+     "one pass mode makes attention masks from the steps before the blend start"),
     (dict(mode="fast", blend_start=0.0), "blend_start", "fast mode makes attention masks from the steps before the blend start"),
     (dict(mode="fast", blend_start=0.0, mask_source="detector+sam"), "blend_start",
      r"fast mode makes detector\+sam masks from the steps before the blend start: the blend start must be above 0"),
@@ -82,9 +84,10 @@ def test_a_concepts_own_controlnet_unit_is_checked_and_reaches_the_infotext_only
     with pytest.raises(OmgConfigError, match="OMG concept 1: the ControlNet unit must be 0 to 9") as e:
         cfg.validate()
     assert e.value.field == "concepts[1].control_unit"
-    cfg.concepts[0].control_unit, cfg.mode = -1, "fast"
-    with pytest.raises(OmgConfigError, match="fast mode has no concept rows"):
-        cfg.validate()
+    for mode in ("fast", "one pass"):
+        cfg.concepts[0].control_unit, cfg.mode = -1, mode
+        with pytest.raises(OmgConfigError, match=f"{mode} mode: a ControlNet or IP-Adapter unit for one concept needs the two-pass mode"):
+            cfg.validate()
 
 
 def test_masks_are_split_by_figures_for_all_concepts_or_by_pixels_for_same_word_concepts_only():

@@ -98,6 +98,8 @@ class Settings:
     """``attention``, ``halves`` (fixed left/right regions), ``grounded`` (the toy detector and
     segmenter through the ``detector+sam`` source: the paper's route) or ``grounded init`` (the same on
     img2img's init pictures)."""
+    concept_rows: bool = False
+    """Fast mode with concept rows from the blend start: the "one pass" mode."""
     mask_split: str = OmgConfig.mask_split
     """How attention masks are shared out: ``figures`` (each figure, or a band of touching ones, to one
     concept) or ``pixels`` (each pixel to the strongest attention)."""
@@ -246,9 +248,9 @@ def omg(world: ToyWorld, case: Case, seeds: list[int], settings: Settings | None
 
 
 def omg_fast(world: ToyWorld, case: Case, seeds: list[int], settings: Settings | None = None,
-             init: Img2Img | None = None) -> Generated:
+             init: Img2Img | None = None, masks: torch.Tensor | None = None) -> Generated:
     """OMG's fast mode: one pass, each concept's LoRA and prompt masked in the host's rows from the blend start
-    (attention masks of the steps before it)."""
+    (attention masks of the steps before it, or ``masks`` [images, concepts, H, W] given)."""
     s = settings or Settings()
     if s.masks != "attention":
         raise ValueError("the toy world runs fast mode with attention masks only")
@@ -260,8 +262,8 @@ def omg_fast(world: ToyWorld, case: Case, seeds: list[int], settings: Settings |
     ]
     result = run_fast(world.model.unet, concepts, _rows(world.encode(prompt), rows), _rows(world.encode(""), rows),
                       steps=STEPS, latent_shape=(rows, 3, SIZE, SIZE), cfg_scale=CFG, seeds=seeds,
-                      blend_start=s.blend_start, masks=_attention_masks(case, s), share_uncond=s.share_uncond,
-                      **img2img_args(init))
+                      blend_start=s.blend_start, masks=_attention_masks(case, s) if masks is None else masks,
+                      share_uncond=s.share_uncond, concept_rows=s.concept_rows, **img2img_args(init))
     return Generated(to_images(result.final), result.masks)
 
 
@@ -308,10 +310,15 @@ ABLATIONS: dict[str, Callable[[ToyWorld, Case, list[int]], Generated]] = {
     "OMG own uncond": lambda w, c, s: omg(w, c, s, Settings(share_uncond=False)),
     "OMG fast own uncond": lambda w, c, s: omg_fast(w, c, s, Settings(share_uncond=False)),
     "OMG fast blend 0.3": lambda w, c, s: omg_fast(w, c, s, Settings(blend_start=0.3)),
-    **{f"OMG blend {start}": partial(omg, settings=Settings(blend_start=start)) for start in (0.2, 0.25, 0.3, 0.4)},
+    **{f"OMG blend {start}": partial(omg, settings=Settings(blend_start=start)) for start in (0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7)},
     "OMG maps 0-0.3": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, 0.3))),
     "OMG maps 0-0.5": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, 0.5))),
     "OMG maps 0.5-1": lambda w, c, s: omg(w, c, s, Settings(window=(0.5, 1.0))),
+    **{f"OMG one pass {start}": partial(omg_fast, settings=Settings(concept_rows=True, blend_start=start))
+       for start in (0.35, 0.4, 0.45, 0.5, 0.6)},
+    "OMG fast, two-pass masks": lambda w, c, s: omg_fast(w, c, s, masks=omg(w, c, s).masks),
+    "OMG, fast's masks": lambda w, c, s: omg(w, c, s, Settings(window=(0.0, OmgConfig.blend_start))),
+    **{f"OMG fast blend {start}": partial(omg_fast, settings=Settings(blend_start=start)) for start in (0.2, 0.5, 0.6, 0.7)},
     "OMG + hires": lambda w, c, s: omg_hires(w, c, s, blend=False),
     "OMG + hires blend": lambda w, c, s: omg_hires(w, c, s, blend=True),
 }

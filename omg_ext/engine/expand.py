@@ -178,10 +178,10 @@ def run_units(units: list[list[ExpandedRow]], limit: RowLimit, run: Callable[[li
               concepts: int, background: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the expanded batch in calls (``run(rows) -> out``); return host and concept outputs.
 
-    Host outputs [R, C, H, W] in host-row order (``background``'s row for a host row that did not
-    run), concept outputs [k, R, C, H, W]; the reference rows' outputs are dropped. A call that runs
-    out of memory is split in halves (``limit`` lowered) and run again, down to one unit; the job is
-    never lost for it.
+    Host outputs [R, C, H, W] in host-row order (for a host row that did not run, ``background``'s row, or
+    without one the mean of its concept rows' outputs: the one-pass mode's background), concept outputs
+    [k, R, C, H, W]; the reference rows' outputs are dropped. A call that runs out of memory is split in halves
+    (``limit`` lowered) and run again, down to one unit; the job is never lost for it.
     """
     hosts = 1 + max(r.host for unit in units for r in unit)
     host_out: list = [None] * hosts if background is None else list(background)
@@ -205,6 +205,9 @@ def run_units(units: list[list[ExpandedRow]], limit: RowLimit, run: Callable[[li
                 host_out[row.host] = out[p]
             elif row.concept != GLOBAL:
                 concept_out[row.concept][row.host] = out[p]
+    for h, out in enumerate(host_out):
+        if out is None:
+            host_out[h] = torch.stack([c[h] for c in concept_out]).mean(dim=0)
     # a row without concept rows (``share_uncond``) blends with its own output: it stays the host's
     return torch.stack(host_out), torch.stack([torch.stack([h if o is None else o for o, h in zip(c, host_out)])
                                                for c in concept_out])

@@ -104,6 +104,7 @@ class OmgSession:
         self.share_uncond = self.background_from_pass1 = False
         self._blending: Callable[[torch.Tensor], bool] | None = None
         """Fast mode's test of whether a call is past the blend start (None: two-pass mode)."""
+        self._concept_rows = False
 
     @contextlib.contextmanager
     def installed(self, module_attention: bool = True) -> Iterator["OmgSession"]:
@@ -159,7 +160,7 @@ class OmgSession:
         self.mode = "pass2"
 
     def begin_fast(self, blending: Callable[[torch.Tensor], bool], make_masks: Callable[["OmgSession"], torch.Tensor], *,
-                   context_key: str = "context", share_uncond: bool = False) -> None:
+                   context_key: str = "context", share_uncond: bool = False, concept_rows: bool = False) -> None:
         """Fast mode (``fast.py``): one pass instead of two.
 
         ``blending(t)`` says whether a call at timestep ``t`` is at or past the blend start
@@ -170,8 +171,14 @@ class OmgSession:
         concept's LoRA and prompt act inside its mask in the host's rows. ``context_key``: the
         conditioning entry that cross-attention reads (the host's name for it); ``share_uncond``:
         the uncond rows stay the host's (no LoRA, no concept negative prompt), as in pass 2.
+
+        ``concept_rows`` (the "one pass" mode): from the blend start each concept draws in rows of its own, as
+        in pass 2, instead of in the host's rows; outside the masks the concepts' outputs are averaged (there is
+        no pass 1 to take them from, and no host cond row runs): 1 + k rows per image and step under shared
+        guidance, where the two-pass mode also runs the whole of pass 1.
         """
         self._blending, self._make_masks, self._context_key = blending, make_masks, context_key
+        self._concept_rows = concept_rows
         self.share_uncond = share_uncond
         self._fast_calls: dict[tuple, FastCall] = {}
         self.masks = None
@@ -219,6 +226,8 @@ class OmgSession:
                 return self._run(unet_fn, x, t, cond, self.maps.capture(x, t, rows))
             if self.masks is None:
                 self.masks = BlendMasks(self._make_masks(self), self.images, len(self.concepts))
+            if self._concept_rows:
+                return self._blended(unet_fn, x, t, cond, rows, None)
             return self._fast(unet_fn, x, t, cond, rows)
         return unet_fn(x, t, cond)
 
@@ -254,8 +263,10 @@ class OmgSession:
                                  layout=layout)
             return self._run(unet_fn, *stack(call_rows), call, concept_spans(call_rows))
 
-        # with pass 1's outputs outside the masks, a host row runs only as its concepts' uncond
-        run_host = (lambda role: self.share_uncond and not role.is_cond) if background is not None else None
+        # with pass 1's outputs (or the concepts' mean, in one pass) outside the masks, a host row runs only as its
+        # concepts' uncond
+        outside = background is not None or (self.mode == "fast" and self._concept_rows)
+        run_host = (lambda role: self.share_uncond and not role.is_cond) if outside else None
         units = expand(x, t, cond, rows, self.conds, reference, self.share_uncond, run_host)
         self.row_limit.budget = self.memory.rows(x, smallest=max(len(u) for u in units))
         host_out, concept_out = run_units(units, self.row_limit, run, len(self.conds), background)

@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy
 import torch
 
-from ..config import OmgConfig, compact, concept_loras_in_prompt, to_infotext
+from ..config import ONE_PASS_MODES, OmgConfig, compact, concept_loras_in_prompt, to_infotext
 from ..engine.masks import overlay
 from ..engine.memory import MemoryBudget
 from ..engine.record import first_blended
@@ -128,7 +128,7 @@ class A1111Generation:
         rng_state = (p.rng.shape, p.seeds, p.subseeds, p.subseed_strength, p.seed_resize_from_h, p.seed_resize_from_w)
         try:
             with self.patched(session):
-                if self.cfg.mode == "fast":
+                if self.cfg.mode in ONE_PASS_MODES:
                     return self.sample_fast(session, lambda: original(c, uc, seeds, subseeds, subseed_strength, prompts))
                 session.begin_pass1()
                 p.enable_hr = False
@@ -165,10 +165,10 @@ class A1111Generation:
         return final
 
     def sample_fast(self, session: OmgSession, run) -> torch.Tensor:
-        """Fast mode: one host sampling run; at the blend start's step (see ``blending``) the masks are
-        made — from the attention of the steps before it, from the drawn regions, or by SAM / the
+        """Fast and one-pass mode: one host sampling run; at the blend start's step (see ``blending``) the masks
+        are made — from the attention of the steps before it, from the drawn regions, or by SAM / the
         detector on the image the host's last denoised latent (``on_cfg_after_cfg``) decodes to —
-        then the concepts act inside them."""
+        then the concepts act inside them (masked in the host's rows, or in rows of their own)."""
         from modules import script_callbacks, shared
 
         made, denoised, calls = [], [], [0]
@@ -199,14 +199,15 @@ class A1111Generation:
         def start_step() -> int:
             return first_blended(start, max(state.sampling_steps, 1))
 
-        session.begin_fast(blending, make_masks, context_key=self.context_key, share_uncond=self.cfg.concept_guidance == "shared")
+        session.begin_fast(blending, make_masks, context_key=self.context_key, share_uncond=self.cfg.concept_guidance == "shared",
+                           concept_rows=self.cfg.mode == "one pass")
         add_callback(script_callbacks.on_cfg_after_cfg, keep_denoised, "omg fast mode")
         try:
             final = run()
         finally:
             script_callbacks.remove_callbacks_for_function(keep_denoised)
         if not made and not (state.interrupted or state.skipped):
-            self.warnings.append(f"OMG fast mode never reached its blend start (step {start_step()} of {state.sampling_steps}; "
+            self.warnings.append(f"OMG {self.cfg.mode} mode never reached its blend start (step {start_step()} of {state.sampling_steps}; "
                                  f"sampler {getattr(self.p, 'sampler_name', '?')!r} counted to step {counted[0]}): the image "
                                  "was made without the concepts; lower the blend start, or use another sampler or two passes")
         self.to_show = (made[0], []) if made else None  # no layout pass to show

@@ -239,7 +239,7 @@ class ForgeGeneration(A1111Generation):
         key = tuple((target, block, id(patch)) for target, patches in replace.items() for block, patch in patches.items())
         if key not in self.patch_tables:
             cross, self_attention = self.patches
-            keep_self = self.cfg.self_attention_until > 0 and self.cfg.mode != "fast"
+            keep_self = self.cfg.self_attention_until > 0 and self.cfg.mode == "two passes"
             self.patch_tables[key] = with_omg_patches(replace, cross, self_attention if keep_self else None, self.image_prompts)
         return {**row_options(options, uncond, concept), "patches_replace": self.patch_tables[key]}
 

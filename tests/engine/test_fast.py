@@ -7,26 +7,13 @@ from omg_ext.engine.attention import AttentionCall, AttentionState, ProjectedAtt
 from omg_ext.engine.fast import FastCall, LayerMasks
 from omg_ext.engine.lora import RowRoutedLoRA, StackedLowRank
 from omg_ext.engine.rows import roles_cond_then_uncond
-from omg_ext.engine.session import Concept
-from minisd.loras import merged, random_concept_deltas
+from minisd.loras import merged
 from minisd.runs import SCHEDULE, concept_on_cond_rows, run_fast
 from minisd.sampling import generate
-from minisd.unet import TinyUNet, text_context, unet_fn
+from minisd.unet import text_context, unet_fn
 
 HW = (12, 20)
 """A non-square latent: a transposed mask or token layout would show."""
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return TinyUNet(context_dim=64, seed=0)
-
-
-@pytest.fixture(scope="module")
-def concepts(unet):
-    return [Concept({"context": text_context(10)}, {"context": text_context(11)}, random_concept_deltas(unet, seed=1), [5]),
-            Concept({"context": text_context(20)}, {"context": text_context(21)},
-                    random_concept_deltas(unet, seed=2, dense_every=4), [8, 9])]
 
 
 def _plain(fn, cond, uncond, images=1, steps=6):

@@ -157,7 +157,7 @@ def test_the_xyz_axes_offer_the_settings_choices_and_store_their_values(monkeypa
         webui_settings.add_xyz_axes()
     axes = {axis.label: axis for axis in xyz.axis_options}
     assert axes["[OMG] Mask split"].choices() == ["figures", "pixels"]
-    assert axes["[OMG] Mode"].choices() == ["two passes", "fast"] and axes["[OMG] Mask source"].choices()[0] == "attention"
+    assert axes["[OMG] Mode"].choices() == ["two passes", "one pass", "fast"] and axes["[OMG] Mask source"].choices()[0] == "attention"
     assert axes["[OMG] Blend start"].choices is None and axes["[OMG] Concept 1 LoRA weight"].choices is None
     p = types.SimpleNamespace()
     axes["[OMG] Mask split"].apply(p, "pixels", None)
@@ -348,9 +348,11 @@ def test_a_whole_job_runs_two_passes_and_leaves_the_model_as_it_was(monkeypatch,
 
 
 @torch.no_grad()
-def test_a_fast_job_runs_one_pass_and_leaves_the_model_as_it_was(monkeypatch, two_concepts):
+@pytest.mark.parametrize("mode, blended_by", [("fast", "_fast"), ("one pass", "_blended")])
+def test_a_fast_job_runs_one_pass_and_leaves_the_model_as_it_was(monkeypatch, two_concepts, mode, blended_by):
+    """Fast mode blends in the host's rows, the one-pass mode in concept rows (``_blended``, as pass 2 does)."""
     model, cfg = two_concepts
-    cfg.mode = "fast"
+    cfg.mode = mode
     unet = model.model.diffusion_model
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     with fake_a1111.installed() as modules:
@@ -361,15 +363,15 @@ def test_a_fast_job_runs_one_pass_and_leaves_the_model_as_it_was(monkeypatch, tw
         generation = a1111.A1111Generation(job, cfg)
         generation.attach()
         seen = []
-        engine_fast = a1111.OmgSession._fast
-        monkeypatch.setattr(a1111.OmgSession, "_fast", lambda self, *a: seen.append(self.masks) or engine_fast(self, *a))
+        engine_call = getattr(a1111.OmgSession, blended_by)
+        monkeypatch.setattr(a1111.OmgSession, blended_by, lambda self, *a: seen.append(self.masks) or engine_call(self, *a))
         monkeypatch.setattr(modules.sd_samplers_common, "sample_to_image", lambda *a, **k: pytest.fail("fast mode decoded an image"))
         final = job.sample(c, uc, [7], [7], 0, job.prompts)
         assert not modules.script_callbacks.callback_map["callbacks_cfg_denoiser"]
-    assert job.calls == 6 + 6  # the plain run and the one fast pass
+    assert job.calls == 6 + 6  # the plain run and the one pass
     assert len(seen) == 3  # steps 3, 4, 5 of 6 blend (blend start 0.5)
     assert tuple(seen[0].masks.shape) == (1, 2, 12, 20)
-    assert job.extra_generation_params["OMG mode"] == "fast"
+    assert generation.session is None and job.extra_generation_params["OMG mode"] == mode
     generation.keep_pictures(torch.rand(1, 3, 96, 160))
     assert [[suffix for _, suffix in pictures] for pictures in generation.layout_images] == [["-omg-masks"]]
     assert not torch.equal(final, plain)

@@ -263,7 +263,7 @@ def _calls_with_control(model, monkeypatch):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("mode", ["two passes", "fast"])
+@pytest.mark.parametrize("mode", ["two passes", "one pass", "fast"])
 def test_a_controlnet_reaches_every_row_with_its_host_rows_residuals(tmp_path, monkeypatch, mode):
     """Forge computes ControlNet residuals for its own rows; every OMG row gets its host row's."""
     cfg = OmgConfig(blend_start=0.5, mode=mode, **CFG)
@@ -283,6 +283,8 @@ def test_a_controlnet_reaches_every_row_with_its_host_rows_residuals(tmp_path, m
     blending = job.steps // 2
     if mode == "fast":  # one pass, the host's 4 rows: each its own residual
         assert len(rows) == job.steps * 4 and all(own)
+    elif mode == "one pass":  # the host's 4 rows, then per blending step 2 images x (host uncond + 2 concepts)
+        assert len(rows) == (job.steps - blending) * 4 + blending * 6 and all(own)
     else:  # pass 1 (4 rows), then per blending step 2 images x (2 host + 2 concepts, guided by the host's uncond)
         # the layout comes from pass 1's kept attention (no reference row): every row has its own residual
         assert len(rows) == job.steps * 4 + blending * 8 and all(own)

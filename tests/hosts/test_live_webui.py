@@ -101,17 +101,20 @@ def test_without_the_layout_and_masks_shown_the_job_gives_its_image_alone_and_th
     assert _pixels(_image(hidden)) == _pixels(_image(shown))  # the PNG info differs
 
 
-def test_fast_mode_makes_one_image_with_its_masks_and_leaves_the_model_as_it_was():
+@pytest.mark.parametrize("mode", ["fast", "one pass"])
+def test_the_one_pass_modes_make_one_image_with_its_masks_and_leave_the_model_as_it_was(mode):
     _, before = _post("/sdapi/v1/txt2img", BASE)
-    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_hires(), **_omg(mode="fast")})
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_hires(), **_omg(mode=mode)})
     assert status == 200, result
-    assert len(result["images"]) == 2  # the image and its masks over it (no layout pass in fast mode)
-    assert "OMG mode: fast" in json.loads(result["info"])["infotexts"][0]
-    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(mode="fast", mask_source="attention+sam")})
+    assert len(result["images"]) == 2  # the image and its masks over it (no layout pass to show)
+    assert f"OMG mode: {mode}" in json.loads(result["info"])["infotexts"][0]
+    _, other = _post("/sdapi/v1/txt2img", {**BASE, **_hires(), **_omg(mode="fast" if mode == "one pass" else "one pass")})
+    assert _image(other) != _image(result)  # concept rows of their own, not masked LoRAs in the host's rows
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(mode=mode, mask_source="attention+sam")})
     assert status == 200, result  # SAM on the decoded denoised latent, or (no SAM file here) attention with a warning
     info = json.loads(result["info"])["infotexts"][0]
     assert 'OMG mask sources used: "attention+sam, attention+sam"' in info or "attention masks used instead" in info
-    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(mode="fast", blend_start=0)})
+    status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(mode=mode, blend_start=0)})
     assert status == 422 and "blend start must be above 0" in json.dumps(result)
     _, after = _post("/sdapi/v1/txt2img", BASE)
     assert base64.b64decode(before["images"][0]) == base64.b64decode(after["images"][0])
@@ -273,7 +276,7 @@ def test_controlnet_with_omg_disabled_is_bitwise_the_image_without_omg():
 
 
 @pytest.mark.skipif(not CONTROLNET, reason="OMG_CONTROLNET (a ControlNet model name) not set")
-@pytest.mark.parametrize("mode", ["two passes", "fast"])
+@pytest.mark.parametrize("mode", ["two passes", "one pass", "fast"])
 def test_controlnet_acts_on_the_omg_image_in_a_batch_with_hires_and_the_model_comes_back(mode):
     _, before = _post("/sdapi/v1/txt2img", BASE)
     hires = _hires(batch_size=2)
