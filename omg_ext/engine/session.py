@@ -265,7 +265,7 @@ class OmgSession:
 
         # with pass 1's outputs (or the concepts' mean, in one pass) outside the masks, a host row runs only as its
         # concepts' uncond
-        outside = background is not None or (self.mode == "fast" and self._concept_rows)
+        outside = background is not None or self._concept_rows
         run_host = (lambda role: self.share_uncond and not role.is_cond) if outside else None
         units = expand(x, t, cond, rows, self.conds, reference, self.share_uncond, run_host)
         self.row_limit.budget = self.memory.rows(x, smallest=max(len(u) for u in units))
