@@ -37,7 +37,10 @@ class ForgeMerge(ForgeExtract):
                 if is_quantised(module.weight):
                     raise OmgUserError("merging needs the checkpoint's weights in fp16 or fp32: it is loaded quantised "
                                        "(fp8, GGUF or NF4); choose another 'Diffusion in Low Bits'")
-                key = "lora_unet_" + path[len(UNET_PREFIX):].replace(".", "_") if path.startswith(UNET_PREFIX) else names[param]
+                key = "lora_unet_" + path[len(UNET_PREFIX):].replace(".", "_") if path.startswith(UNET_PREFIX) else names.get(param)
+                if key is None:
+                    raise OmgUserError(f"LoRA {name!r} patches {param}, a weight this Forge names no LoRA key for: "
+                                       "the merged file could not name it (a text encoder of another architecture?)")
                 modules[key] = module
                 deltas[key] = dense_difference(module.weight, patch, lambda p, base, k: self.backend.merge(objects, p, base, 1.0, k),
                                                param).reshape(module.weight.shape)

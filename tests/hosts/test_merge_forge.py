@@ -107,6 +107,14 @@ def test_a_quantised_checkpoint_is_refused_with_a_message(forge, monkeypatch):
         ForgeMerge().lora_layers(model, "char1")
 
 
+def test_a_text_encoder_weight_the_host_names_no_lora_key_for_is_refused_with_a_message(forge, monkeypatch):
+    model, *_ = forge
+    """A host whose key map gives the text encoder's weights no ``lora_…`` name (only other spellings)."""
+    monkeypatch.setattr("omg_ext.hosts.merge_forge.kohya_names", lambda key_map: {})
+    with pytest.raises(OmgUserError, match="names no LoRA key for"):
+        ForgeMerge().lora_layers(model, "char1")
+
+
 def test_text_encoder_layers_get_the_kohya_name_a1111_maps_too():
     key_map = {"lora_te1_text_model_encoder_layers_0_mlp_fc1": "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
                "text_encoder.text_model.encoder.layers.0.mlp.fc1": "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
