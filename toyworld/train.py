@@ -3,6 +3,7 @@
     python -m toyworld.train all        # base model, identity LoRAs, scorer (about an hour on 2 cores)
     python -m toyworld.train base       # or one part: base | loras | scorer
     python -m toyworld.train loras --preset attention --out DIR   # attention-only LoRAs elsewhere (merging)
+    python -m toyworld.train loras --regularised --out toyworld/weights/regularised   # the LoRAs merging uses
 
 Training runs on the CPU with a progress bar (to stderr, or the log file you redirect it
 to) and writes a resumable checkpoint every ``CHECKPOINT_EVERY`` steps under
@@ -14,7 +15,10 @@ finished weights go to ``toyworld/weights/`` in fp16.
   guidance); the exponential moving average of the weights is what is saved.
 - loras: one file per identity, trained as a civitai user trains one: the base frozen, a
   trigger word, single-figure images of the identity only. Kohya LoRA (LoCon on convs)
-  for three identities, LoHa for the fourth.
+  for three identities, LoHa for the fourth. With ``--regularised`` half of every batch is
+  class regularisation images (kohya's ``reg_data_dir``: plain figures, prompts without a
+  trigger), so the LoRA must leave "a man" as the base draws it and the identity answers to
+  its trigger word alone: what merging needs (docs/merge.md).
 - scorer: the per-pixel classifier the measures use, on rendered scenes with ground truth.
 """
 from __future__ import annotations
@@ -142,29 +146,35 @@ LORA_KINDS = ("lora", "lora", "lora", "loha")
 """One kind per identity (``IDENTITIES`` order): three kohya LoRAs (LoCon) and a LoHa."""
 
 
-def train_lora(k: int, steps: int = 600, batch: int = 32, preset: str = "all", out: Path = WEIGHTS) -> None:
+def train_lora(k: int, steps: int = 600, batch: int = 32, preset: str = "all", out: Path = WEIGHTS,
+               regularised: bool = False) -> None:
     """Identity ``k`` (1-based) as a civitai user trains it: frozen base, trigger word, one figure per image;
-    ``preset``: the layers it trains (``lora_files.PRESETS``), ``out``: the folder of the file."""
+    ``preset``: the layers it trains (``lora_files.PRESETS``), ``out``: the folder of the file,
+    ``regularised``: half of each batch plain class scenes without the trigger."""
     identity = IDENTITIES[k - 1]
     base = ToyModel.load(WEIGHTS / "base.safetensors")
     adapter = TrainableAdapter(base, LORA_KINDS[k - 1], rank=4, alpha=4.0, seed=SEED + k, preset=preset)
     generator = torch.Generator().manual_seed(SEED + k)
 
     def loss_at(step: int) -> torch.Tensor:
-        x0, prompts = batch_of_scenes(np.random.default_rng([SEED, k, step]), batch, looks=(k,))
+        rng = np.random.default_rng([SEED, k, step])
+        x0, prompts = batch_of_scenes(rng, batch // 2 if regularised else batch, looks=(k,))
+        if regularised:
+            plain, plain_prompts = batch_of_scenes(rng, batch - batch // 2)
+            x0, prompts = torch.cat([x0, plain]), prompts + plain_prompts
         with adapter.installed():
             return diffusion_loss(base, x0, prompts, generator)
 
-    name = f"lora_{identity.trigger}" + ("" if preset == "all" else f"_{preset}")
+    name = f"lora_{identity.trigger}" + ("" if preset == "all" else f"_{preset}") + ("_regularised" if regularised else "")
     loop = Checkpointed(name, steps, list(adapter.parameters()), lr=2e-3)
     loop.run(loss_at, adapter.state_dict, adapter.load_state_dict)
     out.mkdir(parents=True, exist_ok=True)
     adapter.save(out / f"{identity.trigger}.safetensors", identity.trigger, identity.figure)
 
 
-def train_loras(preset: str = "all", out: Path = WEIGHTS) -> None:
+def train_loras(preset: str = "all", out: Path = WEIGHTS, regularised: bool = False) -> None:
     for k in range(1, len(IDENTITIES) + 1):
-        train_lora(k, preset=preset, out=out)
+        train_lora(k, preset=preset, out=out, regularised=regularised)
 
 
 def train_scorer(steps: int = 1500, batch: int = 64) -> None:
@@ -190,10 +200,12 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", choices=PRESETS, default="all",
                         help="loras: the layers they train (attention: the UNet's attention projections and the text encoder)")
     parser.add_argument("--out", type=Path, default=WEIGHTS, help="loras: the folder the files go to")
+    parser.add_argument("--regularised", action="store_true",
+                        help="loras: half of each batch plain class scenes without the trigger (the identity answers to its trigger)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.part == "loras":
-        train_loras(args.preset, args.out)
+        train_loras(args.preset, args.out, args.regularised)
         return
     for name in (PARTS if args.part == "all" else [args.part]):
         PARTS[name]()
