@@ -2,6 +2,9 @@
 
     python benchmarks/bench_merge.py [--seeds 10] [--methods loraclr "least squares" sum] [--grids docs/merge] [--weights DIR]
 
+The identity LoRAs merged are the ones trained with class regularisation images (``toyworld/weights/regularised``:
+each identity answers to its trigger word, and "a man" stays plain); ``--weights toyworld/weights`` merges the
+committed civitai-style ones instead (trained on the identity alone: they paint every man or woman).
 For 2, 3 and 4 identities (zorb, quix, plok and the LoHa vann) merged by each method: the time and peak memory
 of the merge, the largest relative SVD error of the saved file, and, per identity, the fidelity of its
 single-figure prompts (its trigger on every background, seeds not used while merging) with the merged file
@@ -28,25 +31,14 @@ from omg_ext.merge.fit import METHODS  # noqa: E402
 from omg_ext.merge.merge import MergeSettings  # noqa: E402
 from toyworld.grids import labelled_grid  # noqa: E402
 from toyworld.lora_files import read_kohya  # noqa: E402
-from toyworld.measures import ConceptLook, image_measures, summarise  # noqa: E402
-from toyworld.merging import MergedWorld, merged_file, trigger_prompts, with_lora  # noqa: E402
+from toyworld.measures import image_measures, summarise  # noqa: E402
+from toyworld.merging import REGULARISED, MergedWorld, merged_file, merged_name, single_fidelity, with_lora  # noqa: E402
 from toyworld.methods import Case, ToyWorld, global_loras, omg  # noqa: E402
 
 SETS = ((1, 2), (1, 2, 3), (1, 2, 3, 4))
 CASES = (Case((1, 2), "on grass"), Case((1, 2), "at the beach", in_front=True),
          Case((3, 4), "in snow"), Case((3, 4), "at night", in_front=True))
 FIRST_SEED = 3000
-
-
-def single_fidelity(world: ToyWorld, deltas: dict, identity: int, seeds: list[int]) -> tuple[float, torch.Tensor]:
-    """Mean fidelity of the identity's single-figure prompts with ``deltas``; the pictures of the first prompt."""
-    values, first = [], None
-    for prompt in trigger_prompts(identity):
-        images = with_lora(world, deltas, prompt, seeds).images
-        first = images if first is None else first
-        kinds, looks = world.scorer.labels(images)
-        values += [image_measures(kinds[b], looks[b], [ConceptLook(identity)])["fidelity"] for b in range(len(seeds))]
-    return sum(values) / len(values), first
 
 
 def two_concept(world: ToyWorld, method, case: Case, seeds: list[int]) -> tuple[dict[str, list[float]], torch.Tensor]:
@@ -65,13 +57,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--grids", type=Path, default=ROOT / "docs" / "merge")
     parser.add_argument("--rows", type=int, default=4096, help="input rows sampled per layer and identity")
-    parser.add_argument("--weights", type=Path, default=None,
-                        help="a folder with other identity LoRAs (e.g. attention-only ones); the base model and scorer stay the committed ones")
+    parser.add_argument("--sets", type=int, nargs="+", default=[len(s) for s in SETS], choices=[len(s) for s in SETS],
+                        help="how many identities each merge takes (the first 2, 3 or all 4)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="a folder the merged files are kept in (toyworld/weights/regularised takes the tests' 4-identity distil merge)")
+    parser.add_argument("--weights", type=Path, default=REGULARISED,
+                        help="the folder of the identity LoRAs (e.g. toyworld/weights for the civitai-style ones); "
+                             "the base model and scorer stay the committed ones")
     args = parser.parse_args()
     torch.manual_seed(0)
     world = ToyWorld()
-    if args.weights is not None:
-        world.files = {k: args.weights / path.name for k, path in world.files.items()}
+    world.files = {k: args.weights / path.name for k, path in world.files.items()}
     seeds = list(range(FIRST_SEED, FIRST_SEED + args.seeds))
     columns = min(len(seeds), 8)
     args.grids.mkdir(parents=True, exist_ok=True)
@@ -79,12 +75,18 @@ def main() -> None:
     for k in SETS[-1]:
         own[k], own_pictures[k] = single_fidelity(world, world.lora(k), k, seeds)
     print("own LoRA fidelity on its single-figure prompts: " + ", ".join(f"{k} {v:.3f}" for k, v in own.items()))
-    folder = Path(tempfile.mkdtemp())
+    painted = {k: single_fidelity(world, world.lora(k), k, seeds, trigger=False)[0] for k in SETS[-1]}
+    print("...and on the same prompts without its trigger (figures it was not asked for): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in painted.items()))
+    folder = args.keep or Path(tempfile.mkdtemp())
+    folder.mkdir(parents=True, exist_ok=True)
     ratios, files = {}, {}
     print(f"\n{'identities':<12}{'method':<15}{'seconds':>9}{'peak MB':>9}{'svd err':>9}   merged/own fidelity per identity")
-    for identities in SETS:
+    chosen = [s for s in SETS if len(s) in args.sets]
+    last = chosen[-1]
+    for identities in chosen:
         for method in args.methods:
-            path = folder / f"{method.replace(' ', '_')}_{len(identities)}.safetensors"
+            path = folder / merged_name(identities, method)
             start = time.perf_counter()
             errors = merged_file(world, identities, path, MergeSettings(method=method, rows=args.rows))
             seconds = time.perf_counter() - start
@@ -97,7 +99,7 @@ def main() -> None:
                 ratios[identities, method, k] = fidelity / own[k] if own[k] else 0.0
             print(f"{len(identities):<12}{method:<15}{seconds:>9.1f}{peak:>9.0f}{max(errors.values()):>9.3f}   "
                   + ", ".join(f"{k} {ratios[identities, method, k]:.3f}" for k in identities), flush=True)
-            if identities == SETS[-1]:
+            if identities == last:
                 rows = {}
                 for k in identities:
                     rows[f"{world.files[k].stem}: own LoRA"] = own_pictures[k]
@@ -105,9 +107,9 @@ def main() -> None:
                 labelled_grid(rows, columns, f"each identity alone with its own LoRA and with the 4-identity merge ({method})"
                               ).save(args.grids / f"single_{method.replace(' ', '_')}.png")
 
-    print(f"\ntwo-concept prompts ({len(CASES)} prompts x {len(seeds)} seeds), the 4-identity merge")
+    print(f"\ntwo-concept prompts ({len(CASES)} prompts x {len(seeds)} seeds), the {len(last)}-identity merge")
     best = args.methods[0]
-    merged_world = MergedWorld(world, files[SETS[-1], best])
+    merged_world = MergedWorld(world, files[last, best])
 
     methods = {f"merged file ({best})": lambda w, case, s: merged_only(merged_world, case, s),
                "both LoRAs global": global_loras, "OMG": omg,
@@ -125,7 +127,7 @@ def main() -> None:
     for name, measures in table.items():
         print(f"{name:<28}" + "".join("{:>11.3f} ±{:.3f}".format(*summarise(measures[m]))
                                       for m in ("fidelity", "leakage", "both_present", "identities_kept")))
-    lowest = min(ratios[SETS[-1], best, k] for k in SETS[-1])
+    lowest = min(ratios[last, best, k] for k in last)
     print(f"merged/own fidelity ratio: {lowest:.3f}")
 
 

@@ -10,23 +10,29 @@ from pathlib import Path
 
 import torch
 
-from omg_ext.engine.lora import RowRoutedLoRA
+from omg_ext.engine.lora import DenseDelta, RowRoutedLoRA
+from omg_ext.merge.distil import Teaching
 from omg_ext.merge.merge import MergeConcept, MergeSettings, merge, to_file
 from omg_ext.merge.record import recording
 from minisd.sampling import generate
 
 from .lora_files import read_kohya, target_layers, text_router
 from .methods import CFG, STEPS, Generated, ToyWorld, _rows
-from .model import SCHEDULE, to_images
+from .measures import ConceptLook, image_measures
+from .model import SCHEDULE, WEIGHTS, to_images
 from .scenes import BACKGROUNDS, IDENTITIES, SIZE, Figure, Scene, scene_prompt
 
 RECORD_STEPS, RECORD_SEEDS = 20, tuple(range(7, 15))
+REGULARISED = WEIGHTS / "regularised"
+"""The identity LoRAs trained with class regularisation images (``python -m toyworld.train loras --regularised``):
+each answers to its trigger word alone, what merging needs; also the tests' 4-identity merge."""
 
 
-def trigger_prompts(identity: int) -> list[str]:
-    """The identity alone on every background, as its LoRA was trained ("a zorb man on grass")."""
+def trigger_prompts(identity: int, trigger: bool = True) -> list[str]:
+    """The identity alone on every background, as its LoRA was trained ("a zorb man on grass"); without its
+    trigger word: "a man on grass"."""
     figure = Figure(IDENTITIES[identity - 1].figure, 0, 0, 0, identity)
-    return [scene_prompt(Scene(background, [figure])) for background in BACKGROUNDS]
+    return [scene_prompt(Scene(background, [figure]), trigger) for background in BACKGROUNDS]
 
 
 def layer_modules(world: ToyWorld) -> dict[str, torch.nn.Module]:
@@ -62,14 +68,53 @@ def merged_file(world: ToyWorld, identities: tuple[int, ...], path: Path, settin
     """Merge the identities' files into ``path``; returns each layer's relative SVD error."""
     layers, concepts = layer_modules(world), merge_concepts(world, identities)
 
+    pictures = {}
+
     def record(j: int):
         with recording(layers, settings.rows, seed=j) as samples:
-            sample_with(world, world.lora(identities[j]), trigger_prompts(identities[j]), list(RECORD_SEEDS), RECORD_STEPS)
+            pictures[j] = sample_with(world, world.lora(identities[j]), trigger_prompts(identities[j]), list(RECORD_SEEDS),
+                                      RECORD_STEPS)
         return samples
 
     with torch.enable_grad():  # loraclr's fit optimises; the recording above runs without gradients
-        merged = merge(layers, concepts, record, settings)
+        merged = merge(layers, concepts, record, settings,
+                       teach=lambda text: teaching(world, identities, [pictures[j] for j in range(len(identities))], text))
     return to_file(path, merged, layers, concepts, settings)
+
+
+def teaching(world: ToyWorld, identities: tuple[int, ...], pictures: list[torch.Tensor], text: dict[str, torch.Tensor]) -> Teaching:
+    """Distillation's view of the toy world: each identity's recorded pictures, their prompts encoded with its own
+    text LoRA (teacher) and with the merged text layers ``text`` (student)."""
+    unet = dict(world.model.unet.named_modules())
+    merged_text = text_router(world.model, [kohya_deltas(world, text)["text"]])
+    own, merged = [], []
+    for j, k in enumerate(identities):
+        prompts = trigger_prompts(k)
+        rows = [prompts[i % len(prompts)] for i in range(len(RECORD_SEEDS))]
+        own_text = text_router(world.model, [world.lora(k)["text"]])
+        with torch.no_grad():
+            for router, out in ((own_text, own), (merged_text, merged)):
+                with router.installed(), router.route([(0, 0, None)], batch=None):
+                    out.append(world.model.encode(rows)["context"])
+
+    def teacher(j: int, index: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        router = RowRoutedLoRA(unet, [world.lora(identities[j])["unet"]])
+        with router.installed(), router.route([(0, 0, None)], batch=None):
+            return world.model.unet(x_t, t.float(), context=own[j][index])
+
+    def student(j: int, index: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return world.model.unet(x_t, t.float(), context=merged[j][index])
+
+    return Teaching(pictures, teacher, student, SCHEDULE.alphas_cumprod)
+
+
+def kohya_deltas(world: ToyWorld, deltas: dict[str, torch.Tensor]) -> dict:
+    """Dense deltas by kohya key as ``{"unet", "text"}`` deltas by module name (what the routers take)."""
+    out: dict = {"unet": {}, "text": {}}
+    for key, (part, name, _) in target_layers(world.model).items():
+        if key in deltas:
+            out[part][name] = DenseDelta(deltas[key])
+    return out
 
 
 class MergedWorld(ToyWorld):
@@ -89,3 +134,21 @@ class MergedWorld(ToyWorld):
 def with_lora(world: ToyWorld, deltas: dict, prompt: str, seeds: list[int]) -> Generated:
     """Pictures of ``prompt`` with one LoRA (``{"unet", "text"}`` deltas) on the whole model, as a WebUI loads it."""
     return Generated(to_images(sample_with(world, deltas, [prompt], seeds, STEPS)))
+
+
+def merged_name(identities: tuple[int, ...], method: str) -> str:
+    """The file name of a merge: ``merged_zorb_quix_plok_vann_distil.safetensors``."""
+    return "merged_" + "_".join(IDENTITIES[k - 1].trigger for k in identities) + f"_{method.replace(' ', '_')}.safetensors"
+
+
+def single_fidelity(world: ToyWorld, deltas: dict, identity: int, seeds: list[int],
+                    trigger: bool = True) -> tuple[float, torch.Tensor]:
+    """Mean fidelity of the identity's single-figure prompts with ``deltas`` (``trigger=False``: the prompts without its
+    trigger word, "a man on grass"); the pictures of the first prompt."""
+    values, first = [], None
+    for prompt in trigger_prompts(identity, trigger):
+        images = with_lora(world, deltas, prompt, seeds).images
+        first = images if first is None else first
+        kinds, looks = world.scorer.labels(images)
+        values += [image_measures(kinds[b], looks[b], [ConceptLook(identity)])["fidelity"] for b in range(len(seeds))]
+    return sum(values) / len(values), first

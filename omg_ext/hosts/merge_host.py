@@ -20,6 +20,7 @@ import torch
 
 from ..concepts.model import ConceptModel
 from ..engine.lora import DenseDelta, RowRoutedLoRA
+from ..merge.distil import DistilSettings, Teaching
 from ..merge.fit import FitSettings
 from ..merge.merge import MergeConcept, MergeError, MergeSettings, merge, to_file
 from ..merge.record import recording
@@ -43,6 +44,9 @@ class MergeRequest:
     method: str = "loraclr"
     energy: float = 0.99
     steps: int = 100
+    """loraclr's optimisation steps per layer."""
+    distil_steps: int = 300
+    """distil's training steps (the whole UNet)."""
     size: int = 512
     """Side of the pictures sampled while recording, in pixels."""
     record_steps: int = 8
@@ -59,14 +63,15 @@ class MergeRequest:
             request = cls(**body)
             request.loras, request.triggers = [str(x) for x in request.loras], [str(x) for x in request.triggers]
             request.weights = [float(x) for x in request.weights]
-            request.energy, request.steps = float(request.energy), int(request.steps)
+            request.energy, request.steps, request.distil_steps = float(request.energy), int(request.steps), int(request.distil_steps)
             request.size, request.record_steps = int(request.size), int(request.record_steps)
         except (TypeError, ValueError) as e:
             raise OmgUserError(f"bad merge request: {e}") from e
         return request
 
     def settings(self) -> MergeSettings:
-        return MergeSettings(method=self.method, energy=self.energy, fit=FitSettings(steps=self.steps))
+        return MergeSettings(method=self.method, energy=self.energy, fit=FitSettings(steps=self.steps),
+                             distil=DistilSettings(steps=self.distil_steps, rows=1))  # one row at a time: extraction's 4.9 GB
 
 
 def output_path(name: str) -> Path:
@@ -145,22 +150,39 @@ def run_merge(host: MergeHost, request: MergeRequest, progress=lambda text, done
                                      lora_on_disk(name).filename))
     settings = request.settings()
     latent = (1, 4, request.size // 8, request.size // 8)
+    own = [RowRoutedLoRA(layers, [{k: DenseDelta(d, scale=c.weight) for k, d in c.deltas.items()}]) for c in concepts]
+    pictures, contexts = [], []
 
     def record(j: int):
-        concept = concepts[j]
-        router = RowRoutedLoRA(layers, [{k: DenseDelta(d, scale=concept.weight) for k, d in concept.deltas.items()}])
-        with recording(layers, settings.rows, seed=j) as samples, router.installed(), router.route_all(0), torch.no_grad():
-            cond, uncond = model.encode([concept.trigger], {}), model.encode([""], {})
-            ddim_steps(model.predict, model.alphas_cumprod, cond, uncond, latent, request.record_steps, 7.0,
-                       torch.Generator().manual_seed(j), check)
+        with recording(layers, settings.rows, seed=j) as samples, own[j].installed(), own[j].route_all(0), torch.no_grad():
+            cond, uncond = model.encode([concepts[j].trigger], {}), model.encode([""], {})
+            pictures.append(ddim_steps(model.predict, model.alphas_cumprod, cond, uncond, latent, request.record_steps, 7.0,
+                                       torch.Generator().manual_seed(j), check))
+            contexts.append(cond)
         return samples
+
+    def teach(text: dict[str, torch.Tensor]) -> Teaching:
+        """distil's view of the host: each concept's recorded picture and prompt, encoded with its own LoRA (the
+        teacher, which also runs its UNet part) and with the merged text layers ``text`` (the student)."""
+        merged_text = RowRoutedLoRA(layers, [{k: DenseDelta(d) for k, d in text.items()}])
+        with merged_text.installed(), merged_text.route_all(0), torch.no_grad():
+            merged = [model.encode([c.trigger], {}) for c in concepts]
+
+        def teacher(j: int, index: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with own[j].installed(), own[j].route_all(0):
+                return model.predict(x_t, t, contexts[j].expand(len(index), *contexts[j].shape[1:]))
+
+        def student(j: int, index: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model.predict(x_t, t, merged[j].expand(len(index), *merged[j].shape[1:]))
+
+        return Teaching(pictures, teacher, student, model.alphas_cumprod)
 
     def report(text: str, done: float) -> None:
         check()
         progress(text, done)
 
     try:
-        merged = merge(layers, concepts, record, settings, report)
+        merged = merge(layers, concepts, record, settings, report, teach)
         errors = to_file(path, merged, layers, concepts, settings)
     except MergeError as e:
         raise OmgUserError(str(e)) from e

@@ -40,11 +40,11 @@ def _parse_lines(text: str, names: list[str], what: str, parse) -> list:
     return [values.get(name) for name in names]
 
 
-def merge_from_tab(loras, triggers, weights, method, energy, steps, size, output):
+def merge_from_tab(loras, triggers, weights, method, energy, steps, distil_steps, size, output):
     """The tab's button: the merge in a thread, its progress bar refreshed until it ends (a generator)."""
     try:
         request = MergeRequest(loras=list(loras or []), output=output, method=method, energy=float(energy), steps=int(steps),
-                               size=int(size), triggers=[t or "" for t in _parse_lines(triggers, list(loras or []), "trigger", str)],
+                               distil_steps=int(distil_steps), size=int(size), triggers=[t or "" for t in _parse_lines(triggers, list(loras or []), "trigger", str)],
                                weights=[1.0 if w is None else w for w in _parse_lines(weights, list(loras or []), "weight", float)])
     except (OmgUserError, ValueError) as e:
         yield concept_jobs.error_html(e)
@@ -80,6 +80,7 @@ def merge_tab(gr) -> None:
         method = gr.Dropdown(list(METHODS), value="loraclr", label="Method")
         energy = gr.Slider(0.5, 1.0, value=0.99, step=0.005, label="Energy kept by the saved LoRA (sets its rank)")
         steps = gr.Number(value=100, precision=0, label="Steps per layer (loraclr)")
+        distil_steps = gr.Number(value=300, precision=0, label="Training steps (distil)")
         size = gr.Number(value=512, precision=0, label="Picture size while recording (px)")
     output = gr.Textbox(label="Name of the merged LoRA (a new file in the LoRA folder)", elem_id="omg_merge_output")
     with gr.Row():
@@ -89,5 +90,5 @@ def merge_tab(gr) -> None:
     refresh.click(fn=lambda: (refresh_loras(), gr.update(choices=lora_names()))[1], inputs=[], outputs=[loras])
     loras.change(fn=lambda picked: "\n".join(f"{name}: {lora_trigger_words(name)}" for name in picked or []),
                  inputs=[loras], outputs=[triggers])
-    start.click(fn=merge_from_tab, inputs=[loras, triggers, weights, method, energy, steps, size, output], outputs=[result])
+    start.click(fn=merge_from_tab, inputs=[loras, triggers, weights, method, energy, steps, distil_steps, size, output], outputs=[result])
     stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])

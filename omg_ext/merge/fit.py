@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-METHODS = ("loraclr", "least squares", "sum")
+METHODS = ("loraclr", "least squares", "sum", "distil")
+"""``distil`` trains the UNet's layers end to end (``distil.py``); the others fit each layer on its own."""
 
 
 @dataclass

@@ -17,7 +17,8 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from .fit import FITS, METHODS, FitSettings, LayerInputs
+from .distil import UNET_PREFIX, DistilSettings, Teaching, distil
+from .fit import FITS, METHODS, FitSettings, LayerInputs, fit_sum
 from .lora_out import MAX_RANK, factorise, lora_tensors, write_lora
 from .record import RowSample, weight_matrix
 
@@ -47,6 +48,7 @@ class MergeSettings:
     rows: int = 1024
     """Input rows sampled per layer and concept (memory: rows × the layer's input width × 4 bytes each)."""
     fit: FitSettings = field(default_factory=FitSettings)
+    distil: DistilSettings = field(default_factory=DistilSettings)
 
     def validate(self, concepts: list[MergeConcept]) -> "MergeSettings":
         if self.method not in METHODS:
@@ -67,6 +69,8 @@ class MergeSettings:
             raise MergeError("the rank and the rows per layer must be at least 1")
         if self.method == "loraclr" and self.fit.steps < 1:
             raise MergeError(f"loraclr needs at least 1 step (got {self.fit.steps})")
+        if self.method == "distil" and self.distil.steps < 1:
+            raise MergeError(f"distil needs at least 1 step (got {self.distil.steps})")
         return self
 
 
@@ -81,11 +85,14 @@ def file_hash(path: str) -> str:
 
 
 def merge(layers: Mapping[str, nn.Module], concepts: list[MergeConcept], record: Callable[[int], dict[str, RowSample]],
-          settings: MergeSettings, progress: Callable[[str, float], None] = lambda text, done: None) -> dict[str, torch.Tensor]:
+          settings: MergeSettings, progress: Callable[[str, float], None] = lambda text, done: None,
+          teach: Callable[[dict[str, torch.Tensor]], Teaching] | None = None) -> dict[str, torch.Tensor]:
     """The merged delta of every layer a concept touches (kohya key -> [out, in·kh·kw]).
 
     ``record(j)`` runs the model with concept j's LoRA and returns the input samples of ``layers``; ``progress``
     gets a text and the share done, and may raise to stop (the WebUI's Interrupt): nothing is kept then.
+    ``teach(text_deltas)`` (the ``distil`` method): what distillation needs, once the text encoder's layers are
+    merged (key -> delta shaped like the weight).
     """
     settings.validate(concepts)
     touched = sorted({key for c in concepts for key in c.deltas})
@@ -93,24 +100,40 @@ def merge(layers: Mapping[str, nn.Module], concepts: list[MergeConcept], record:
     if unknown:
         raise MergeError(f"{len(unknown)} layers of the LoRAs are not in this model (made for another architecture?): "
                          f"{', '.join(unknown[:3])}")
+    distilling = settings.method == "distil"
+    if distilling and teach is None:
+        raise MergeError("the distil method needs the model to train on, which this caller does not give")
     samples = []
     for j, concept in enumerate(concepts):
         progress(f"recording {concept.name}'s inputs ({j + 1} of {len(concepts)})", 0.3 * j / len(concepts))
         samples.append(record(j))
-    fit = FITS[settings.method]
+    trained = [key for key in touched if distilling and key.startswith(UNET_PREFIX)]
+    per_layer = [key for key in touched if key not in trained]
+    fit = FITS["least squares" if distilling else settings.method]
+    fitted_share = 0.4 if distilling else 1.0
     merged = {}
-    for n, key in enumerate(touched):
-        progress(f"fitting layer {n + 1} of {len(touched)} ({settings.method})", 0.3 + 0.7 * n / len(touched))
-        base = weight_matrix(layers[key])
-        inputs = []
-        for j, sample in enumerate(samples):
-            if sample[key].rows is None:
-                raise MergeError(f"no input reached layer {key} while recording {concepts[j].name}")
-            inputs.append(sample[key].rows)
-        deltas = [c.deltas[key].float().reshape(base.shape) if key in c.deltas else torch.zeros_like(base) for c in concepts]
-        merged[key] = fit(LayerInputs(base, deltas, inputs, [c.weight for c in concepts]), settings.fit)
+    for n, key in enumerate(per_layer):
+        progress(f"fitting layer {n + 1} of {len(per_layer)} ({'least squares' if distilling else settings.method})",
+                 0.3 + (fitted_share - 0.3) * n / len(per_layer))
+        merged[key] = fit(_layer_inputs(key, layers[key], concepts, samples), settings.fit)
+    if trained:
+        start = {key: fit_sum(_layer_inputs(key, layers[key], concepts, samples)) for key in trained}
+        teaching = teach({key: merged[key].reshape(layers[key].weight.shape) for key in per_layer})
+        merged.update(distil({key: layers[key] for key in trained}, start, teaching, settings.distil,
+                             lambda text, done: progress(text, fitted_share + (1 - fitted_share) * done)))
     progress("fitted", 1.0)
     return merged
+
+
+def _layer_inputs(key: str, layer: nn.Module, concepts: list[MergeConcept], samples: list[dict[str, RowSample]]) -> LayerInputs:
+    base = weight_matrix(layer)
+    inputs = []
+    for j, sample in enumerate(samples):
+        if sample[key].rows is None:
+            raise MergeError(f"no input reached layer {key} while recording {concepts[j].name}")
+        inputs.append(sample[key].rows)
+    deltas = [c.deltas[key].float().reshape(base.shape) if key in c.deltas else torch.zeros_like(base) for c in concepts]
+    return LayerInputs(base, deltas, inputs, [c.weight for c in concepts])
 
 
 def kohya_tensors(merged: Mapping[str, torch.Tensor], layers: Mapping[str, nn.Module], energy: float,

@@ -437,27 +437,28 @@ def _merge(**changes):
     return _post("/omg/concepts/merge", body)
 
 
-def test_a_merged_lora_appears_in_the_list_loads_in_a_prompt_and_omg_takes_it_and_the_model_is_unchanged():
+@pytest.mark.parametrize("method, name", [("least squares", "omg_live_merge"), ("distil", "omg_live_merge_distil")])
+def test_a_merged_lora_appears_in_the_list_loads_in_a_prompt_and_omg_takes_it_and_the_model_is_unchanged(method, name):
     with urllib.request.urlopen(URL.rstrip("/") + "/sdapi/v1/loras", timeout=60) as r:
         listed = [x["name"] for x in json.load(r)]
-    if "omg_live_merge" in listed:
-        pytest.skip("omg_live_merge exists from an earlier run: remove it from the LoRA folder to run this test")
+    if name in listed:
+        pytest.skip(f"{name} exists from an earlier run: remove it from the LoRA folder to run this test")
     _, before = _post("/sdapi/v1/txt2img", BASE)
     _post("/sdapi/v1/txt2img", {**BASE, "prompt": f"a man <lora:{LORAS[0]}:1>"})  # a LoRA in the weights (Forge keeps it)
-    status, result = _merge()
+    status, result = _merge(method=method, output=name, distil_steps=2)
     assert status == 200, result
-    assert result["lora"] == "omg_live_merge" and result["layers"] > 0
+    assert result["lora"] == name and result["layers"] > 0 and result["method"] == method
     _, after = _post("/sdapi/v1/txt2img", BASE)
     assert base64.b64decode(before["images"][0]) == base64.b64decode(after["images"][0])  # the model as it was
     with urllib.request.urlopen(URL.rstrip("/") + "/sdapi/v1/loras", timeout=60) as r:
-        assert "omg_live_merge" in [x["name"] for x in json.load(r)]
-    status, loaded = _post("/sdapi/v1/txt2img", {**BASE, "prompt": "a man and a woman <lora:omg_live_merge:1>"})
+        assert name in [x["name"] for x in json.load(r)]
+    status, loaded = _post("/sdapi/v1/txt2img", {**BASE, "prompt": f"a man and a woman <lora:{name}:1>"})
     assert status == 200 and base64.b64decode(loaded["images"][0]) != base64.b64decode(before["images"][0])
-    concepts = [{"lora": "omg_live_merge", "class_word": "man", "prompt": "a man, red jacket", "te_weight": 0.5},
-                {"lora": "omg_live_merge", "class_word": "woman", "prompt": "a woman, blue dress", "te_weight": 0.5}]
+    concepts = [{"lora": name, "class_word": "man", "prompt": "a man, red jacket", "te_weight": 0.5},
+                {"lora": name, "class_word": "woman", "prompt": "a woman, blue dress", "te_weight": 0.5}]
     status, result = _post("/sdapi/v1/txt2img", {**BASE, **_omg(concepts=concepts)})
     assert status == 200, result
-    status, result = _merge()  # the name is now in use
+    status, result = _merge(output=name)  # the name is now in use
     assert status == 422 and "already exists" in json.dumps(result)
     status, result = _merge(loras=LORAS[:1], output="omg_live_merge_one")
     assert status == 422 and "a merge takes 2 to 12 LoRAs" in json.dumps(result)

@@ -76,6 +76,18 @@ def test_a_sum_merge_read_back_by_forges_loader_is_the_sum_of_the_loras_and_the_
         assert (merged[key] - expected).norm() <= 2e-3 * expected.norm(), key  # fp16 factors
 
 
+def test_a_distil_merge_on_forge_trains_through_its_model_and_leaves_it_bitwise_as_it_was(forge):
+    model, _, folder = forge
+    before = _weights(model)
+    seen = []
+    result = merge_ui.run_as_job(merge_host.MergeRequest(**REQUEST, method="distil", distil_steps=2), lambda t, d: seen.append(t))
+    after = _weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert "distilling: step 2 of 2" in seen and result["layers"] == 4
+    merged = _deltas(folder / "both.safetensors", model)
+    assert len(merged) == 4 and all(torch.isfinite(d).all() for d in merged.values())
+
+
 def test_a_least_squares_merge_on_forge_differs_from_the_sum(forge):
     model, _, folder = forge
     merge_ui.run_as_job(merge_host.MergeRequest(**REQUEST, method="least squares", energy=1.0))

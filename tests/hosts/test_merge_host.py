@@ -58,11 +58,15 @@ REQUEST = dict(loras=["char1", "char2"], output="both", triggers=["zorb man", "q
                size=64, record_steps=2)
 
 
-def test_a_merge_writes_a_lora_the_host_loads_and_leaves_the_model_bitwise_as_it_was(host):
+@pytest.mark.parametrize("method", ["least squares", "distil"])
+def test_a_merge_writes_a_lora_the_host_loads_and_leaves_the_model_bitwise_as_it_was(host, method):
     model, modules, folder = host
     before = _snapshot(model)
-    result = merge_ui.run_as_job(merge_host.MergeRequest(**REQUEST))
+    seen = []
+    result = merge_ui.run_as_job(merge_host.MergeRequest(**{**REQUEST, "method": method, "distil_steps": 3}),
+                                 lambda text, done: seen.append(text))
     _unchanged(model, before)
+    assert ("distilling: step 3 of 3" in seen) == (method == "distil") and result["method"] == method
     assert result["lora"] == "both" and result["layers"] == 4 and result["triggers"] == ["zorb man", "quix woman"]
     assert "both" in fake_networks.available_networks  # the list was read again
     net = fake_networks.load_network("both", fake_networks.available_networks["both"])
@@ -107,8 +111,8 @@ def test_a_damaged_lora_file_is_named_and_left_where_it_is(host):
     assert not (folder / "both.safetensors").exists()
 
 
-@pytest.mark.parametrize("phase", ["recording", "fitting"])
-def test_an_interrupt_in_any_phase_writes_nothing_and_leaves_the_model_as_it_was(host, monkeypatch, phase):
+@pytest.mark.parametrize("phase, method", [("recording", "least squares"), ("fitting", "least squares"), ("distilling", "distil")])
+def test_an_interrupt_in_any_phase_writes_nothing_and_leaves_the_model_as_it_was(host, monkeypatch, phase, method):
     model, modules, folder = host
     before = _snapshot(model)
 
@@ -117,6 +121,6 @@ def test_an_interrupt_in_any_phase_writes_nothing_and_leaves_the_model_as_it_was
             modules.shared.state.interrupt()
 
     with pytest.raises(OmgUserError, match="interrupted; nothing was written"):
-        merge_ui.run_as_job(merge_host.MergeRequest(**REQUEST), progress)
+        merge_ui.run_as_job(merge_host.MergeRequest(**{**REQUEST, "method": method, "distil_steps": 5}), progress)
     _unchanged(model, before)
     assert not (folder / "both.safetensors").exists() and not list(folder.glob("*.partial"))
