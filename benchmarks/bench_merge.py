@@ -1,6 +1,7 @@
 """Merging the toy world's identity LoRAs into one file: how much of each identity the merged file keeps.
 
-    python benchmarks/bench_merge.py [--seeds 10] [--methods loraclr "least squares" sum] [--grids docs/merge] [--weights DIR]
+    python benchmarks/bench_merge.py [--seeds 10] [--methods distil loraclr "least squares" sum] [--sets 2 3 4] [--grids docs/merge]
+                                     [--weights DIR] [--keep DIR]
 
 The identity LoRAs merged are the ones trained with class regularisation images (``toyworld/weights/regularised``:
 each identity answers to its trigger word, and "a man" stays plain); ``--weights toyworld/weights`` merges the
@@ -54,7 +55,7 @@ def two_concept(world: ToyWorld, method, case: Case, seeds: list[int]) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=["distil", *(m for m in METHODS if m != "distil")], choices=list(METHODS))
     parser.add_argument("--grids", type=Path, default=ROOT / "docs" / "merge")
     parser.add_argument("--rows", type=int, default=4096, help="input rows sampled per layer and identity")
     parser.add_argument("--sets", type=int, nargs="+", default=[len(s) for s in SETS], choices=[len(s) for s in SETS],

@@ -41,7 +41,8 @@ class MergeRequest:
     triggers: list[str] = field(default_factory=list)
     """Per LoRA its trigger prompt; empty: the LoRA's own trigger words (its metadata)."""
     weights: list[float] = field(default_factory=list)
-    method: str = "loraclr"
+    method: str = "distil"
+    """distil keeps the most of each character (toy world, docs/merge.md); it trains, so it is the slowest."""
     energy: float = 0.99
     steps: int = 100
     """loraclr's optimisation steps per layer."""

@@ -77,7 +77,7 @@ def merge_tab(gr) -> None:
                               elem_id="omg_merge_triggers")
         weights = gr.Textbox(label="Weight per LoRA ('name: 0.8'; 1 where left out)", lines=4)
     with gr.Row():
-        method = gr.Dropdown(list(METHODS), value="loraclr", label="Method")
+        method = gr.Dropdown(list(METHODS), value="distil", label="Method")
         energy = gr.Slider(0.5, 1.0, value=0.99, step=0.005, label="Energy kept by the saved LoRA (sets its rank)")
         steps = gr.Number(value=100, precision=0, label="Steps per layer (loraclr)")
         distil_steps = gr.Number(value=300, precision=0, label="Training steps (distil)")
