@@ -154,7 +154,7 @@ def to_file(path: Path, merged: Mapping[str, torch.Tensor], layers: Mapping[str,
         raise MergeError(f"{Path(path).name} already exists in {Path(path).parent}: choose another name")
     tensors, errors = kohya_tensors(merged, layers, settings.energy, settings.max_rank)
     info = {"method": settings.method, "energy": settings.energy, "max_rank": settings.max_rank, "rows": settings.rows,
-            "fit": asdict(settings.fit),
+            "fit": asdict(settings.fit), "distil": asdict(settings.distil),
             "concepts": [{"name": c.name, "trigger": c.trigger, "weight": c.weight, "sha256": file_hash(c.source)}
                          for c in concepts],
             "largest relative error": max(errors.values(), default=0.0)}

@@ -95,6 +95,7 @@ def test_the_merged_file_reads_back_as_the_merged_deltas_within_the_svd_error(tm
             assert float((read - delta).norm() / delta.norm()) <= errors[key] + 2e-3  # fp16 on top of the SVD
     assert keys == {f"{k}.{part}" for k in merged for part in ("lora_up.weight", "lora_down.weight", "alpha")}
     assert [c["trigger"] for c in meta["concepts"]] == ["zorb0", "zorb1"] and meta["method"] == "least squares"
+    assert meta["distil"]["steps"] == 300 and meta["fit"]["ridge"] == 1e-2
     assert set(tags["omg merge"]) == {"zorb0", "zorb1"}
 
 
