@@ -70,8 +70,8 @@ def merged_file(world: ToyWorld, identities: tuple[int, ...], path: Path, settin
 
     pictures = {}
 
-    def record(j: int):
-        with recording(layers, settings.rows, seed=j) as samples:
+    def record(j: int, keys: list[str]):
+        with recording({key: layers[key] for key in keys}, settings.rows, seed=j) as samples:
             pictures[j] = sample_with(world, world.lora(identities[j]), trigger_prompts(identities[j]), list(RECORD_SEEDS),
                                       RECORD_STEPS)
         return samples

@@ -154,8 +154,8 @@ def run_merge(host: MergeHost, request: MergeRequest, progress=lambda text, done
     own = [RowRoutedLoRA(layers, [{k: DenseDelta(d, scale=c.weight) for k, d in c.deltas.items()}]) for c in concepts]
     pictures, contexts = [], []
 
-    def record(j: int):
-        with recording(layers, settings.rows, seed=j) as samples, own[j].installed(), own[j].route_all(0), torch.no_grad():
+    def record(j: int, keys: list[str]):
+        with recording({k: layers[k] for k in keys}, settings.rows, seed=j) as samples, own[j].installed(), own[j].route_all(0), torch.no_grad():
             cond, uncond = model.encode([concepts[j].trigger], {}), model.encode([""], {})
             pictures.append(ddim_steps(model.predict, model.alphas_cumprod, cond, uncond, latent, request.record_steps, 7.0,
                                        torch.Generator().manual_seed(j), check))

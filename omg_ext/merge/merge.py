@@ -1,7 +1,7 @@
 """Many concept LoRAs into one, layer by layer, host-neutral.
 
 The host (or the toy world) provides the model's target layers by their kohya key, each concept's dense delta
-per layer (parsed by the host's own LoRA loader), and a ``record(concept)`` that runs the model a little with
+per layer (parsed by the host's own LoRA loader), and a ``record(concept, keys)`` that runs the model a little with
 that concept's LoRA active (its prompts through the text encoder, a few sampling steps) inside
 ``record.recording`` and returns the samples. ``merge`` fits every layer any concept touches (``fit``) and
 returns the merged deltas; ``to_file`` writes them as one kohya LoRA. Nothing here changes a weight: the base
@@ -84,12 +84,13 @@ def file_hash(path: str) -> str:
     return digest.hexdigest()
 
 
-def merge(layers: Mapping[str, nn.Module], concepts: list[MergeConcept], record: Callable[[int], dict[str, RowSample]],
+def merge(layers: Mapping[str, nn.Module], concepts: list[MergeConcept], record: Callable[[int, list[str]], dict[str, RowSample]],
           settings: MergeSettings, progress: Callable[[str, float], None] = lambda text, done: None,
           teach: Callable[[dict[str, torch.Tensor]], Teaching] | None = None) -> dict[str, torch.Tensor]:
     """The merged delta of every layer a concept touches (kohya key -> [out, in·kh·kw]).
 
-    ``record(j)`` runs the model with concept j's LoRA and returns the input samples of ``layers``; ``progress``
+    ``record(j, keys)`` runs the model with concept j's LoRA and returns the input samples of the ``keys`` layers
+    (distil records only the text encoder's: it trains the UNet's on pictures instead); ``progress``
     gets a text and the share done, and may raise to stop (the WebUI's Interrupt): nothing is kept then.
     ``teach(text_deltas)`` (the ``distil`` method): what distillation needs, once the text encoder's layers are
     merged (key -> delta shaped like the weight).
@@ -103,12 +104,12 @@ def merge(layers: Mapping[str, nn.Module], concepts: list[MergeConcept], record:
     distilling = settings.method == "distil"
     if distilling and teach is None:
         raise MergeError("the distil method needs the model to train on, which this caller does not give")
+    trained = [key for key in touched if distilling and key.startswith(UNET_PREFIX)]
+    per_layer = [key for key in touched if key not in trained]
     samples = []
     for j, concept in enumerate(concepts):
         progress(f"recording {concept.name}'s inputs ({j + 1} of {len(concepts)})", 0.3 * j / len(concepts))
-        samples.append(record(j))
-    trained = [key for key in touched if distilling and key.startswith(UNET_PREFIX)]
-    per_layer = [key for key in touched if key not in trained]
+        samples.append(record(j, per_layer))
     fit = FITS["least squares" if distilling else settings.method]
     fitted_share = 0.4 if distilling else 1.0
     merged = {}
@@ -117,7 +118,7 @@ def merge(layers: Mapping[str, nn.Module], concepts: list[MergeConcept], record:
                  0.3 + (fitted_share - 0.3) * n / len(per_layer))
         merged[key] = fit(_layer_inputs(key, layers[key], concepts, samples), settings.fit)
     if trained:
-        start = {key: fit_sum(_layer_inputs(key, layers[key], concepts, samples)) for key in trained}
+        start = {key: fit_sum(_layer_inputs(key, layers[key], concepts, samples=None)) for key in trained}
         teaching = teach({key: merged[key].reshape(layers[key].weight.shape) for key in per_layer})
         merged.update(distil({key: layers[key] for key in trained}, start, teaching, settings.distil,
                              lambda text, done: progress(text, fitted_share + (1 - fitted_share) * done)))
@@ -125,10 +126,11 @@ def merge(layers: Mapping[str, nn.Module], concepts: list[MergeConcept], record:
     return merged
 
 
-def _layer_inputs(key: str, layer: nn.Module, concepts: list[MergeConcept], samples: list[dict[str, RowSample]]) -> LayerInputs:
+def _layer_inputs(key: str, layer: nn.Module, concepts: list[MergeConcept], samples: list[dict[str, RowSample]] | None) -> LayerInputs:
+    """One layer's base weight, the concepts' deltas and weights, and their recorded inputs (none: ``samples`` None)."""
     base = weight_matrix(layer)
     inputs = []
-    for j, sample in enumerate(samples):
+    for j, sample in enumerate(samples or []):
         if sample[key].rows is None:
             raise MergeError(f"no input reached layer {key} while recording {concepts[j].name}")
         inputs.append(sample[key].rows)

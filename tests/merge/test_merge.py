@@ -69,8 +69,8 @@ def _merge(tmp_path, method="least squares", n=2):
     concepts = _concepts(model, n)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def record(j):
-        with recording(layers, rows=64, seed=j) as samples, torch.no_grad():
+    def record(j, keys):
+        with recording({k: layers[k] for k in keys}, rows=64, seed=j) as samples, torch.no_grad():
             model(torch.randn(20, 6, generator=torch.Generator().manual_seed(j)) + j)
         return samples
 
@@ -125,7 +125,7 @@ def test_bad_input_is_named(concepts, settings, message):
     model = _Model()
     layers = {"lora_a": model.a, "lora_conv": model.conv, "lora_b": model.b}
     with pytest.raises(MergeError, match=message):
-        merge(layers, concepts(model), lambda j: pytest.fail("recorded before checking"), settings)
+        merge(layers, concepts(model), lambda j, keys: pytest.fail("recorded before checking"), settings)
 
 
 def test_an_interrupt_while_fitting_leaves_no_file_and_the_model_as_it_was(tmp_path):
@@ -133,8 +133,8 @@ def test_an_interrupt_while_fitting_leaves_no_file_and_the_model_as_it_was(tmp_p
     layers = {"lora_a": model.a, "lora_conv": model.conv, "lora_b": model.b}
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def record(j):
-        with recording(layers, rows=16) as samples, torch.no_grad():
+    def record(j, keys):
+        with recording({k: layers[k] for k in keys}, rows=16) as samples, torch.no_grad():
             model(torch.randn(4, 6))
         return samples
 
