@@ -61,7 +61,8 @@ def main() -> None:
     parser.add_argument("--sets", type=int, nargs="+", default=[len(s) for s in SETS], choices=[len(s) for s in SETS],
                         help="how many identities each merge takes (the first 2, 3 or all 4)")
     parser.add_argument("--keep", type=Path, default=None,
-                        help="a folder the merged files are kept in (toyworld/weights/regularised takes the tests' 4-identity distil merge)")
+                        help="a folder the merged files are kept in (toyworld/weights/regularised takes the tests' 4-identity distil merge); "
+                             "a merge already there is measured again, not remade")
     parser.add_argument("--weights", type=Path, default=REGULARISED,
                         help="the folder of the identity LoRAs (e.g. toyworld/weights for the civitai-style ones); "
                              "the base model and scorer stay the committed ones")
@@ -88,17 +89,21 @@ def main() -> None:
     for identities in chosen:
         for method in args.methods:
             path = folder / merged_name(identities, method)
-            start = time.perf_counter()
-            errors = merged_file(world, identities, path, MergeSettings(method=method, rows=args.rows))
-            seconds = time.perf_counter() - start
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            if path.exists():  # a kept merge is measured again, not remade: no time, memory or error of its own
+                made = f"{'kept':>9}{'-':>9}{'-':>9}"
+            else:
+                start = time.perf_counter()
+                errors = merged_file(world, identities, path, MergeSettings(method=method, rows=args.rows))
+                seconds = time.perf_counter() - start
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                made = f"{seconds:>9.1f}{peak:>9.0f}{max(errors.values()):>9.3f}"
             merged = read_kohya(path, world.model)
             files[identities, method] = path
             pictures = {}
             for k in identities:
                 fidelity, pictures[k] = single_fidelity(world, merged, k, seeds)
                 ratios[identities, method, k] = fidelity / own[k] if own[k] else 0.0
-            print(f"{len(identities):<12}{method:<15}{seconds:>9.1f}{peak:>9.0f}{max(errors.values()):>9.3f}   "
+            print(f"{len(identities):<12}{method:<15}{made}   "
                   + ", ".join(f"{k} {ratios[identities, method, k]:.3f}" for k in identities), flush=True)
             if identities == last:
                 rows = {}

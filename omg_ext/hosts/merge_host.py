@@ -46,7 +46,7 @@ class MergeRequest:
     energy: float = 0.99
     steps: int = 100
     """loraclr's optimisation steps per layer."""
-    distil_steps: int = 300
+    distil_steps: int = DistilSettings.steps
     """distil's training steps (the whole UNet)."""
     size: int = 512
     """Side of the pictures sampled while recording, in pixels."""

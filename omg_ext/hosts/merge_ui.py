@@ -80,7 +80,7 @@ def merge_tab(gr) -> None:
         method = gr.Dropdown(list(METHODS), value="distil", label="Method")
         energy = gr.Slider(0.5, 1.0, value=0.99, step=0.005, label="Energy kept by the saved LoRA (sets its rank)")
         steps = gr.Number(value=100, precision=0, label="Steps per layer (loraclr)")
-        distil_steps = gr.Number(value=300, precision=0, label="Training steps (distil)")
+        distil_steps = gr.Number(value=MergeRequest.distil_steps, precision=0, label="Training steps (distil)")
         size = gr.Number(value=512, precision=0, label="Picture size while recording (px)")
     output = gr.Textbox(label="Name of the merged LoRA (a new file in the LoRA folder)", elem_id="omg_merge_output")
     with gr.Row():

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from omg_ext.engine.lora import DenseDelta, RowRoutedLoRA
-from omg_ext.merge.distil import DistilSettings, Teaching, distil
+from omg_ext.merge.distil import DistilSettings, Teaching, distil, loss_weight
 
 
 class _Denoiser(nn.Module):
@@ -70,7 +70,7 @@ def test_distil_brings_each_concepts_predictions_to_its_own_loras_and_leaves_the
     seen = []
     merged = distil(layers, start, teaching, DistilSettings(steps=150, lr=3e-2, rows=6, rank=8),
                     lambda text, done: seen.append(text))
-    assert _gap(model, layers, merged, teaching) <= 0.5 * _gap(model, layers, start, teaching)  # measured 0.43
+    assert _gap(model, layers, merged, teaching) <= 0.5 * _gap(model, layers, start, teaching)  # measured 0.45
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert all(not m._forward_hooks for m in layers.values())
@@ -87,3 +87,9 @@ def test_an_interrupt_while_distilling_leaves_no_hook():
     with pytest.raises(KeyboardInterrupt):
         distil(layers, start, teaching, DistilSettings(steps=10), progress)
     assert all(not m._forward_hooks for m in layers.values())
+
+
+def test_the_loss_weighs_the_noise_error_fully_where_the_noise_is_heavy_and_as_the_pictures_error_where_it_is_light():
+    alphas = torch.tensor([0.99, 0.8, 0.5, 0.2, 0.01])
+    expected = torch.tensor([0.01 / 0.99, 0.2 / 0.8, 1.0, 1.0, 1.0])
+    torch.testing.assert_close(loss_weight(alphas), expected)

@@ -3,9 +3,9 @@ least ``BOUND`` of the fidelity its own LoRA gives it; summed (what loading them
 
 The LoRAs are the ones trained with class regularisation images (``toyworld/weights/regularised``), and the merge is
 committed beside them (``merged_zorb_quix_plok_vann_distil.safetensors``), rebuilt with a fixed seed by
-``python benchmarks/bench_merge.py --sets 4 --methods distil --keep toyworld/weights/regularised``: the test loads it
-and never trains. Measured on these seeds (merged/own fidelity of zorb, quix, plok, vann): distil 0.889, 0.625,
-0.774, 0.987; sum 0.838, 0.180, 0.664, 0.938 (the benchmark's 6 seeds: distil 0.907, 0.466, 0.765, 1.004). The
+``python benchmarks/bench_merge.py --sets 4 --methods distil --keep toyworld/weights/regularised`` once the old file is
+removed (a kept merge is measured, not remade): the test loads it and never trains. Measured on these seeds (merged/own fidelity of zorb, quix, plok, vann): distil 1.009, 0.760,
+0.942, 0.997; sum 0.838, 0.180, 0.664, 0.938 (the benchmark's 6 seeds: distil 1.013, 0.810, 0.987, 1.000). The
 second assertion is the sum failing; the first fails when the file's UNet layers are the sum's.
 """
 import pytest
@@ -18,8 +18,9 @@ from toyworld.methods import ToyWorld
 
 SEEDS = [3000, 3001]
 IDENTITIES = (1, 2, 3, 4)
-BOUND = 0.3
-"""Below the issue's target of 0.9, which the distil merge of four does not reach yet (docs/merge.md)."""
+BOUND = 0.6
+"""Below the issue's target of 0.9: on two seeds quix's ratio is 0.760 (one picture more or less moves it by about
+0.12); docs/merge.md has the figures on 6 and 18 seeds."""
 
 
 @pytest.fixture(scope="module")
