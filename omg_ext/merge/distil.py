@@ -34,10 +34,10 @@ class Teaching:
     pictures: list[torch.Tensor]
     """Concept j's pictures made with its own LoRA (latents [n, C, H, W]): those its inputs were recorded on."""
     teacher: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    """``teacher(j, pictures, x_t, t)``: the noise predicted with concept j's own LoRA on text encoder and UNet, for the
-    prompts of its ``pictures`` (indices into ``pictures[j]``)."""
+    """``teacher(j, index, x_t, t)``: the noise predicted with concept j's own LoRA on text encoder and UNet, for the
+    prompts of its pictures ``index`` (indices into ``pictures[j]``)."""
     student: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    """``student(j, pictures, x_t, t)``: the raw UNet, differentiable, on those prompts encoded with the merged text
+    """``student(j, index, x_t, t)``: the raw UNet, differentiable, on those prompts encoded with the merged text
     layers (the factors being trained act on it through their hooks)."""
     alphas_cumprod: torch.Tensor
 
@@ -85,31 +85,28 @@ def distil(layers: Mapping[str, nn.Module], start: Mapping[str, torch.Tensor], t
     optimiser = torch.optim.Adam(params, lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
     alphas = teaching.alphas_cumprod.float().cpu()
-    try:
-        for step in range(settings.steps):
-            progress(f"distilling: step {step + 1} of {settings.steps}", step / settings.steps)
-            grads = [torch.zeros_like(p) for p in params]
-            for j, pictures in enumerate(teaching.pictures):
-                index = torch.randint(0, pictures.shape[0], (settings.rows,), generator=generator)
-                t = torch.randint(0, len(alphas), (settings.rows,), generator=generator)
-                noise = torch.randn((settings.rows, *pictures.shape[1:]), generator=generator)
-                a = alphas[t].view(-1, 1, 1, 1)
-                x_t = (a.sqrt() * pictures[index].float().cpu() + (1 - a).sqrt() * noise).to(pictures)
-                t = t.to(pictures.device)
-                with torch.no_grad():
-                    target = teaching.teacher(j, index, x_t, t).float()
-                weight = loss_weight(a).to(target)
-                with torch.enable_grad(), lora.installed([0] * settings.rows):
-                    error = (teaching.student(j, index, x_t, t).float() - target).pow(2)
-                    loss = (weight * error).mean() / len(teaching.pictures)
-                    for g, new in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
-                        if new is not None:
-                            g += new
-            for p, g in zip(params, grads):
-                p.grad = g
-            optimiser.step()
-            optimiser.zero_grad(set_to_none=True)
-    finally:
-        del optimiser
+    for step in range(settings.steps):
+        progress(f"distilling: step {step + 1} of {settings.steps}", step / settings.steps)
+        grads = [torch.zeros_like(p) for p in params]
+        for j, pictures in enumerate(teaching.pictures):
+            index = torch.randint(0, pictures.shape[0], (settings.rows,), generator=generator)
+            t = torch.randint(0, len(alphas), (settings.rows,), generator=generator)
+            noise = torch.randn((settings.rows, *pictures.shape[1:]), generator=generator)
+            a = alphas[t].view(-1, 1, 1, 1)
+            x_t = (a.sqrt() * pictures[index].float().cpu() + (1 - a).sqrt() * noise).to(pictures)
+            t = t.to(pictures.device)
+            with torch.no_grad():
+                target = teaching.teacher(j, index, x_t, t).float()
+            weight = loss_weight(a).to(target)
+            with torch.enable_grad(), lora.installed([0] * settings.rows):
+                error = (teaching.student(j, index, x_t, t).float() - target).pow(2)
+                loss = (weight * error).mean() / len(teaching.pictures)
+                for g, new in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+                    if new is not None:
+                        g += new
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
     return {key: (lora.factors[f"0-{key}-up"].detach().flatten(1) @ lora.factors[f"0-{key}-down"].detach().flatten(1))
             for key in layers}

@@ -110,11 +110,12 @@ def merge(layers: Mapping[str, nn.Module], concepts: list[MergeConcept], record:
     for j, concept in enumerate(concepts):
         progress(f"recording {concept.name}'s inputs ({j + 1} of {len(concepts)})", 0.3 * j / len(concepts))
         samples.append(record(j, per_layer))
-    fit = FITS["least squares" if distilling else settings.method]
+    fit_name = "least squares" if distilling else settings.method
+    fit = FITS[fit_name]
     fitted_share = 0.4 if distilling else 1.0
     merged = {}
     for n, key in enumerate(per_layer):
-        progress(f"fitting layer {n + 1} of {len(per_layer)} ({'least squares' if distilling else settings.method})",
+        progress(f"fitting layer {n + 1} of {len(per_layer)} ({fit_name})",
                  0.3 + (fitted_share - 0.3) * n / len(per_layer))
         merged[key] = fit(_layer_inputs(key, layers[key], concepts, samples), settings.fit)
     if trained:
